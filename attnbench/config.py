@@ -1,0 +1,342 @@
+"""Typed run configuration: TOML files + nanoGPT-style `--key=value` overrides, validated up front.
+
+A RunConfig has sections (data, model, optim, train, log). A key may be written bare when its name
+is unique across sections (`--max_iters=2`) or dotted (`--model.n_layer=4`); a mixer's own settings
+live under `model.mixer_args` (`--model.mixer_args.chunk_size=32`). Every problem is a ConfigError
+naming the key and the nearest valid one, raised before any file is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .errors import ConfigError
+
+POS_EMBS = ("learned", "rope", "none")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shakespeare_char"  # folder name under data_dir (see `attnbench prepare`)
+    data_dir: str = "data"
+
+
+@dataclass
+class ModelConfig:
+    """The GPT's shape and its mixer. Also exported as `attnbench.GPTConfig`."""
+
+    mixer: str = "softmax"
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    block_size: int = 256
+    vocab_size: int = 65  # set from the dataset's metadata when training
+    dropout: float = 0.0
+    bias: bool = False
+    pos_emb: str = "learned"  # learned | rope | none
+    mixer_args: dict = field(default_factory=dict)  # validated by the mixer's own Args dataclass
+    backend: str = "auto"  # op backend for the mixer: auto | torch | fla
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+GPTConfig = ModelConfig
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: Optional[int] = None  # None: max_iters
+    decay_lr: bool = True
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out/run"
+    batch_size: int = 64  # sequences per micro-batch (per process)
+    gradient_accumulation_steps: int = 1  # global: split across processes under torchrun
+    max_iters: int = 3000
+    eval_interval: int = 250  # also the checkpoint interval
+    eval_batch_size: int = 128  # windows per forward pass during evaluation
+    log_interval: int = 10
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    compile: bool = False
+    progress: bool = True
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue the run in out_dir from its latest checkpoint
+
+
+@dataclass
+class LogConfig:
+    wandb_log: bool = False
+    wandb_project: str = "attnbench"
+    wandb_run_name: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        cfg = cls()
+        _apply_tree(cfg, d, source="config")
+        validate(cfg)
+        return cfg
+
+    def save(self, path: str | Path) -> None:
+        from .io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+
+SECTIONS = [f.name for f in fields(RunConfig)]
+
+
+# ---------------------------------------------------------------- value coercion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def coerce_value(val: Any, tp: Any, key: str) -> Any:
+    """Coerce a TOML value or a CLI string to the field type `tp`; ConfigError naming `key` if impossible."""
+    if isinstance(tp, str):  # postponed annotations
+        tp = eval(tp, {"Optional": Optional, "Union": Union, "dict": dict, "list": list})  # noqa: S307 (our own type strings)
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if val is None or (isinstance(val, str) and val.lower() in ("none", "null")):
+            return None
+        errors = []
+        for a in args:
+            try:
+                return coerce_value(val, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {val!r} ({type(val).__name__})")
+    if tp is bool:
+        if isinstance(val, bool):
+            return val
+        if isinstance(val, str) and val.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(val, str) and val.lower() in ("false", "0", "no", "off"):
+            return False
+        raise bad
+    if tp is int:
+        if isinstance(val, bool):
+            raise bad
+        if isinstance(val, int):
+            return val
+        if isinstance(val, float) and val.is_integer():
+            return int(val)
+        if isinstance(val, str):
+            try:
+                f = float(val)
+            except ValueError:
+                raise bad from None
+            if f.is_integer():
+                return int(f)
+        raise bad
+    if tp is float:
+        if isinstance(val, bool):
+            raise bad
+        if isinstance(val, (int, float)):
+            return float(val)
+        if isinstance(val, str):
+            try:
+                return float(val)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(val, str):
+            return val
+        raise bad
+    if tp is dict or origin is dict:
+        if isinstance(val, dict):
+            return dict(val)
+        raise bad
+    if tp is list or origin is list:
+        if isinstance(val, list):
+            return list(val)
+        if isinstance(val, str):
+            return [s.strip() for s in val.split(",") if s.strip()]
+        raise bad
+    return val
+
+
+# ---------------------------------------------------------------- applying files and overrides
+
+
+def _suggest(key: str, candidates: list[str]) -> str:
+    near = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
+def all_keys() -> list[str]:
+    """Every settable dotted key, e.g. 'train.max_iters'."""
+    out = []
+    for sec in fields(RunConfig):
+        for f in fields(sec.type if isinstance(sec.type, type) else eval(sec.type)):  # noqa: S307
+            out.append(f"{sec.name}.{f.name}")
+    return out
+
+
+def _section_types() -> dict[str, type]:
+    return {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "log": LogConfig}
+
+
+def _set(cfg: RunConfig, dotted: str, val: Any, source: str) -> None:
+    parts = dotted.split(".")
+    if parts[0] not in SECTIONS:
+        # bare key: find the unique section holding it
+        owners = [s for s, t in _section_types().items() if parts[0] in {f.name for f in fields(t)}]
+        if len(owners) == 1:
+            parts = [owners[0], *parts]
+        elif len(owners) > 1:
+            raise ConfigError(f"{source}: key {dotted!r} is ambiguous; write one of " + ", ".join(f"{o}.{dotted}" for o in owners))
+        else:
+            bare = [k.split(".", 1)[1] for k in all_keys()]
+            raise ConfigError(f"{source}: unknown key {dotted!r}{_suggest(dotted, bare + all_keys())}")
+    sec_name, rest = parts[0], parts[1:]
+    section = getattr(cfg, sec_name)
+    if not rest:
+        raise ConfigError(f"{source}: {sec_name!r} is a section; set one of its keys, e.g. {sec_name}.{fields(section)[0].name}")
+    names = {f.name: f for f in fields(section)}
+    key = rest[0]
+    if key not in names:
+        raise ConfigError(f"{source}: unknown key {sec_name}.{key}{_suggest(key, list(names))}")
+    f = names[key]
+    if sec_name == "model" and key == "mixer_args" and len(rest) > 1:
+        # mixer_args.<name>: raw value, coerced and checked by the mixer's Args dataclass in validate()
+        sub = ".".join(rest[1:])
+        section.mixer_args[sub] = val
+        return
+    if len(rest) > 1:
+        raise ConfigError(f"{source}: {sec_name}.{key} has no sub-keys")
+    setattr(section, key, coerce_value(val, f.type, f"{sec_name}.{key}"))
+
+
+def _apply_tree(cfg: RunConfig, d: dict[str, Any], source: str, prefix: str = "") -> None:
+    for k, v in d.items():
+        dotted = f"{prefix}{k}"
+        if isinstance(v, dict) and dotted in SECTIONS:
+            _apply_tree(cfg, v, source, prefix=f"{dotted}.")
+        elif isinstance(v, dict) and dotted == "model.mixer_args":
+            for mk, mv in v.items():
+                _set(cfg, f"model.mixer_args.{mk}", mv, source)
+        else:
+            _set(cfg, dotted, v, source)
+
+
+def parse_overrides(args: list[str] | dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """`['--max_iters=2', '--model.n_layer=4']` or `{'max_iters': 2}` -> [(key, value), ...]."""
+    if not args:
+        return []
+    if isinstance(args, dict):
+        return list(args.items())
+    out = []
+    for a in args:
+        if not a.startswith("--") or "=" not in a:
+            raise ConfigError(f"override {a!r} must look like --key=value (e.g. --max_iters=2 or --model.n_layer=4)")
+        k, v = a[2:].split("=", 1)
+        out.append((k.replace("-", "_") if k.count("-") and "." not in k else k, v))
+    return out
+
+
+def load_config(path: str | Path | dict | RunConfig | None = None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """Build and validate a RunConfig from a TOML file (or dict, or RunConfig) plus overrides."""
+    if isinstance(path, RunConfig):
+        cfg = RunConfig()
+        _apply_tree(cfg, path.to_dict(), source="config")
+    else:
+        cfg = RunConfig()
+        if isinstance(path, dict):
+            _apply_tree(cfg, path, source="config")
+        elif path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file {str(p)!r} not found; pass a TOML file such as configs/shakespeare_char.toml")
+            try:
+                tree = tomllib.loads(p.read_text())
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{p}: not valid TOML: {e}") from None
+            _apply_tree(cfg, tree, source=str(p))
+    for k, v in parse_overrides(overrides):
+        _set(cfg, k, v, source=f"override --{k}")
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _nearest_divisor(n: int, target: int) -> int:
+    divs = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divs, key=lambda d: (abs(d - target), d))
+
+
+def validate(cfg: RunConfig) -> None:
+    """Impossible values and combinations, each reported with the key and a valid suggestion."""
+    from . import mixers
+
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    for key, val in [("model.n_layer", m.n_layer), ("model.n_head", m.n_head), ("model.n_embd", m.n_embd),
+                     ("model.block_size", m.block_size), ("model.vocab_size", m.vocab_size),
+                     ("train.batch_size", t.batch_size), ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+                     ("train.eval_interval", t.eval_interval), ("train.eval_batch_size", t.eval_batch_size),
+                     ("train.log_interval", t.log_interval), ("train.keep_checkpoints", t.keep_checkpoints)]:
+        if val < 1:
+            raise ConfigError(f"{key} must be >= 1, got {val}")
+    if t.max_iters < 0:
+        raise ConfigError(f"train.max_iters must be >= 0, got {t.max_iters}")
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
+                          f"nearest valid n_head is {_nearest_divisor(m.n_embd, m.n_head)} "
+                          f"(or n_embd={round(m.n_embd / m.n_head) * m.n_head})")
+    for key, val, allowed in [("model.pos_emb", m.pos_emb, POS_EMBS), ("train.device", t.device, DEVICES),
+                              ("train.dtype", t.dtype, DTYPES), ("model.backend", m.backend, ("auto", "torch", "fla"))]:
+        if val not in allowed:
+            raise ConfigError(f"{key}={val!r} is not one of {allowed}{_suggest(val, list(allowed))}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if o.learning_rate <= 0 or o.min_lr < 0 or o.min_lr > o.learning_rate:
+        raise ConfigError(f"optim.learning_rate ({o.learning_rate}) must be > 0 and optim.min_lr ({o.min_lr}) in [0, learning_rate]")
+    if o.warmup_iters < 0 or o.grad_clip < 0 or o.weight_decay < 0:
+        raise ConfigError("optim.warmup_iters, optim.grad_clip and optim.weight_decay must be >= 0")
+    if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
+        raise ConfigError(f"optim.beta1 and optim.beta2 must be in [0, 1), got {o.beta1}, {o.beta2}")
+    # the mixer exists, and its own arguments are valid for this shape
+    cls = mixers.get(m.mixer)
+    args = cls.Args.from_dict(m.mixer_args, m.mixer)
+    args.validate(m.n_embd, m.n_head)
+    cls.check_config(m)

@@ -1,0 +1,79 @@
+"""Causal softmax attention (the seed's baseline), as nanoGPT's CausalSelfAttention, plus a KV cache."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..ops.rotary import apply_rotary, rotary_tables
+from . import register
+from .base import Mixer, MixerArgs
+
+
+@dataclass
+class SoftmaxArgs(MixerArgs):
+    rope_base: float = 10000.0  # used when model.pos_emb = "rope"
+
+    def validate(self, n_embd: int, n_head: int) -> None:
+        if self.rope_base <= 0:
+            raise ConfigError(f"model.mixer_args.rope_base must be > 0, got {self.rope_base}")
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values [B, H, max_len, D]; `pos` tokens are filled."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: int = 0
+
+
+@register("softmax")
+class SoftmaxAttention(Mixer):
+    Args = SoftmaxArgs
+
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.rope = cfg.pos_emb == "rope"
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.pos_emb == "rope" and cfg.head_dim % 2:
+            raise ConfigError(f"model.pos_emb='rope' needs an even head dim; n_embd/n_head = {cfg.head_dim}")
+
+    def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache | None]:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # [B, T, H, D]
+        start = state.pos if state is not None else 0
+        if self.rope:
+            cos, sin = rotary_tables(self.head_dim, torch.arange(start, start + T, device=x.device), self.args.rope_base)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        if state is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        else:
+            end = start + T
+            if end > state.k.shape[2]:
+                raise RuntimeError(f"KV cache of {state.k.shape[2]} tokens is full (need {end})")
+            state.k[:, :, start:end] = k.to(state.k.dtype)
+            state.v[:, :, start:end] = v.to(state.v.dtype)
+            keys, vals = state.k[:, :, :end].to(q.dtype), state.v[:, :, :end].to(q.dtype)
+            if T == 1:
+                mask = None  # one new query sees every cached key
+            else:  # query i (absolute start+i) sees keys j <= start+i
+                mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
+            state.pos = end
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.o_proj(y), state
+
+    def init_state(self, batch: int, max_len: int, device, dtype) -> KVCache:
+        shape = (batch, self.n_head, max_len, self.head_dim)
+        return KVCache(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))

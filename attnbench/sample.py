@@ -1,0 +1,70 @@
+"""`attnbench sample`: text from a trained run's latest checkpoint."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .config import RunConfig
+from .errors import AttnbenchError
+from .model import GPT
+
+
+def load_run(out_dir: str | Path, device: str = "cpu") -> tuple[GPT, RunConfig]:
+    """The model of a run folder, with the weights of its latest checkpoint, in eval mode."""
+    run = Path(out_dir)
+    if not (run / "config.json").is_file():
+        raise AttnbenchError(f"{run} is not a run folder (no config.json); pass the --out_dir of a training run")
+    cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise AttnbenchError(f"{run} has no checkpoint yet; train it first (attnbench train ...)")
+    cfg.model.dropout = 0.0
+    model = GPT(cfg.model)
+    load_checkpoint(ckpt, model)
+    return model.to(device).eval(), cfg
+
+
+def sample(out_dir: str, start: str = "\n", num_samples: int = 3, max_new_tokens: int = 500, temperature: float = 0.8,
+           top_k: int | None = 200, seed: int = 1337, device: str = "auto", use_cache: bool = True) -> list[str]:
+    from .data import Corpus
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    model, cfg = load_run(out_dir, device)
+    corpus = Corpus.load(cfg.data.data_dir, cfg.data.dataset)
+    if start.startswith("FILE:"):
+        start = Path(start[5:]).read_text()
+    ids = corpus.encode(start)
+    if not ids:
+        raise AttnbenchError("--start is empty; give at least one character")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    with ctx:
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, use_cache=use_cache, generator=gen)
+    return [corpus.decode(row.tolist()) for row in y]
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="generate text from a trained run")
+    p.add_argument("--out_dir", required=True, help="run folder written by `attnbench train`")
+    p.add_argument("--start", default="\n", help='prompt text, or FILE:path.txt (default: a newline)')
+    p.add_argument("--num_samples", type=int, default=3)
+    p.add_argument("--max_new_tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no_cache", action="store_true", help="recompute the whole context per token (reference path)")
+
+    def run(a: argparse.Namespace) -> int:
+        for i, text in enumerate(sample(a.out_dir, a.start, a.num_samples, a.max_new_tokens, a.temperature,
+                                        a.top_k, a.seed, a.device, not a.no_cache)):
+            print(text)
+            print("---------------")
+        return 0
+
+    p.set_defaults(func=run)

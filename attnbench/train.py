@@ -1,0 +1,419 @@
+"""The training loop: one run from a RunConfig to a run folder (config.json, metrics.jsonl,
+checkpoints, summary.json written last). Resumable, DDP-aware, no host sync inside a step."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import distributed
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import RunConfig, load_config
+from .errors import AttnbenchError
+from .io import append_jsonl, atomic_write_json, read_jsonl
+from .model import GPT
+
+SUMMARY, METRICS, CONFIG = "summary.json", "metrics.jsonl", "config.json"
+# Tests set this to SIGKILL the process right after a given step (a crash at the worst moment).
+_KILL_AT_STEP = int(os.environ.get("ATTNBENCH_TEST_KILL_AT_STEP", "-1"))
+
+
+class NonFiniteLoss(AttnbenchError):
+    """The loss became NaN or inf; the run stopped and kept its last good checkpoint."""
+
+
+# ------------------------------------------------------------------ pieces
+
+
+def resolve_device(cfg: RunConfig) -> str:
+    dev = cfg.train.device
+    if dev == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise AttnbenchError("train.device='cuda' but no CUDA GPU is visible; use --device=cpu or --device=auto")
+    return dev
+
+
+def resolve_dtype(cfg: RunConfig, device: str) -> torch.dtype:
+    name = cfg.train.dtype
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def lr_at(it: int, cfg: RunConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT's schedule)."""
+    o = cfg.optim
+    if not o.decay_lr:
+        return o.learning_rate
+    decay_iters = o.lr_decay_iters or cfg.train.max_iters
+    if it < o.warmup_iters:
+        return o.learning_rate * (it + 1) / (o.warmup_iters + 1)
+    if it > decay_iters:
+        return o.min_lr
+    ratio = (it - o.warmup_iters) / max(1, decay_iters - o.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, ratio)))
+    return o.min_lr + coeff * (o.learning_rate - o.min_lr)
+
+
+def make_optimizer(model: nn.Module, cfg: RunConfig, device: str) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (as nanoGPT), never on parameters a mixer marks
+    `_no_weight_decay` (decay rates, biases of gates)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.optim.learning_rate, betas=(cfg.optim.beta1, cfg.optim.beta2), **extra)
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val_x: torch.Tensor, val_y: torch.Tensor, batch: int, device: str,
+             autocast, dist_info: distributed.Dist) -> float:
+    """Mean cross-entropy over every fixed validation window (sharded over ranks, then summed)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    idx = torch.arange(dist_info.rank, len(val_x), dist_info.world_size)
+    for i in range(0, len(idx), batch):
+        sel = idx[i:i + batch]
+        x, y = val_x[sel].to(device, non_blocking=True), val_y[sel].to(device, non_blocking=True)
+        with autocast:
+            logits, _ = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum")
+        total[0] += loss.double()
+        total[1] += y.numel()
+    distributed.all_reduce_sum(total, dist_info)
+    model.train(was_training)
+    return (total[0] / total[1]).item()
+
+
+def _rng_state(device: str) -> dict[str, torch.Tensor]:
+    st = {"cpu": torch.get_rng_state()}
+    if device == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def _set_rng_state(st: dict[str, torch.Tensor], device: str) -> None:
+    torch.set_rng_state(st["cpu"])
+    if device == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+class _Wandb:
+    """Optional Weights & Biases logging (rank 0); checked before any work starts."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, enabled: bool):
+        self.run = None
+        if not (cfg.log.wandb_log and enabled):
+            return
+        try:
+            import wandb
+        except ImportError:
+            raise AttnbenchError("log.wandb_log=true but wandb is not installed: pip install 'attnbench[wandb]' "
+                                 "(or --wandb_log=false)") from None
+        self.run = wandb.init(project=cfg.log.wandb_project, name=cfg.log.wandb_run_name or run_dir.name,
+                              dir=str(run_dir), config=cfg.to_dict(), resume="allow", id=_wandb_id(run_dir))
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step"))
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+            self.run.finish()
+
+
+def _wandb_id(run_dir: Path) -> str:
+    import hashlib
+
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """SIGTERM (a scheduler stopping us) behaves like Ctrl-C: stop at a step boundary."""
+    prev = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        prev = None
+    try:
+        yield
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
+
+
+# ------------------------------------------------------------------ the run
+
+
+def prepare_run_dir(cfg: RunConfig, is_main: bool) -> tuple[Path, Path | None]:
+    """Check the run folder before any work: refuse to overwrite a run unless resuming, and refuse to
+    resume with a different configuration."""
+    run_dir = Path(cfg.train.out_dir)
+    ckpt = latest_checkpoint(run_dir)
+    saved = run_dir / CONFIG
+    if cfg.train.resume:
+        if saved.is_file():
+            import json
+
+            old = json.loads(saved.read_text())
+            diffs = _config_diff(old, cfg.to_dict())
+            if diffs:
+                raise AttnbenchError(f"--resume: {run_dir} was started with a different configuration ({'; '.join(diffs)}). "
+                                     "Resume with the same settings or pick another --out_dir.")
+        return run_dir, ckpt
+    if ckpt is not None or (run_dir / SUMMARY).exists() or (run_dir / METRICS).exists():
+        raise AttnbenchError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out_dir "
+                             "(attnbench never overwrites a run)")
+    return run_dir, None
+
+
+# Settings that may change between a run and its resumption without changing its results.
+_RESUMABLE = {"train.resume", "train.progress", "train.log_interval", "train.max_iters", "train.keep_checkpoints",
+              "train.compile", "train.device", "train.eval_batch_size", "log.wandb_log", "log.wandb_project",
+              "log.wandb_run_name", "model.backend", "data.data_dir"}
+
+
+def _config_diff(old: dict, new: dict) -> list[str]:
+    out = []
+    for sec, vals in new.items():
+        for k, v in vals.items():
+            key = f"{sec}.{k}"
+            if key in _RESUMABLE:
+                continue
+            ov = old.get(sec, {}).get(k)
+            if ov != v:
+                out.append(f"{key}: {ov!r} -> {v!r}")
+    return out
+
+
+def train(config: str | Path | dict | RunConfig | None = None, overrides: list[str] | dict | None = None) -> dict:
+    from .data import BatchSampler, Corpus, val_windows
+
+    cfg = load_config(config, overrides)
+    device = resolve_device(cfg)
+    dinfo = distributed.setup(device)
+    try:
+        return _train(cfg, device, dinfo, Corpus, BatchSampler, val_windows)
+    finally:
+        distributed.teardown(dinfo)
+
+
+def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist, Corpus, BatchSampler, val_windows) -> dict:
+    tc = cfg.train
+    if tc.gradient_accumulation_steps % dinfo.world_size:
+        raise AttnbenchError(f"train.gradient_accumulation_steps={tc.gradient_accumulation_steps} must be a multiple of "
+                             f"the number of processes ({dinfo.world_size})")
+    micro_steps = tc.gradient_accumulation_steps // dinfo.world_size
+    run_dir, ckpt_path = prepare_run_dir(cfg, dinfo.is_main)
+    if ckpt_path is None and (run_dir / SUMMARY).exists():  # resumed a finished run: nothing to do
+        import json
+
+        return json.loads((run_dir / SUMMARY).read_text())
+    corpus = Corpus.load(cfg.data.data_dir, cfg.data.dataset)
+    cfg.model.vocab_size = corpus.vocab_size
+    val_x, val_y = val_windows(corpus.val, cfg.model.block_size)
+    wandb = _Wandb(cfg, run_dir, dinfo.is_main)  # fails before any file is written if wandb is missing
+
+    if device == "cuda":
+        torch.cuda.set_device(dinfo.local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dev = f"cuda:{dinfo.local_rank}" if device == "cuda" else "cpu"
+    dtype = resolve_dtype(cfg, device)
+    autocast = (torch.autocast(device_type="cuda", dtype=dtype) if device == "cuda" and dtype != torch.float32
+                else contextlib.nullcontext())
+    torch.manual_seed(tc.seed)  # same initial weights on every rank
+    model = GPT(cfg.model).to(dev)
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
+    sampler = BatchSampler(corpus.train, cfg.model.block_size, tc.batch_size, tc.seed)
+    start_iter, best_val, tokens_seen, train_time = 0, float("inf"), 0, 0.0
+    torch.manual_seed(tc.seed + 1 + dinfo.rank)  # dropout stream, distinct per rank
+
+    if ckpt_path is not None:
+        st = load_checkpoint(ckpt_path, model, map_location="cpu")
+        model.to(dev)
+        optimizer.load_state_dict(st["optimizer"])
+        sampler.load_state_dict(st["sampler"])
+        rng = st["rng"][dinfo.rank] if isinstance(st["rng"], list) else st["rng"]
+        _set_rng_state(rng, device)
+        start_iter, best_val = int(st["step"]), float(st["best_val_loss"])
+        tokens_seen, train_time = int(st["tokens"]), float(st["train_time_s"])
+    if dinfo.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / CONFIG)
+        if ckpt_path is not None:  # drop rows logged after the checkpoint: they are about to be redone
+            rows = [r for r in read_jsonl(run_dir / METRICS) if r.get("step", 0) < start_iter
+                    or (r.get("step") == start_iter and "val_loss" in r)]
+            from .io import atomic_write_text
+            import json
+
+            atomic_write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+
+    raw_model = model
+    if tc.compile:
+        model = torch.compile(model)
+    if dinfo.enabled:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[dinfo.local_rank] if device == "cuda" else None)
+
+    n_params = raw_model.num_params()
+    tokens_per_iter = tc.batch_size * cfg.model.block_size * tc.gradient_accumulation_steps
+    log = (lambda row: (append_jsonl(run_dir / METRICS, row), wandb.log(row))) if dinfo.is_main else (lambda row: None)
+    bar = None
+    if dinfo.is_main and tc.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tc.max_iters, initial=start_iter, desc=f"{cfg.model.mixer}", unit="it", dynamic_ncols=True)
+    elif dinfo.is_main:
+        print(f"training {cfg.model.mixer}: {n_params / 1e6:.2f}M parameters, {tc.max_iters} iterations -> {run_dir}")
+
+    def checkpoint(step: int) -> None:
+        rngs = [None] * dinfo.world_size
+        if dinfo.enabled:
+            torch.distributed.all_gather_object(rngs, _rng_state(device))
+        else:
+            rngs = [_rng_state(device)]
+        if dinfo.is_main:
+            save_checkpoint(run_dir, step, raw_model, {
+                "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "rng": rngs,
+                "best_val_loss": best_val, "tokens": tokens_seen, "train_time_s": train_time}, keep=tc.keep_checkpoints)
+
+    def run_eval(step: int) -> float:
+        nonlocal best_val
+        vl = evaluate(model, val_x, val_y, tc.eval_batch_size, dev, autocast, dinfo)
+        best_val = min(best_val, vl)
+        row = {"step": step, "val_loss": vl, "val_ppl": math.exp(vl), "val_bpc": corpus.bits_per_char(vl),
+               "tokens": tokens_seen, "train_time_s": train_time, "peak_mem_mb": peak_memory_mb(device)}
+        log(row)
+        if bar is not None:
+            bar.set_postfix_str(f"val {vl:.4f}")
+        elif dinfo.is_main:
+            print(f"step {step}: val loss {vl:.4f}")
+        return vl
+
+    model.train()
+    bad = torch.zeros((), dtype=torch.bool, device=dev)  # any non-finite loss since the last check
+    loss_acc = torch.zeros((), device=dev)
+    t_interval, it_interval, step_times = time.perf_counter(), 0, []
+    last_good = start_iter
+    it = start_iter
+    interrupted = False
+    with _stop_on_sigterm():
+        try:
+            while it < tc.max_iters:
+                if it % tc.eval_interval == 0 and not (ckpt_path is not None and it == start_iter):
+                    torch.cuda.synchronize() if device == "cuda" else None
+                    train_time += time.perf_counter() - t_interval
+                    if bad.item():
+                        raise NonFiniteLoss(f"non-finite loss before step {it}")
+                    run_eval(it)
+                    checkpoint(it)
+                    last_good = it
+                    t_interval = time.perf_counter()
+                lr = lr_at(it, cfg)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                for m, (x, y) in enumerate(sampler.next_step(micro_steps, dinfo.world_size, dinfo.rank)):
+                    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                    sync = m == micro_steps - 1
+                    ctx = model.no_sync() if dinfo.enabled and not sync else contextlib.nullcontext()
+                    with ctx, autocast:
+                        _, loss = model(x, y)
+                        loss = loss / micro_steps
+                    scaler.scale(loss).backward()
+                    loss_acc += loss.detach()
+                bad |= ~torch.isfinite(loss_acc)
+                if cfg.optim.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                it += 1
+                tokens_seen += tokens_per_iter
+                if it == _KILL_AT_STEP:  # test hook: die like `kill -9` would, mid-run
+                    os.kill(os.getpid(), signal.SIGKILL)
+                it_interval += 1
+                if it % tc.log_interval == 0 or it == tc.max_iters:
+                    lossf = loss_acc.item() / it_interval  # the only host sync of the interval
+                    if not math.isfinite(lossf):
+                        raise NonFiniteLoss(f"loss is {lossf} at step {it}")
+                    dt = time.perf_counter() - t_interval
+                    train_time += dt
+                    step_times.append((it_interval, dt))
+                    row = {"step": it, "loss": lossf, "lr": lr, "tokens": tokens_seen,
+                           "tokens_per_s": tokens_per_iter * it_interval / dt, "ms_per_iter": 1000 * dt / it_interval,
+                           "train_time_s": train_time, "peak_mem_mb": peak_memory_mb(device)}
+                    log(row)
+                    if bar is not None:
+                        bar.update(it_interval)
+                        bar.set_postfix(loss=f"{lossf:.4f}", tok_s=f"{row['tokens_per_s']:.3g}")
+                    loss_acc.zero_()
+                    it_interval = 0
+                    t_interval = time.perf_counter()
+        except KeyboardInterrupt:
+            interrupted = True
+        except NonFiniteLoss as e:
+            if bar is not None:
+                bar.close()
+            raise NonFiniteLoss(f"{e}: training stopped. The last good checkpoint (step {last_good}) is kept in "
+                                f"{run_dir / 'ckpt'}; lower optim.learning_rate or enable optim.grad_clip and "
+                                f"resume from it with --resume") from None
+    if bar is not None:
+        bar.close()
+    if interrupted:
+        if dinfo.is_main:
+            print(f"interrupted at step {it}; resume with --resume (last checkpoint: step {last_good})")
+        raise KeyboardInterrupt
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    train_time += time.perf_counter() - t_interval
+    if bad.item():
+        raise NonFiniteLoss(f"non-finite loss before step {it}; last good checkpoint: step {last_good}")
+    final_val = run_eval(it)
+    checkpoint(it)
+    # steady-state speed: skip the first logged interval (compilation, warm-up)
+    steady = step_times[1:] or step_times
+    ms_iter = 1000 * sum(d for _, d in steady) / max(1, sum(n for n, _ in steady))
+    summary = {
+        "mixer": cfg.model.mixer, "n_params": n_params, "steps": it, "tokens": tokens_seen,
+        "final_val_loss": final_val, "best_val_loss": best_val, "best_val_ppl": math.exp(best_val),
+        "best_val_bpc": corpus.bits_per_char(best_val), "final_val_ppl": math.exp(final_val),
+        "ms_per_iter": ms_iter, "tokens_per_s": tokens_per_iter * 1000 / ms_iter if ms_iter else None,
+        "train_time_s": train_time, "peak_mem_mb": peak_memory_mb(device), "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "world_size": dinfo.world_size, "dtype": str(dtype).replace("torch.", ""), "compile": tc.compile,
+        "backend": cfg.model.backend,
+    }
+    if dinfo.is_main:
+        atomic_write_json(run_dir / SUMMARY, summary)
+        wandb.finish(summary)
+        print(f"done: best val loss {best_val:.4f} (ppl {math.exp(best_val):.2f}, bpc {summary['best_val_bpc']:.3f}), "
+              f"{ms_iter:.1f} ms/iter, {train_time:.0f} s training -> {run_dir}")
+    return summary
