@@ -1,0 +1,338 @@
+"""Native Sparse Attention (NSA), FLA's variant: three causal attention branches summed with gates.
+
+Layouts: q `[B, TQ, HQ, D]`; k, v `[B, TK, H, D]` (G = HQ/H consecutive query heads share a KV head);
+gates `[B, TQ, HQ]`, already activated (sigmoid). The TQ queries are the LAST TQ of the TK positions
+(query i sits at t = TK - TQ + i), so one function serves the full pass, a prefill continuing a cache
+and a decode step. With BS = block_size, S = block_counts, W = window_size, for a query at t:
+
+1. compression: k̄_c, v̄_c = mean of block c (BS tokens; no learned MLP). Only complete blocks are
+   visible: c < NC = (t+1) // BS. o_cmp = softmax_c(scale q·k̄_c) v̄_c, and 0 when NC == 0.
+2. selection, shared by the G heads of a KV group, no gradient: with IC = t // BS, importance of block
+   c < IC is the compressed probability summed over the group's heads. Blocks IC, IC-1 and 0 are always
+   kept (in that priority when S is too small for all three), then the most important others, S in all.
+3. selected attention: softmax over the tokens j <= t of the selected blocks.
+4. sliding window: softmax over j in [t-W+1, t] (W = 0 disables it).
+5. o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa.
+
+Selections are `block_indices` `[B, TQ, H, S]` (block ids, -1 for unused slots), FLA's format; every
+function takes an optional `block_indices` that overrides the selection (tests use it to compare
+backends on the same selection when bf16 rounding flips near-ties).
+
+Three implementations: `nsa_reference` (literal loops, the oracle), `nsa_torch` (vectorised, dense
+masks) and `nsa` (dispatcher: FLA's `parallel_nsa` + `parallel_attn` on CUDA, else `nsa_torch`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .backend import resolve
+
+__all__ = ["nsa", "nsa_torch", "nsa_reference", "nsa_select_blocks", "validate_nsa_args", "fla_supported"]
+
+# Bytes of shared memory per block that FLA calls "hopper" class (fla/utils: check_shared_mem('hopper')).
+_HOPPER_SHARED_MEM = 232448
+
+
+def _is_pow2(n: int) -> bool:
+    return isinstance(n, int) and n >= 1 and (n & (n - 1)) == 0
+
+
+def validate_nsa_args(n_head: int, n_kv_head: int, head_dim: int, block_size: int, block_counts: int,
+                      window_size: int) -> None:
+    """Raise ConfigError for NSA settings that no backend can run."""
+    for name, val in (("n_head", n_head), ("n_kv_head", n_kv_head), ("head_dim", head_dim),
+                      ("block_size", block_size), ("block_counts", block_counts), ("window_size", window_size)):
+        if not isinstance(val, int) or isinstance(val, bool):
+            raise ConfigError(f"NSA {name} must be an int, got {val!r}")
+    if n_head < 1 or n_kv_head < 1 or head_dim < 1:
+        raise ConfigError(f"NSA needs n_head, n_kv_head, head_dim >= 1 (got {n_head}, {n_kv_head}, {head_dim})")
+    if n_head % n_kv_head:
+        raise ConfigError(f"NSA n_head={n_head} is not a multiple of n_kv_head={n_kv_head}; "
+                          f"set n_kv_head to a divisor of n_head")
+    if not _is_pow2(block_size):
+        raise ConfigError(f"NSA block_size={block_size} must be a power of two (e.g. 32 or 64)")
+    if not _is_pow2(block_counts):
+        raise ConfigError(f"NSA block_counts={block_counts} must be a power of two (e.g. 4 or 16): FLA rounds "
+                          f"it up to one, so other values would select a different number of blocks per backend")
+    if block_size < 2 * block_counts:
+        raise ConfigError(f"NSA needs block_size >= 2 * block_counts (got block_size={block_size}, "
+                          f"block_counts={block_counts}); raise block_size to {2 * block_counts} or lower block_counts")
+    if window_size < 0:
+        raise ConfigError(f"NSA window_size={window_size} must be >= 0 (0 disables the sliding-window branch)")
+
+
+def _fla_max_head_dim(device: torch.device | None = None) -> int:
+    """FLA tiles the whole head dim at once: 256 with Hopper-class shared memory, else 128."""
+    if not torch.cuda.is_available():
+        return 256  # unknown GPU: the call-time check on the real device decides
+    idx = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(idx)
+    smem = getattr(props, "shared_memory_per_block_optin", 0)
+    return 256 if smem >= _HOPPER_SHARED_MEM else 128
+
+
+def fla_supported(n_head: int, n_kv_head: int, head_dim: int, block_size: int, block_counts: int,
+                  device: torch.device | None = None) -> str | None:
+    """None if FLA's NSA kernels can run these settings, else the reason (for a warning at construction).
+
+    Dtype (fp16/bf16) and TQ == TK are call-time conditions, checked by `nsa`.
+    """
+    reasons = []
+    G = n_head // max(n_kv_head, 1)
+    if n_head % max(n_kv_head, 1) or G < 16 or not _is_pow2(G):
+        reasons.append(f"group size n_head/n_kv_head = {n_head}/{n_kv_head} is not a power of two >= 16")
+    if not _is_pow2(block_size) or block_size < 16:
+        # block_size is a Triton tile dimension of tl.dot, which needs >= 16
+        reasons.append(f"block_size={block_size} is not a power of two >= 16")
+    if block_size < 2 * (1 << max(block_counts - 1, 0).bit_length()):
+        reasons.append(f"block_size={block_size} < 2 * next_pow2(block_counts={block_counts})")
+    max_d = _fla_max_head_dim(device)
+    if head_dim < 16 or head_dim > max_d:
+        reasons.append(f"head_dim={head_dim} is outside [16, {max_d}] (FLA tiles it whole; tl.dot needs >= 16)")
+    return "; ".join(reasons) or None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The oracle: one query at a time, literally.
+# ----------------------------------------------------------------------------------------------------
+
+def nsa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor,
+                  g_swa: torch.Tensor | None, block_size: int, block_counts: int, window_size: int,
+                  scale: float | None = None, block_indices: torch.Tensor | None = None) -> torch.Tensor:
+    """Literal per-query NSA, computed in q's dtype (use float64 for an oracle). Slow: tests only."""
+    B, TQ, HQ, D = q.shape
+    TK, H = k.shape[1], k.shape[2]
+    G, BS, S, W = HQ // H, block_size, block_counts, window_size
+    scale = D ** -0.5 if scale is None else scale
+    off = TK - TQ
+    NF = TK // BS  # complete blocks
+    rows = []
+    for b in range(B):
+        # pooled keys/values of the complete blocks, [NF, H, D]
+        kc = [k[b, c * BS:(c + 1) * BS].mean(0) for c in range(NF)]
+        vc = [v[b, c * BS:(c + 1) * BS].mean(0) for c in range(NF)]
+        for i in range(TQ):
+            t = off + i
+            NC, IC = (t + 1) // BS, t // BS
+            heads = []
+            for h in range(H):
+                qs = q[b, i, h * G:(h + 1) * G]  # [G, D]
+                # 1. compressed attention over complete visible blocks
+                if NC > 0:
+                    sc = scale * qs @ torch.stack([kc[c][h] for c in range(NC)], 1)  # [G, NC]
+                    pc = torch.softmax(sc, -1)
+                    o_cmp = pc @ torch.stack([vc[c][h] for c in range(NC)], 0)
+                else:
+                    pc, o_cmp = None, torch.zeros_like(qs)
+                # 2. selection (no gradient)
+                if block_indices is not None:
+                    sel = [int(c) for c in block_indices[b, i, h].tolist() if c >= 0]
+                else:
+                    forced = []
+                    for c in (IC, IC - 1, 0):
+                        if c >= 0 and c not in forced:
+                            forced.append(c)
+                    imp = {c: float(pc[:, c].detach().sum()) for c in range(IC) if c not in forced}
+                    rest = sorted(imp, key=lambda c: (-imp[c], c))
+                    sel = (forced + rest)[:S]
+                keys = sorted(j for c in sel for j in range(c * BS, min((c + 1) * BS, TK)) if j <= t)
+                # 3. selected attention
+                idx = torch.tensor(keys, dtype=torch.long, device=q.device)
+                p = torch.softmax(scale * qs @ k[b, idx, h].T, -1)
+                o_slc = p @ v[b, idx, h]
+                # 4. sliding window
+                o = g_slc[b, i, h * G:(h + 1) * G, None] * o_slc + g_cmp[b, i, h * G:(h + 1) * G, None] * o_cmp
+                if W > 0:
+                    lo = max(0, t - W + 1)
+                    p = torch.softmax(scale * qs @ k[b, lo:t + 1, h].T, -1)
+                    o = o + g_swa[b, i, h * G:(h + 1) * G, None] * (p @ v[b, lo:t + 1, h])
+                heads.append(o)
+            rows.append(torch.cat(heads, 0))
+    return torch.stack(rows, 0).view(B, TQ, HQ, D).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Vectorised PyTorch version: dense masks, differentiable.
+# ----------------------------------------------------------------------------------------------------
+
+def _compressed(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, scale: float,
+                off: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compressed branch. qg `[B, TQ, H, G, D]`. Returns (o_cmp `[B, TQ, H, G, D]`, p `[B, H, G, TQ, NF]`)."""
+    B, TQ, H, G, D = qg.shape
+    TK, BS = k.shape[1], block_size
+    NF = TK // BS
+    if NF == 0:
+        return torch.zeros_like(qg), qg.new_zeros(B, H, G, TQ, 0)
+    kc = k[:, :NF * BS].reshape(B, NF, BS, H, -1).mean(2)
+    vc = v[:, :NF * BS].reshape(B, NF, BS, H, -1).mean(2)
+    s = torch.einsum("bihgd,bchd->bhgic", qg, kc) * scale
+    t = torch.arange(TQ, device=qg.device) + off
+    visible = (torch.arange(NF, device=qg.device)[None, :] + 1) * BS - 1 <= t[:, None]  # [TQ, NF]
+    # rows with no visible block get finite logits, then zero probabilities (no NaN in fwd or bwd)
+    empty = ~visible.any(-1, keepdim=True)
+    s = s.masked_fill(~(visible | empty), float("-inf"))
+    p = torch.softmax(s, -1) * visible
+    o = torch.einsum("bhgic,bchd->bihgd", p, vc)
+    return o, p
+
+
+@torch.no_grad()
+def _topk_blocks(p: torch.Tensor, TK: int, block_size: int, block_counts: int, off: int) -> torch.Tensor:
+    """Selection from compressed probabilities p `[B, H, G, TQ, NF]` -> block_indices `[B, TQ, H, S]`."""
+    B, H, G, TQ, NF = p.shape
+    BS, S = block_size, block_counts
+    NB = -(-TK // BS)  # blocks including a partial last one
+    imp = p.sum(2)  # [B, H, TQ, NF]: importance summed over the group's heads, <= G
+    if NB > NF:
+        imp = F.pad(imp, (0, NB - NF))
+    c = torch.arange(NB, device=p.device)[None, :]
+    ic = ((torch.arange(TQ, device=p.device) + off) // BS)[:, None]  # [TQ, 1]
+    score = torch.where(c < ic, imp, float("-inf"))
+    # forced blocks outrank any importance (<= G), with priority own block > previous block > block 0
+    big = 2.0 * G + 2.0
+    score = torch.where(c == 0, big, score)
+    score = torch.where(c == ic - 1, big + 1, score)
+    score = torch.where(c == ic, big + 2, score)
+    val, idx = score.topk(min(S, NB), dim=-1)
+    idx = torch.where(val > float("-inf"), idx, -1)
+    if NB < S:
+        idx = F.pad(idx, (0, S - NB), value=-1)
+    return idx.permute(0, 2, 1, 3).contiguous()  # [B, TQ, H, S]
+
+
+def _to_token_mask(block_indices: torch.Tensor, TK: int, block_size: int, off: int) -> torch.Tensor:
+    """block_indices `[B, TQ, H, S]` -> selected-token mask `[B, H, TQ, TK]` with the causal mask j <= t."""
+    B, TQ, H, S = block_indices.shape
+    NB = -(-TK // block_size)
+    bi = block_indices.long()
+    bi = torch.where((bi >= 0) & (bi < NB), bi, NB)  # unused slots go to a dump column
+    blk = torch.zeros(B, TQ, H, NB + 1, dtype=torch.bool, device=bi.device)
+    blk.scatter_(-1, bi, True)
+    j = torch.arange(TK, device=bi.device)
+    tok = blk[..., :NB][..., j // block_size]  # [B, TQ, H, TK]
+    causal = j[None, :] <= (torch.arange(TQ, device=bi.device) + off)[:, None]
+    return tok.permute(0, 2, 1, 3) & causal[None, None]
+
+
+def _check_inputs(q, k, v, g_cmp, g_slc, g_swa, block_size, block_counts, window_size) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ConfigError(f"nsa expects q [B,TQ,HQ,D] and k, v [B,TK,H,D]; got {tuple(q.shape)}, "
+                          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, TQ, HQ, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D or k.shape[1] < TQ:
+        raise ConfigError(f"nsa: k {tuple(k.shape)} does not match q {tuple(q.shape)} (need same B, D and TK >= TQ)")
+    validate_nsa_args(HQ, k.shape[2], D, block_size, block_counts, window_size)
+    gates = [("g_cmp", g_cmp), ("g_slc", g_slc)] + ([("g_swa", g_swa)] if window_size > 0 else [])
+    for name, g in gates:
+        if g is None or tuple(g.shape) != (B, TQ, HQ):
+            raise ConfigError(f"nsa: {name} must have shape {(B, TQ, HQ)}, got "
+                              f"{None if g is None else tuple(g.shape)}")
+
+
+def nsa_select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_counts: int,
+                      scale: float | None = None) -> torch.Tensor:
+    """The top-k selection of `nsa_torch` as block_indices `[B, TQ, H, S]` (-1 = unused slot)."""
+    B, TQ, HQ, D = q.shape
+    TK, H = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    with torch.no_grad():
+        _, p = _compressed(q.reshape(B, TQ, H, HQ // H, D), k, k[..., :1], block_size, scale, TK - TQ)
+        return _topk_blocks(p, TK, block_size, block_counts, TK - TQ)
+
+
+def nsa_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor,
+              g_swa: torch.Tensor | None, block_size: int, block_counts: int, window_size: int,
+              scale: float | None = None, block_indices: torch.Tensor | None = None) -> torch.Tensor:
+    """Vectorised NSA in PyTorch. 16-bit inputs are computed in float32; the output is in q's dtype.
+
+    The selected and window branches are `F.scaled_dot_product_attention` with boolean masks (fused on
+    CPU and GPU); the masks take O(B * HQ * TQ * TK) bytes, fine for T up to a few thousand on a GPU.
+    """
+    _check_inputs(q, k, v, g_cmp, g_slc, g_swa, block_size, block_counts, window_size)
+    B, TQ, HQ, D = q.shape
+    TK, H = k.shape[1], k.shape[2]
+    G, off = HQ // H, TK - TQ
+    scale = D ** -0.5 if scale is None else scale
+    cdt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    with torch.autocast(q.device.type, enabled=False):  # keep our own precision under autocast
+        qg = q.to(cdt).reshape(B, TQ, H, G, D)
+        k, v = k.to(cdt), v.to(cdt)
+
+        def gate(g):  # [B, TQ, HQ] -> [B, TQ, H, G, 1]
+            return g.to(cdt).reshape(B, TQ, H, G, 1)
+
+        o_cmp, p_cmp = _compressed(qg, k, v, block_size, scale, off)
+        if block_indices is None:
+            block_indices = _topk_blocks(p_cmp.detach(), TK, block_size, block_counts, off)
+        o = o_cmp * gate(g_cmp)  # [B, TQ, H, G, D]
+
+        # selected and window branches: fused masked attention (SDPA), heads-first, GQA-aware.
+        # Every row keeps token t itself (own block forced; window >= 1), so no row is fully masked.
+        qh, kh, vh = q.to(cdt).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        slc = _to_token_mask(block_indices, TK, block_size, off)  # [B, H, TQ, TK]
+        if H > 1:  # SDPA broadcasts the mask over heads only from size 1: give each query head its own
+            slc = slc[:, :, None].expand(B, H, G, TQ, TK).reshape(B, HQ, TQ, TK)
+        o_slc = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=slc, scale=scale, enable_gqa=True)
+        o = o + o_slc.transpose(1, 2).reshape(B, TQ, H, G, D) * gate(g_slc)
+        if window_size > 0:
+            t = torch.arange(TQ, device=q.device)[:, None] + off
+            j = torch.arange(TK, device=q.device)[None, :]
+            win = (j <= t) & (j > t - window_size)
+            o_swa = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=win, scale=scale, enable_gqa=True)
+            o = o + o_swa.transpose(1, 2).reshape(B, TQ, H, G, D) * gate(g_swa)
+    return o.reshape(B, TQ, HQ, D).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dispatcher
+# ----------------------------------------------------------------------------------------------------
+
+def _fla_call_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
+                          block_counts: int) -> str | None:
+    reasons = []
+    if q.is_cuda:
+        r = fla_supported(q.shape[2], k.shape[2], q.shape[3], block_size, block_counts, q.device)
+        if r:
+            reasons.append(r)
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        reasons.append(f"dtypes q={q.dtype}, k={k.dtype}, v={v.dtype} (FLA's NSA needs one 16-bit dtype; "
+                       f"use bf16 autocast)")
+    if q.shape[1] != k.shape[1]:
+        reasons.append(f"TQ={q.shape[1]} != TK={k.shape[1]} (cached prefill/decode)")
+    return "; ".join(reasons) or None
+
+
+def _fla_nsa(q, k, v, g_cmp, g_slc, g_swa, block_size, block_counts, window_size, scale, block_indices):
+    import warnings
+
+    from fla.ops.attn import parallel_attn
+    from fla.ops.nsa import parallel_nsa
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*block_indices.*")  # FLA warns on the override
+        # parallel_nsa's own window branch needs flash-attn, absent here: window_size=0 and add our own
+        o = parallel_nsa(q, k, v, g_cmp=g_cmp, g_slc=g_slc, g_swa=None, block_indices=block_indices,
+                         block_counts=block_counts, block_size=block_size, window_size=0, scale=scale)
+    if window_size > 0:
+        # parallel_attn keeps keys j with 0 <= t - j < window_size, causal, grouped heads (fla/ops/attn)
+        o = o + g_swa[..., None] * parallel_attn(q, k, v, scale=scale, window_size=window_size)
+    return o.to(q.dtype)
+
+
+# FLA's entry points are not all compiler-disabled; keep Dynamo out of the Triton launches.
+_fla_nsa = torch.compiler.disable(_fla_nsa)
+
+
+def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor,
+        g_swa: torch.Tensor | None, block_size: int, block_counts: int, window_size: int,
+        scale: float | None = None, backend: str = "auto",
+        block_indices: torch.Tensor | None = None) -> torch.Tensor:
+    """NSA with backend 'auto' | 'torch' | 'fla'; see the module docstring for the maths and layouts."""
+    _check_inputs(q, k, v, g_cmp, g_slc, g_swa, block_size, block_counts, window_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    unsupported = _fla_call_unsupported(q, k, v, block_size, block_counts) if q.is_cuda else None
+    if resolve(backend, q, "nsa", unsupported) == "fla":
+        return _fla_nsa(q, k, v, g_cmp, g_slc, g_swa, block_size, block_counts, window_size, scale, block_indices)
+    return nsa_torch(q, k, v, g_cmp, g_slc, g_swa, block_size, block_counts, window_size, scale, block_indices)
