@@ -11,7 +11,7 @@ def train(config=None, overrides=None) -> dict:
 
     Returns the run summary (also written to <out_dir>/summary.json).
     """
-    from .train import train as _train
+    from .trainer import train as _train
 
     return _train(config, overrides)
 

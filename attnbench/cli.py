@@ -15,7 +15,7 @@ def _train_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="TOML file, e.g. configs/shakespeare_char.toml")
 
     def run(a: argparse.Namespace) -> int:
-        from .train import train
+        from .trainer import train
 
         train(a.config, a.overrides)
         return 0

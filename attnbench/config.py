@@ -302,7 +302,7 @@ def load_config(path: str | Path | dict | RunConfig | None = None, overrides: li
 
 def _nearest_divisor(n: int, target: int) -> int:
     divs = [d for d in range(1, n + 1) if n % d == 0]
-    return min(divs, key=lambda d: (abs(d - target), d))
+    return min(divs, key=lambda d: (abs(d - target), -d))
 
 
 def validate(cfg: RunConfig) -> None:

@@ -35,9 +35,15 @@ def setup(device_type: str) -> Dist:
     return d
 
 
-def teardown(d: Dist) -> None:
+def teardown(d: Dist, clean: bool = True) -> None:
+    """Leave the group. After a clean finish wait for every rank first (rank 0 may still be writing,
+    and gloo aborts a process whose peer left); after an error, leave at once (a barrier could hang)."""
     if d.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if clean:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:

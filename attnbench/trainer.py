@@ -195,7 +195,8 @@ def prepare_run_dir(cfg: RunConfig, is_main: bool) -> tuple[Path, Path | None]:
 # Settings that may change between a run and its resumption without changing its results.
 _RESUMABLE = {"train.resume", "train.progress", "train.log_interval", "train.max_iters", "train.keep_checkpoints",
               "train.compile", "train.device", "train.eval_batch_size", "log.wandb_log", "log.wandb_project",
-              "log.wandb_run_name", "model.backend", "data.data_dir"}
+              "log.wandb_run_name", "model.backend", "data.data_dir",
+              "model.vocab_size"}  # vocab_size is derived from the dataset
 
 
 def _config_diff(old: dict, new: dict) -> list[str]:
@@ -217,10 +218,13 @@ def train(config: str | Path | dict | RunConfig | None = None, overrides: list[s
     cfg = load_config(config, overrides)
     device = resolve_device(cfg)
     dinfo = distributed.setup(device)
+    clean = False
     try:
-        return _train(cfg, device, dinfo, Corpus, BatchSampler, val_windows)
+        out = _train(cfg, device, dinfo, Corpus, BatchSampler, val_windows)
+        clean = True
+        return out
     finally:
-        distributed.teardown(dinfo)
+        distributed.teardown(dinfo, clean)
 
 
 def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist, Corpus, BatchSampler, val_windows) -> dict:
@@ -268,8 +272,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist, Corpus, BatchSa
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / CONFIG)
         if ckpt_path is not None:  # drop rows logged after the checkpoint: they are about to be redone
-            rows = [r for r in read_jsonl(run_dir / METRICS) if r.get("step", 0) < start_iter
-                    or (r.get("step") == start_iter and "val_loss" in r)]
+            rows = [r for r in read_jsonl(run_dir / METRICS) if r.get("step", 0) <= start_iter]
             from .io import atomic_write_text
             import json
 
@@ -360,6 +363,9 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist, Corpus, BatchSa
                     os.kill(os.getpid(), signal.SIGKILL)
                 it_interval += 1
                 if it % tc.log_interval == 0 or it == tc.max_iters:
+                    if dinfo.enabled:  # the logged loss is the global batch's, as with one process
+                        distributed.all_reduce_sum(loss_acc, dinfo)
+                        loss_acc /= dinfo.world_size
                     lossf = loss_acc.item() / it_interval  # the only host sync of the interval
                     if not math.isfinite(lossf):
                         raise NonFiniteLoss(f"loss is {lossf} at step {it}")

@@ -1,0 +1,66 @@
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _synthetic_text(n_chars: int = 60_000, seed: int = 0) -> str:
+    """Text with real structure (words, lines, speakers) so a tiny model can learn something quickly."""
+    rng = random.Random(seed)
+    words = ["the", "king", "and", "queen", "of", "my", "lord", "thou", "art", "good", "sir", "what", "is",
+             "love", "death", "night", "day", "come", "go", "we", "shall", "not", "be", "to", "he", "she"]
+    speakers = ["ROMEO:", "JULIET:", "KING:", "QUEEN:"]
+    out, size = [], 0
+    while size < n_chars:
+        line = rng.choice(speakers) + "\n" + " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + ".\n\n"
+        out.append(line)
+        size += len(line)
+    return "".join(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A prepared char-level dataset named 'tiny' in a session-wide data dir."""
+    from attnbench.data import prepare_text
+
+    d = tmp_path_factory.mktemp("data")
+    src = d / "tiny.txt"
+    src.write_text(_synthetic_text())
+    prepare_text(src, "tiny", tokenizer="char", data_dir=d, verbose=False)
+    return d
+
+
+def tiny_run_config(data_dir: Path, out_dir: Path, **over) -> dict:
+    """A run that trains in about a second on the CPU."""
+    cfg = {
+        "data": {"dataset": "tiny", "data_dir": str(data_dir)},
+        "model": {"mixer": "softmax", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0},
+        "optim": {"learning_rate": 3e-3, "min_lr": 3e-4, "warmup_iters": 2},
+        "train": {"out_dir": str(out_dir), "batch_size": 8, "max_iters": 20, "eval_interval": 10,
+                  "eval_batch_size": 64, "log_interval": 1, "device": "cpu", "progress": False},
+    }
+    for k, v in over.items():
+        sec, key = k.split(".", 1)
+        if key.startswith("mixer_args."):
+            cfg[sec].setdefault("mixer_args", {})[key.split(".", 1)[1]] = v
+        else:
+            cfg.setdefault(sec, {})[key] = v
+    return cfg

@@ -1,0 +1,158 @@
+"""Training loop guarantees: learning, exact resume after a kill, crash-safe checkpoints, NaN guard, DDP."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnbench
+from attnbench import checkpoint as ck
+from attnbench.errors import AttnbenchError
+from attnbench.io import read_jsonl
+from attnbench.sample import load_run
+from conftest import tiny_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def run_cli(cfg: dict, tmp_path: Path, *extra: str, env: dict | None = None, name="cfg.toml") -> subprocess.CompletedProcess:
+    import tomli_w
+
+    p = tmp_path / name
+    p.write_text(tomli_w.dumps(cfg))
+    e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "attnbench", "train", str(p), *extra], capture_output=True, text=True,
+                          env=e, cwd=ROOT, timeout=300)
+
+
+def test_training_lowers_loss_and_writes_run(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    s = attnbench.train(tiny_run_config(tiny_data, out, **{"train.max_iters": 60, "train.eval_interval": 30}))
+    rows = read_jsonl(out / "metrics.jsonl")
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(vals) == 3 and vals[-1] < vals[0] - 0.5
+    assert s["best_val_loss"] == min(vals) and (out / "summary.json").is_file() and (out / "config.json").is_file()
+    for k in ("best_val_ppl", "best_val_bpc", "tokens_per_s", "ms_per_iter", "peak_mem_mb", "n_params"):
+        assert s[k] > 0
+    assert all({"step", "loss", "lr", "tokens_per_s", "peak_mem_mb"} <= r.keys() for r in rows if "loss" in r)
+    assert ck.latest_checkpoint(out) is not None
+
+
+def test_resume_after_kill_is_bit_for_bit(tiny_data, tmp_path):
+    """20 iterations straight == 10, SIGKILL at 15, resume from the step-10 checkpoint to 20."""
+    cfg = tiny_run_config(tiny_data, tmp_path / "straight", **{"model.dropout": 0.1})
+    assert run_cli(cfg, tmp_path).returncode == 0
+    cfg["train"]["out_dir"] = str(tmp_path / "killed")
+    r = run_cli(cfg, tmp_path, env={"ATTNBENCH_TEST_KILL_AT_STEP": "15"})
+    assert r.returncode == -9, r.stderr
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    r = run_cli(cfg, tmp_path, "--resume")
+    assert r.returncode == 0, r.stderr
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "killed")
+    assert sorted(a) == sorted(b) == list(range(1, 21))  # every step exactly once
+    assert a == b  # bit-for-bit on the CPU
+    sa = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert sa["final_val_loss"] == sb["final_val_loss"]
+
+
+def test_refuses_to_overwrite_and_checks_resume_config(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_data, out, **{"train.max_iters": 10})
+    attnbench.train(cfg)
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(AttnbenchError, match="--resume"):
+        attnbench.train(cfg)
+    with pytest.raises(AttnbenchError, match="learning_rate"):
+        attnbench.train(cfg, {"resume": True, "learning_rate": 1e-2})
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_killed_checkpoint_write_keeps_previous(tiny_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    attnbench.train(tiny_run_config(tiny_data, out, **{"train.max_iters": 10}))
+    good = ck.latest_checkpoint(out)
+    model, _ = load_run(out)
+
+    def dying_save(*a, **k):  # the process dies after the weights, before the state file
+        raise SystemExit("killed mid-write")
+
+    monkeypatch.setattr(ck.torch, "save", dying_save)
+    with pytest.raises(SystemExit):
+        ck.save_checkpoint(out, 99, model, {"x": 1})
+    monkeypatch.undo()
+    assert ck.latest_checkpoint(out) == good
+    st = ck.load_checkpoint(good, model)
+    assert st["step"] == 10
+    # a torn latest.json (killed while renaming is atomic, but be robust to a lost file) falls back to the newest folder
+    (out / "ckpt" / "latest.json").unlink()
+    assert ck.latest_checkpoint(out) == good
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_data, out, **{"optim.learning_rate": 1e12, "optim.min_lr": 0, "optim.warmup_iters": 0,
+                                             "optim.grad_clip": 0.0, "train.max_iters": 40})
+    with pytest.raises(AttnbenchError, match="non-finite|nan|inf") as e:
+        attnbench.train(cfg)
+    assert "last good checkpoint (step 0)" in str(e.value) or "step 10" in str(e.value)
+    good = ck.latest_checkpoint(out)
+    model, _ = load_run(out)
+    st = ck.load_checkpoint(good, model)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not (out / "summary.json").exists()
+    assert st["step"] in (0, 10)
+
+
+def test_wandb_missing_is_a_clear_error(tiny_data, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *a, **k):
+        if name == "wandb":
+            raise ImportError("no wandb")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    out = tmp_path / "run"
+    with pytest.raises(AttnbenchError, match=r"attnbench\[wandb\]"):
+        attnbench.train(tiny_run_config(tiny_data, out, **{"log.wandb_log": True}))
+    assert not out.exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes_match_one_process_with_doubled_accumulation(tiny_data, tmp_path):
+    base = {"train.max_iters": 6, "train.eval_interval": 6, "train.gradient_accumulation_steps": 2}
+    one = tiny_run_config(tiny_data, tmp_path / "one", **base)
+    assert run_cli(one, tmp_path, name="one.toml").returncode == 0
+    two = tiny_run_config(tiny_data, tmp_path / "two", **base)
+    import tomli_w
+
+    (tmp_path / "two.toml").write_text(tomli_w.dumps(two))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                        f"--master_port={_free_port()}", "-m", "attnbench", "train", str(tmp_path / "two.toml")],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        assert abs(a[s] - b[s]) < 1e-5 * max(1.0, abs(a[s])), (s, a[s], b[s])
+    sa = json.loads((tmp_path / "one" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert sb["world_size"] == 2
+    assert abs(sa["final_val_loss"] - sb["final_val_loss"]) < 1e-4
