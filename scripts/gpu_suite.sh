@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One call on a CUDA machine: GPU tests, training runs and benchmarks; results go to the folder given.
+#
+#   scripts/gpu_suite.sh OUTDIR [STAGE ...]      stages: env tests train:CONFIG[:k=v,...] bench sweep:FILE
+#
+# Installs carried wheels from .whl/ (fla-core, flash-linear-attention; see ../shared/scripts/gpu-wheels.sh)
+# into /tmp/site, reads tiny Shakespeare from $ATTNBENCH_DATA (default .gpu_data/input.txt), keeps
+# bulky run folders in /tmp/attnbench-runs and packs the small result files into OUTDIR/results.tar.gz.
+set -uo pipefail
+OUTDIR=${1:?usage: scripts/gpu_suite.sh OUTDIR [STAGE ...]}
+shift
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(env tests)
+mkdir -p "$OUTDIR"
+RUNS=/tmp/attnbench-runs
+mkdir -p "$RUNS"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+fi
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export ATTNBENCH_DATA=${ATTNBENCH_DATA:-$PWD/.gpu_data/input.txt}
+LOG="$OUTDIR/suite.log"
+
+for stage in "${STAGES[@]}"; do
+  echo "=== $stage ($(date +%T))" | tee -a "$LOG"
+  case "$stage" in
+    env)
+      python3 - <<'PY' 2>&1 | tee -a "$LOG"
+import torch, triton
+print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name(), "x", torch.cuda.device_count())
+from attnbench.ops.backend import fla_available, hopper_gated_backward_broken
+print("fla importable:", fla_available(), "| gated FLA backward refused on this GPU/triton:", hopper_gated_backward_broken())
+PY
+      ;;
+    tests)
+      python3 -m pytest tests -m gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUTDIR/gpu_tests.log" | tail -40
+      ;;
+    train:*)
+      spec=${stage#train:}
+      cfg=${spec%%:*}
+      name=$(basename "$cfg" .toml)
+      extra=()
+      if [ "$spec" != "$cfg" ]; then
+        IFS=',' read -ra kv <<< "${spec#*:}"
+        for x in "${kv[@]}"; do extra+=("--$x"); name="$name-${x//[^A-Za-z0-9_.=]/}"; done
+      fi
+      rm -rf "$RUNS/$name"
+      /usr/bin/time -f "wall %e s" python3 -m attnbench train "$cfg" --out_dir="$RUNS/$name" --progress=false "${extra[@]}" 2>&1 \
+        | grep -v "^step .*val loss" | tail -5 | tee -a "$LOG"
+      ;;
+    bench)
+      python3 -m attnbench bench all --device cuda --json "$RUNS/bench.jsonl" 2>&1 | tee -a "$LOG" | tail -60
+      ;;
+    sweep:*)
+      /usr/bin/time -f "wall %e s" python3 -m attnbench sweep "${stage#sweep:}" --out "$RUNS/sweep" 2>&1 | tail -40 | tee -a "$LOG"
+      ;;
+    *) echo "unknown stage $stage" | tee -a "$LOG" ;;
+  esac
+done
+# small files only: summaries, metrics, bench rows, reports (no checkpoints)
+(cd "$RUNS" && find . -name summary.json -o -name metrics.jsonl -o -name config.json -o -name '*.jsonl' -o -name '*.md' -o -name '*.png' \
+   | grep -v /ckpt/ | tar czf "$OUTDIR/results.tar.gz" -T -) 2>/dev/null
+echo "results in $OUTDIR"
