@@ -1,0 +1,97 @@
+"""Where does a training step spend its time? One table per mixer from torch.profiler.
+
+    python scripts/profile_step.py [--mixers a,b] [--steps 5] [--compile] [--out FILE]
+
+Builds each mixer's model from configs/<mixer>.toml (the seed shapes), runs warm-up steps, then
+profiles a few full training steps (forward, backward, AdamW) under bf16 autocast and prints the
+step time and the top operators by self device time, grouped into: matmuls, attention kernels,
+FLA/Triton kernels, elementwise/other, plus the count of kernel launches per step.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from attnbench import GPT, mixers
+from attnbench.config import load_config
+from attnbench.trainer import make_optimizer
+
+
+def step_fn(model, opt, x, y):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, loss = model(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def profile_mixer(name: str, steps: int, compile_: bool) -> str:
+    cfg = load_config(f"configs/{name}.toml")
+    cfg.model.vocab_size = 65
+    torch.manual_seed(0)
+    model = GPT(cfg.model).cuda()
+    opt = make_optimizer(model, cfg, "cuda")
+    run = torch.compile(model) if compile_ else model
+    B, T = cfg.train.batch_size, cfg.model.block_size
+    x = torch.randint(0, 65, (B, T), device="cuda")
+    y = torch.randint(0, 65, (B, T), device="cuda")
+    for _ in range(5):
+        step_fn(run, opt, x, y)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        step_fn(run, opt, x, y)
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t) / 20 * 1000
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step_fn(run, opt, x, y)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events) / steps / 1000
+    launches = sum(e.count for e in events) / steps
+    groups: dict[str, float] = {}
+    for e in events:
+        k = e.key.lower()
+        g = ("matmul" if any(s in k for s in ("gemm", "matmul", "mm", "cutlass", "sm90_xmma", "nvjet")) else
+             "attention(sdpa)" if any(s in k for s in ("flash", "fmha", "attention")) else
+             "fla/triton" if any(s in k for s in ("chunk", "fused_recurrent", "triton", "parallel_nsa", "causal_conv")) else
+             "elementwise/other")
+        groups[g] = groups.get(g, 0.0) + e.self_device_time_total / steps / 1000
+    lines = [f"## {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, B={B}, T={T}, "
+             f"compile={compile_}): {ms:.2f} ms/step wall, {total:.2f} ms device time, {launches:.0f} kernels/step"]
+    for g, v in sorted(groups.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {g:20s} {v:7.2f} ms  {100 * v / total:5.1f}%")
+    lines.append("  top kernels:")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:8]:
+        lines.append(f"    {e.self_device_time_total / steps / 1000:7.3f} ms  x{e.count // steps:<4d} {e.key[:90]}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mixers", default=",".join(mixers.available()))
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    out = []
+    for name in a.mixers.split(","):
+        try:
+            text = profile_mixer(name, a.steps, a.compile)
+        except Exception as e:  # keep profiling the others; report the failure
+            text = f"## {name}: failed: {type(e).__name__}: {e}"
+        print(text, flush=True)
+        out.append(text)
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write("\n\n".join(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()
