@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine: GPU tests, training runs and benchmarks; results go to the folder given.
 #
-#   scripts/gpu_suite.sh OUTDIR [STAGE ...]      stages: env tests train:CONFIG[:k=v,...] bench sweep:FILE
+#   scripts/gpu_suite.sh OUTDIR [STAGE ...]      stages: env tests train:CONFIG[:k=v,...] profile bench sweep:FILE
 #
 # Installs carried wheels from .whl/ (fla-core, flash-linear-attention; see ../shared/scripts/gpu-wheels.sh)
 # into /tmp/site, reads tiny Shakespeare from $ATTNBENCH_DATA (default .gpu_data/input.txt), keeps
@@ -49,6 +49,9 @@ PY
       rm -rf "$RUNS/$name"
       /usr/bin/time -f "wall %e s" python3 -m attnbench train "$cfg" --out_dir="$RUNS/$name" --progress=false "${extra[@]}" 2>&1 \
         | grep -v "^step .*val loss" | tail -5 | tee -a "$LOG"
+      ;;
+    profile)
+      python3 scripts/profile_step.py --out "$OUTDIR/profile.txt" 2>&1 | tail -80
       ;;
     bench)
       python3 -m attnbench bench all --device cuda --json "$RUNS/bench.jsonl" 2>&1 | tee -a "$LOG" | tail -60
