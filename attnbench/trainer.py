@@ -93,12 +93,15 @@ def evaluate(model: nn.Module, val_x: torch.Tensor, val_y: torch.Tensor, batch: 
     idx = torch.arange(dist_info.rank, len(val_x), dist_info.world_size)
     for i in range(0, len(idx), batch):
         sel = idx[i:i + batch]
+        n = len(sel)
+        if n < batch:  # pad the last batch to the same shape (no recompilation under torch.compile)
+            sel = torch.cat([sel, sel[:1].expand(batch - n)])
         x, y = val_x[sel].to(device, non_blocking=True), val_y[sel].to(device, non_blocking=True)
         with autocast:
             logits, _ = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum")
-        total[0] += loss.double()
-        total[1] += y.numel()
+        loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # [B, T]
+        total[0] += loss[:n].sum().double()
+        total[1] += y[:n].numel()
     distributed.all_reduce_sum(total, dist_info)
     model.train(was_training)
     return (total[0] / total[1]).item()
