@@ -23,6 +23,8 @@ masks) and `nsa` (dispatcher: FLA's `parallel_nsa` + `parallel_attn` on CUDA, el
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -68,8 +70,12 @@ def _fla_max_head_dim(device: torch.device | None = None) -> int:
     if not torch.cuda.is_available():
         return 256  # unknown GPU: the call-time check on the real device decides
     idx = device.index if device is not None and device.index is not None else torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(idx)
-    smem = getattr(props, "shared_memory_per_block_optin", 0)
+    return _max_head_dim_of(idx)
+
+
+@functools.lru_cache(maxsize=None)
+def _max_head_dim_of(idx: int) -> int:
+    smem = getattr(torch.cuda.get_device_properties(idx), "shared_memory_per_block_optin", 0)
     return 256 if smem >= _HOPPER_SHARED_MEM else 128
 
 
@@ -88,6 +94,12 @@ def fla_supported(n_head: int, n_kv_head: int, head_dim: int, block_size: int, b
         reasons.append(f"block_size={block_size} is not a power of two >= 16")
     if block_size < 2 * (1 << max(block_counts - 1, 0).bit_length()):
         reasons.append(f"block_size={block_size} < 2 * next_pow2(block_counts={block_counts})")
+    if block_counts < 4:
+        # Blocks 0, IC-1, IC tie at the top score; FLA's sorting network breaks the tie by position
+        # (seen on an H200: at t=199, BS=16, S=2 it kept {0, 11} and dropped the query's own block 12),
+        # so with fewer than 3 slots its selection differs from ours (own block > previous > block 0).
+        reasons.append(f"block_counts={block_counts} < 4 cannot keep all three always-selected blocks, and "
+                       f"FLA picks among them arbitrarily (use block_counts >= 4)")
     max_d = _fla_max_head_dim(device)
     if head_dim < 16 or head_dim > max_d:
         reasons.append(f"head_dim={head_dim} is outside [16, {max_d}] (FLA tiles it whole; tl.dot needs >= 16)")

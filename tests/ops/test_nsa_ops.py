@@ -204,3 +204,4 @@ def test_fla_supported_reasons():
     assert "block_size" in fla_supported(16, 1, 64, 8, 4)
     assert "head_dim" in fla_supported(16, 1, 8, 64, 16)
     assert "head_dim" in fla_supported(16, 1, 512, 64, 16)
+    assert "block_counts" in fla_supported(16, 1, 64, 64, 2)
