@@ -8,6 +8,9 @@ from attnbench.model import sample_next
 # Small shapes that every mixer accepts on the CPU (mixer_args shrink NSA's blocks to fit T=24).
 MIXER_ARGS = {
     "nsa": {"n_kv_head": 1, "block_size": 4, "block_counts": 2, "window_size": 8},
+    "deltanet": {"chunk_size": 16},  # several chunks at T=24
+    "gated_deltanet": {"chunk_size": 16},
+    "gated_deltaproduct": {"num_householder": 3},  # interleaved length 72: two chunks of 64
 }
 
 

@@ -1,0 +1,241 @@
+"""Parts shared by the delta-family mixers (deltanet.py, gated_deltanet.py, gated_deltaproduct.py).
+
+All three follow FLA's layers (FLA_NOTES 3.1-3.3): q/k/v projections -> causal short convolutions with
+SiLU -> (L2-normalised q, k inside the op) -> a delta-rule op -> per-head output RMSNorm (optionally
+gated) -> o_proj. This module holds the pieces they share: the short convolution, the output norm,
+the Mamba-style decay gate, the decoding state, and a base class that wires projections, state and
+output together. The mixers only choose their dimensions and call their op.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..ops.delta_rule import FLA_CHUNK_SIZES, FLA_MAX_K
+from ..ops.short_conv import causal_conv1d
+from .base import Mixer
+
+NORM_EPS = 1e-5  # FLA's norm_eps for the output norms
+FLOP_CHUNK = 64  # chunk size the FLOP formulas assume when a mixer has no chunk_size of its own
+
+
+def arg_error(key: str, msg: str) -> ConfigError:
+    return ConfigError(f"model.mixer_args.{key}: {msg}")
+
+
+def check_common(num_heads: int | None, conv_size: int) -> None:
+    if num_heads is not None and num_heads < 1:
+        raise arg_error("num_heads", f"must be >= 1 (or unset for model.n_head), got {num_heads}")
+    if conv_size < 1:
+        raise arg_error("conv_size", f"must be >= 1, got {conv_size}")
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if chunk_size not in FLA_CHUNK_SIZES:
+        raise arg_error("chunk_size", f"must be one of {FLA_CHUNK_SIZES} (the FLA kernels' chunk sizes), "
+                        f"got {chunk_size}")
+
+
+def check_key_head_dim(key: str, head_k: int) -> None:
+    if head_k > FLA_MAX_K:
+        raise arg_error(key, f"gives a key head dim of {head_k}, but the FLA kernels need <= {FLA_MAX_K}; "
+                        "use more heads or a smaller key width")
+
+
+def integer_dim(key: str, value: float, what: str) -> int:
+    """round(value), or a ConfigError naming `key` when value is not (close to) an integer."""
+    if value < 1 or not math.isclose(value, round(value), rel_tol=0, abs_tol=1e-6):
+        raise arg_error(key, f"{what} = {value:g} must be a positive integer")
+    return round(value)
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal convolution (no bias) with SiLU, weight `[D, W]` (weight[:, W-1] hits the
+    current token). The decoding tail `[B, D, W-1]` holds the last W-1 raw inputs."""
+
+    def __init__(self, dim: int, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim, width))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Conv1d's default (what FLA's ShortConvolution layer gets when built): U(+-1/sqrt(fan_in)),
+        # fan_in = W for a depthwise conv. (FLA's model classes redraw it as normal(0, initializer_range).)
+        bound = 1.0 / math.sqrt(self.weight.shape[1])
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: torch.Tensor, tail: torch.Tensor | None = None, keep_tail: bool = False,
+                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
+        return causal_conv1d(x, self.weight, None, activation="silu", state=tail,
+                             output_final_state=keep_tail, backend=backend)
+
+
+class HeadRMSNorm(nn.Module):
+    """Per-head RMSNorm over the head's value dim, one weight shared by all heads (as FLA).
+
+    Without a gate: y = rmsnorm(o) * w. With a gate (FLA's FusedRMSNormGated, swish):
+    y = rmsnorm(o) * w * silu(gate). Computed in float32 (float64 stays float64), returned in o's dtype.
+    """
+
+    def __init__(self, dim: int, eps: float = NORM_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, o: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        dt = torch.float64 if o.dtype == torch.float64 else torch.float32
+        of = o.to(dt)
+        y = of * torch.rsqrt(of.square().mean(-1, keepdim=True) + self.eps) * self.weight.to(dt)
+        if gate is not None:
+            y = y * F.silu(gate.to(dt))
+        return y.to(o.dtype)
+
+
+class DecayGate(nn.Module):
+    """Mamba-style log-decay per head: g = -exp(A_log) * softplus(a + dt_bias) <= 0 (float32).
+
+    A_log = log(U(0, 16)); dt_bias = softplus^-1(dt), dt ~ logU(1e-3, 1e-1) clamped >= 1e-4.
+    Neither takes weight decay.
+    """
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.A_log = nn.Parameter(torch.empty(n_heads))
+        self.dt_bias = nn.Parameter(torch.empty(n_heads))
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # uniform_(0, 16) can draw exactly 0 -> log = -inf; a tiny floor keeps A finite
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0, 16).clamp_(min=1e-4).log())
+        lo, hi = math.log(1e-3), math.log(1e-1)
+        dt = torch.exp(torch.rand_like(self.dt_bias) * (hi - lo) + lo).clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+        return -self.A_log.to(dt).exp() * F.softplus(a.to(dt) + self.dt_bias.to(dt))
+
+
+@dataclass
+class DeltaState:
+    """Decoding state of one delta-family layer for a batch of sequences.
+
+    recurrent: the fast-weight matrix `[B, H, K, V]`, float32 (float64 in float64 runs);
+    conv_q/conv_k/conv_v: the short convolutions' tails `[B, D, W-1]` (None without convolutions);
+    pos: tokens seen so far.
+    """
+
+    recurrent: torch.Tensor
+    conv_q: torch.Tensor | None = None
+    conv_k: torch.Tensor | None = None
+    conv_v: torch.Tensor | None = None
+    pos: int = 0
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.recurrent, self.conv_q, self.conv_k, self.conv_v) if t is not None]
+
+
+def chunked_delta_flops(T: int, H: int, K: int, V: int, C: int) -> float:
+    """Forward FLOPs of the chunked WY delta rule (ops/delta_rule.py::chunked_core) for T tokens.
+
+    Per chunk of C rows and head (multiply-add = 2 FLOPs): K K^T and Q K^T (2 x 2C^2K), W S0, Q S0 and
+    the state update K^T V_new (3 x 2CKV), (QK^T) V_new (2C^2V), plus the unit-lower-triangular solve
+    (I+L)[U|W] = rhs by forward substitution, C(C-1)(K+V) - which FlopCounterMode does not see.
+    Elementwise work (masks, exp of the gates) is O(C^2) per chunk and left out. T is padded to N*C.
+    """
+    C = max(1, min(C, T))
+    N = -(-T // C)
+    per_chunk = 4 * C * C * K + 2 * C * C * V + 6 * C * K * V + C * (C - 1) * (K + V)
+    return float(H * N * per_chunk)
+
+
+def triangular_solve_flops(T: int, H: int, K: int, V: int, C: int) -> float:
+    """The part of chunked_delta_flops that FlopCounterMode cannot see (for the cross-check)."""
+    C = max(1, min(C, T))
+    return float(H * (-(-T // C)) * C * (C - 1) * (K + V))
+
+
+class DeltaMixer(Mixer):
+    """Base of the delta-family mixers: short convolutions, state, output norm and projection.
+
+    A subclass builds q_proj/k_proj/v_proj and the rest in __init__, then calls `_build_tail(...)`;
+    its forward calls `_qkv` (projections + convolutions), its op, then `_finish` (norm, gate, o_proj,
+    state update).
+    """
+
+    encodes_position = True  # recurrence orders the tokens; learned or no position embedding both work
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        if cfg.pos_emb == "rope":
+            raise ConfigError(f"model.pos_emb='rope' does not apply to mixer {cls.name!r}: it has no attention "
+                              "scores to rotate (its recurrence encodes order); use pos_emb='learned' or 'none'")
+
+    def _build_convs(self, dims_qkv: tuple[int, int, int], conv_size: int | None) -> None:
+        """Short convolutions on q, k, v (widths dims_qkv) or none when conv_size is None."""
+        self.conv_dims = dims_qkv if conv_size is not None else None
+        if conv_size is None:
+            self.q_conv1d = self.k_conv1d = self.v_conv1d = None
+            return
+        self.conv_size = conv_size
+        self.q_conv1d = ShortConv(dims_qkv[0], conv_size)
+        self.k_conv1d = ShortConv(dims_qkv[1], conv_size)
+        self.v_conv1d = ShortConv(dims_qkv[2], conv_size)
+
+    def _build_output(self, n_heads: int, head_v: int, use_gate: bool) -> None:
+        """Per-head output norm, optional output gate g_proj (d -> H*head_v), o_proj back to d."""
+        d = self.cfg.n_embd
+        self.n_heads, self.head_v = n_heads, head_v
+        self.o_norm = HeadRMSNorm(head_v)
+        self.g_proj = nn.Linear(d, n_heads * head_v, bias=False) if use_gate else None
+        self.o_proj = nn.Linear(n_heads * head_v, d, bias=False)
+
+    def reset_mixer_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (ShortConv, DecayGate)):
+                m.reset_parameters()
+
+    def _qkv(self, x: torch.Tensor, state: DeltaState | None) -> tuple[torch.Tensor, ...]:
+        """Projections and convolutions (SiLU either way); returns q, k, v `[B, T, D*]` and the new tails."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_conv1d is None:
+            return F.silu(q), F.silu(k), F.silu(v), None, None, None
+        keep, be = state is not None, self.cfg.backend
+        q, tq = self.q_conv1d(q, state.conv_q if keep else None, keep, be)
+        k, tk = self.k_conv1d(k, state.conv_k if keep else None, keep, be)
+        v, tv = self.v_conv1d(v, state.conv_v if keep else None, keep, be)
+        return q, k, v, tq, tk, tv
+
+    def _finish(self, x: torch.Tensor, o: torch.Tensor, state: DeltaState | None, S: torch.Tensor | None,
+                tails: tuple) -> tuple[torch.Tensor, DeltaState | None]:
+        """o `[B, T, H, head_v]` -> norm (gated) -> o_proj; records the new state."""
+        B, T = x.shape[:2]
+        gate = self.g_proj(x).view(B, T, self.n_heads, self.head_v) if self.g_proj is not None else None
+        y = self.o_proj(self.o_norm(o, gate).reshape(B, T, -1))
+        if state is not None:
+            state.recurrent = S.to(state.recurrent.dtype)
+            state.conv_q, state.conv_k, state.conv_v = tails
+            state.pos += T
+        return y, state
+
+    def _new_state(self, batch: int, K: int, V: int, device, dtype: torch.dtype) -> DeltaState:
+        sdt = torch.float64 if dtype == torch.float64 else torch.float32
+        S = torch.zeros(batch, self.n_heads, K, V, device=device, dtype=sdt)
+        if self.conv_dims is None:
+            return DeltaState(S)
+        W1 = self.conv_size - 1
+        tails = [torch.zeros(batch, D, W1, device=device, dtype=dtype) for D in self.conv_dims]
+        return DeltaState(S, *tails)
+
+    @staticmethod
+    def _state_numbers(H: int, K: int, V: int, conv_dims: tuple[int, int, int] | None, conv_size: int) -> int:
+        return H * K * V + (sum(conv_dims) * (conv_size - 1) if conv_dims is not None else 0)

@@ -1,0 +1,107 @@
+"""DeltaNet (Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule"), as FLA's
+`DeltaNet` layer builds it (FLA_NOTES 3.1):
+
+    q, k, v = conv_silu(W_q x), conv_silu(W_k x), conv_silu(W_v x)    (per-channel causal convs, width 4)
+    beta    = sigmoid(W_b x)  (x2 with allow_neg_eigval: eigenvalues of I - beta k k^T in [-1, 1])
+    o       = delta_rule(l2norm(q), l2norm(k), v, beta)              (ops/delta_rule.py)
+    y       = o_proj(rmsnorm_per_head(o) [* silu(W_g x)])
+
+Heads: num_heads (default model.n_head), key head dim n_embd*expand_k/H, value head dim n_embd*expand_v/H.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..ops.delta_rule import delta_rule
+from . import register
+from ._delta_common import (DeltaMixer, DeltaState, arg_error, check_chunk_size, check_common,
+                            check_key_head_dim, chunked_delta_flops, integer_dim)
+from .base import MixerArgs
+
+
+@dataclass
+class DeltaNetArgs(MixerArgs):
+    num_heads: int | None = None  # None: model.n_head
+    expand_k: float = 1.0
+    expand_v: float = 1.0
+    conv_size: int = 4
+    use_short_conv: bool = True
+    allow_neg_eigval: bool = False
+    use_gate: bool = False  # FLA's DeltaNet default: plain output RMSNorm
+    chunk_size: int = 64  # 16 | 32 | 64 (FLA's chunk kernel sizes; also the PyTorch path's)
+
+    def dims(self, n_embd: int, n_head: int) -> tuple[int, int, int]:
+        """(heads, key head dim, value head dim), validated."""
+        check_common(self.num_heads, self.conv_size)
+        H = self.num_heads or n_head
+        dk = integer_dim("expand_k", n_embd * self.expand_k, f"n_embd * expand_k = {n_embd} * {self.expand_k}")
+        dv = integer_dim("expand_v", n_embd * self.expand_v, f"n_embd * expand_v = {n_embd} * {self.expand_v}")
+        for key, dim in (("expand_k", dk), ("expand_v", dv)):
+            if dim % H:
+                raise arg_error("num_heads", f"{H} heads do not divide n_embd * {key} = {dim}; "
+                                "choose num_heads (or model.n_head) dividing it")
+        check_key_head_dim("expand_k", dk // H)
+        check_chunk_size(self.chunk_size)
+        return H, dk // H, dv // H
+
+    def validate(self, n_embd: int, n_head: int) -> None:
+        self.dims(n_embd, n_head)
+
+
+@register("deltanet")
+class DeltaNet(DeltaMixer):
+    Args = DeltaNetArgs
+
+    def __init__(self, cfg: Any, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        a, d = self.args, cfg.n_embd
+        H, self.head_k, head_v = a.dims(d, cfg.n_head)
+        dk, dv = H * self.head_k, H * head_v
+        self.q_proj = nn.Linear(d, dk, bias=False)
+        self.k_proj = nn.Linear(d, dk, bias=False)
+        self.v_proj = nn.Linear(d, dv, bias=False)
+        self.b_proj = nn.Linear(d, H, bias=False)
+        self._build_convs((dk, dk, dv), a.conv_size if a.use_short_conv else None)
+        self._build_output(H, head_v, a.use_gate)
+
+    def forward(self, x: torch.Tensor, state: DeltaState | None = None) -> tuple[torch.Tensor, DeltaState | None]:
+        B, T, _ = x.shape
+        q, k, v, *tails = self._qkv(x, state)
+        H = self.n_heads
+        beta = self.b_proj(x).sigmoid()
+        if self.args.allow_neg_eigval:
+            beta = beta * 2
+        o, S = delta_rule(q.view(B, T, H, self.head_k), k.view(B, T, H, self.head_k), v.view(B, T, H, self.head_v),
+                          beta, initial_state=state.recurrent if state is not None else None,
+                          output_final_state=state is not None, qk_l2norm=True, backend=self.cfg.backend,
+                          chunk_size=self.args.chunk_size)
+        return self._finish(x, o, state, S, tuple(tails))
+
+    def init_state(self, batch: int, max_len: int, device, dtype) -> DeltaState:
+        return self._new_state(batch, self.head_k, self.head_v, device, dtype)
+
+    @classmethod
+    def flops_per_token(cls, cfg: Any, T: int) -> float:
+        """Forward FLOPs per token (multiply-add = 2) over a length-T sequence: the projections
+        q, k, v, b, [g], o; the three depthwise convolutions (2*W per channel); the chunked WY delta rule
+        at the configured chunk size (see _delta_common.chunked_delta_flops; the FLA kernels use the
+        same chunk size). Norms, activations and l2norm (elementwise, < 1%) are left out."""
+        a = cls.Args.from_dict(cfg.mixer_args, "deltanet")
+        H, hk, hv = a.dims(cfg.n_embd, cfg.n_head)
+        d, dk, dv = cfg.n_embd, H * hk, H * hv
+        proj = 2 * d * (2 * dk + dv + H + (dv if a.use_gate else 0)) + 2 * dv * d  # ... + o_proj
+        conv = 2 * a.conv_size * (2 * dk + dv) if a.use_short_conv else 0
+        return proj + conv + chunked_delta_flops(T, H, hk, hv, a.chunk_size) / T
+
+    @classmethod
+    def state_numbers(cls, cfg: Any, T: int) -> int:
+        """H*K*V of the recurrent matrix plus (W-1) inputs per channel of the q, k, v convolutions;
+        independent of T."""
+        a = cls.Args.from_dict(cfg.mixer_args, "deltanet")
+        H, hk, hv = a.dims(cfg.n_embd, cfg.n_head)
+        conv = (H * hk, H * hk, H * hv) if a.use_short_conv else None
+        return cls._state_numbers(H, hk, hv, conv, a.conv_size)

@@ -1,0 +1,125 @@
+"""Delta-family mixers on a CUDA GPU: FLA backend under bf16 autocast vs the same mixer (same weights) in
+float64 on the PyTorch backend; and cached decoding on the GPU vs the forward.
+
+Relative RMS error <= 1e-2 for outputs and input gradients at T in {63, 256, 1000}. Where FLA refuses
+the gated backward on this GPU (Hopper with triton < 3.7.1, FLA #640), the forward is tested on FLA
+and the backward through backend='auto' (which then runs PyTorch); the test prints which ran.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnbench import GPTConfig, mixers
+from attnbench.errors import AttnbenchError
+from attnbench.ops.backend import fla_available, hopper_gated_backward_broken
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not fla_available(), reason="needs the fla package (pip install 'attnbench[cuda]')"),
+]
+
+NAMES = ["deltanet", "gated_deltanet", "gated_deltaproduct"]
+B, D, NH = 2, 256, 4  # head dim 64, as the 384/6 configs
+TOL = 1e-2
+# FLA's gated backward is refused on Hopper with an old Triton; these mixers have a gate in their op
+GATED_OP = {"gated_deltanet", "gated_deltaproduct"}
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double()
+    return ((a - ref).norm() / ref.norm()).item()
+
+
+def build(name: str, backend: str, dtype=torch.float32, args: dict | None = None):
+    torch.manual_seed(0)
+    cfg = GPTConfig(mixer=name, n_layer=2, n_head=NH, n_embd=D, block_size=1024, mixer_args=dict(args or {}),
+                    backend=backend)
+    m = mixers.get(name)(cfg, 0)
+    with torch.no_grad():
+        m.o_norm.weight.copy_(1 + 0.3 * torch.randn_like(m.o_norm.weight))
+    return m.to(device="cuda", dtype=dtype)
+
+
+def same_weights(src, name: str, backend: str, dtype):
+    m = build(name, backend, dtype, src.args.to_dict())
+    m.load_state_dict(src.state_dict())
+    return m
+
+
+def inputs(T: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return (torch.randn(B, T, D, device="cuda", generator=g),
+            torch.randn(B, T, D, device="cuda", generator=g, dtype=torch.float64))
+
+
+def fwd_bwd(m, x: torch.Tensor, dy: torch.Tensor, autocast: bool):
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        y = m(x)[0]
+    (gx,) = torch.autograd.grad((y.double() * dy).sum(), [x])
+    return y.detach(), gx
+
+
+@pytest.mark.parametrize("T", [63, 256, 1000])
+@pytest.mark.parametrize("name", NAMES)
+def test_fla_bf16_vs_torch_float64(name, T):
+    fla = build(name, "fla")
+    ref = same_weights(fla, name, "torch", torch.float64)
+    x, dy = inputs(T)
+    y_ref, gx_ref = fwd_bwd(ref, x.double(), dy, autocast=False)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        y = fla(x)[0]
+    assert y.dtype == torch.bfloat16
+    e_fwd = rel_err(y, y_ref)
+    if name in GATED_OP and hopper_gated_backward_broken():
+        with pytest.raises(AttnbenchError, match="Hopper"):
+            fwd_bwd(fla, x, dy, autocast=True)
+        ran = "backward via backend='auto' -> PyTorch (FLA's gated backward is refused here)"
+        y2, gx = fwd_bwd(same_weights(fla, name, "auto", torch.float32), x, dy, autocast=True)
+    else:
+        ran = "forward and backward on FLA"
+        y2, gx = fwd_bwd(fla, x, dy, autocast=True)
+    e_fwd2, e_gx = rel_err(y2, y_ref), rel_err(gx, gx_ref)
+    print(f"{name} T={T}: {ran}; output (no-grad FLA) {e_fwd:.2e}, output (grad pass) {e_fwd2:.2e}, "
+          f"dx {e_gx:.2e}")
+    assert e_fwd <= TOL and e_fwd2 <= TOL and e_gx <= TOL
+
+
+@pytest.mark.parametrize("name,args", [("deltanet", {"use_gate": True, "allow_neg_eigval": True, "chunk_size": 32}),
+                                       ("gated_deltanet", {"allow_neg_eigval": True, "expand_v": 2.0}),
+                                       ("gated_deltaproduct", {"num_householder": 3, "use_forget_gate": False})])
+def test_fla_forward_variants(name, args):
+    """Other switches on the FLA forward (no grad: runs on every GPU)."""
+    fla = build(name, "fla", args=args)
+    ref = same_weights(fla, name, "torch", torch.float64)
+    x, _ = inputs(300, seed=1)
+    with torch.no_grad():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fla(x)[0]
+        y_ref = ref(x.double())[0]
+    print(f"{name} {args}: output {rel_err(y, y_ref):.2e}")
+    assert rel_err(y, y_ref) <= TOL
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gpu_decode_equals_forward(name):
+    """bf16 autocast on FLA: a prefill then single-token steps equal one forward (and the float64 one)."""
+    T, T0 = 100, 70
+    fla = build(name, "fla")
+    ref = same_weights(fla, name, "torch", torch.float64)
+    x, _ = inputs(T, seed=2)
+    with torch.no_grad():
+        y_ref = ref(x.double())[0]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y_full = fla(x)[0]
+            st = fla.init_state(B, T, "cuda", torch.bfloat16)
+            outs = [fla(x[:, :T0], st)[0]]
+            for t in range(T0, T):
+                outs.append(fla(x[:, t:t + 1], st)[0])
+    assert st.pos == T and st.recurrent.dtype == torch.float32
+    y = torch.cat(outs, 1)
+    worst = max(rel_err(y[:, t], y_full[:, t]) for t in range(T))
+    print(f"{name} decode: worst per-position vs FLA forward {worst:.2e}, all vs float64 {rel_err(y, y_ref):.2e}")
+    assert worst <= TOL and rel_err(y, y_ref) <= TOL
