@@ -4,17 +4,20 @@ from __future__ import annotations
 import torch
 
 
-def rotary_tables(head_dim: int, positions: torch.Tensor, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [T, head_dim // 2] for integer `positions` [T]."""
-    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    ang = positions.float()[:, None] * inv[None, :]
+def rotary_tables(head_dim: int, positions: torch.Tensor, base: float = 10000.0,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [T, head_dim // 2] for integer `positions` [T] (float64 on request, for references)."""
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim))
+    ang = positions.to(dtype)[:, None] * inv[None, :]
     return ang.cos(), ang.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, T, H, D] (D even) by the tables [T, D/2]; computed in float32, returned in x's dtype."""
+    """Rotate x [B, T, H, D] (D even) by the tables [T, D/2]; computed in float32 (float64 for float64
+    inputs), returned in x's dtype."""
     d = x.shape[-1] // 2
-    xf = x.float()
+    xf = x if x.dtype == torch.float64 else x.float()
+    cos, sin = cos.to(xf.dtype), sin.to(xf.dtype)
     x1, x2 = xf[..., :d], xf[..., d:]
     c, s = cos[None, :, None, :], sin[None, :, None, :]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
