@@ -1,0 +1,360 @@
+"""Inference latency: prefill a prompt, then decode token by token from the mixers' states.
+
+For each prompt length P (batch 1 by default):
+  prefill   one forward of the P prompt tokens into a fresh cache (the mixer's parallel/chunked path);
+  decode    steps of one token per sequence continuing from that cache, the next token fed back on the
+            device (greedy argmax, no host sync). Median of many steps after warm-up; CUDA events on
+            the GPU, perf_counter on the CPU.
+  graph     (CUDA, --cuda_graph) the same step captured once in a CUDA graph and replayed.
+
+Decode must be the cached path: forward pre-hooks on every mixer check that each decode call hands
+the mixers exactly one token per sequence; the row records it (`mixer_tokens_per_decode_step`).
+
+CUDA graphs replay the kernels of the captured step on the same memory, so a step is graph-safe only
+when it (1) updates its state tensors in place, (2) takes positions from device tensors rather than
+Python ints, and (3) never syncs with the host. Nothing is assumed about a mixer: the benchmark checks
+(1) by comparing the state tensors' storage before and after an eager step, then captures, and checks
+(2) by replaying a few teacher-forced steps against an eager copy of the cache. A mixer that fails any
+check gets a row with cuda_graph=false and the reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .common import (BenchShape, Precision, RowWriter, base_row, bench_config, backend_summary, build_model,
+                     is_oom, measured, precision, print_table, record_backends, time_calls)
+
+log = logging.getLogger("attnbench.bench")
+
+HOOK_STEPS = 2  # decode steps run with the token-counting hooks (untimed)
+GRAPH_WARMUP = 3  # eager steps on a side stream before capture (cuBLAS handles, Triton autotuning)
+VERIFY_STEPS = 3  # teacher-forced replays compared with eager steps on a copy of the cache
+VERIFY_TOL = 1e-2  # relative error of the logits, graph replay vs eager (same kernels: ~0 in practice)
+
+
+@dataclass
+class LatencyOptions:
+    prompt_lens: list[int]
+    batch: int = 1
+    decode_steps: int = 100
+    decode_warmup: int = 10
+    prefill_repeats: int = 5
+    prefill_warmup: int = 2
+    cuda_graph: bool = False
+    dtype: str = "auto"
+
+    @classmethod
+    def defaults(cls, device: str) -> "LatencyOptions":
+        if device == "cuda":
+            return cls(prompt_lens=[128, 1024, 4096, 16384], cuda_graph=True)
+        return cls(prompt_lens=[64, 256, 1024], decode_steps=20, decode_warmup=3, prefill_repeats=3, prefill_warmup=1)
+
+    def decode_budget(self) -> int:
+        """Tokens a cache must hold beyond the prompt for every step this benchmark takes."""
+        n = HOOK_STEPS + 1 + self.decode_warmup + self.decode_steps
+        if self.cuda_graph:
+            n += 1 + GRAPH_WARMUP + VERIFY_STEPS + self.decode_warmup + self.decode_steps
+        return n + 8
+
+
+# ------------------------------------------------------------------ cached-path check
+
+
+@contextlib.contextmanager
+def count_mixer_tokens(model: torch.nn.Module) -> Iterator[list[int]]:
+    """Record x.shape[1] of every mixer call while the block runs (one entry per layer per call)."""
+    seen: list[int] = []
+    hooks = [b.mixer.register_forward_pre_hook(lambda mod, args: seen.append(int(args[0].shape[1])))
+             for b in model.blocks]
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+# ------------------------------------------------------------------ CUDA-graph safety
+
+
+def state_tensors(obj: Any, path: str = "states") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor reachable from a decoding state (dataclasses, lists, tuples, dicts, attributes)."""
+    out: list[tuple[str, torch.Tensor]] = []
+    if isinstance(obj, torch.Tensor):
+        out.append((path, obj))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out += state_tensors(v, f"{path}[{i}]")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            out += state_tensors(v, f"{path}[{k!r}]")
+    elif dataclasses.is_dataclass(obj) or hasattr(obj, "__dict__"):
+        for k, v in vars(obj).items():
+            out += state_tensors(v, f"{path}.{k}")
+    return out
+
+
+def inplace_violation(before: list[tuple[str, torch.Tensor]], after: list[tuple[str, torch.Tensor]]) -> str | None:
+    """Why a decode step is not graph-safe on account of its state storage, or None."""
+    b = {p: (t.data_ptr(), tuple(t.shape), t.dtype) for p, t in before}
+    a = {p: (t.data_ptr(), tuple(t.shape), t.dtype) for p, t in after}
+    for p in sorted(set(a) | set(b)):
+        if p not in b:
+            return f"the decode step adds state tensor {p} (a graph replays on fixed storage)"
+        if p not in a:
+            return f"the decode step drops state tensor {p}"
+        if a[p] != b[p]:
+            return (f"the decode step replaces {p} instead of updating it in place (copy_/index_copy_); "
+                    "a graph replay would keep reading the old tensor")
+    return None
+
+
+def _host_scalars(obj: Any, out: list | None = None, depth: int = 0) -> list[tuple[Any, str, Any]]:
+    """(owner, attribute, value) of every Python int/float/bool attribute of the state objects."""
+    out = [] if out is None else out
+    if depth > 6:
+        return out
+    if isinstance(obj, (list, tuple)):
+        for v in obj:
+            _host_scalars(v, out, depth + 1)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _host_scalars(v, out, depth + 1)
+    elif not isinstance(obj, torch.Tensor) and hasattr(obj, "__dict__"):
+        for k, v in vars(obj).items():
+            if isinstance(v, (bool, int, float)):
+                out.append((obj, k, v))
+            else:
+                _host_scalars(v, out, depth + 1)
+    return out
+
+
+def _restore(snapshot: list[tuple[Any, str, Any]]) -> None:
+    for owner, k, v in snapshot:
+        setattr(owner, k, v)
+
+
+def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double()
+    return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+@dataclass
+class GraphResult:
+    samples: list[float] | None
+    reason: str | None = None
+    verify_err: float | None = None
+
+
+def graph_decode(model: torch.nn.Module, cache: Any, tok: torch.Tensor, step: Callable[[], torch.Tensor],
+                 prec: Precision, warmup: int, steps: int) -> GraphResult:
+    """Check, capture and time the decode step in a CUDA graph (module doc: the three conditions)."""
+    vocab = model.config.vocab_size
+    with torch.no_grad(), prec.context("cuda", cache_enabled=False):  # autocast's cast cache must be off
+        before = state_tensors(cache.states)
+        step()
+        reason = inplace_violation(before, state_tensors(cache.states))
+        if reason:
+            return GraphResult(None, reason)
+        cur = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP):
+                step()
+        cur.wait_stream(side)
+        torch.cuda.synchronize()
+        host = _host_scalars(cache)  # capture runs the Python once but no kernel: host counters must not move
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out = step()
+        except Exception as e:  # e.g. a host sync or a CPU tensor inside the step
+            _restore(host)
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize()
+            return GraphResult(None, f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        _restore(host)
+
+        # Replays must match eager steps on a copy of the cache, token for token (teacher-forced, so a
+        # near-tie in the argmax cannot make the two runs diverge).
+        g = torch.Generator().manual_seed(1)
+        forced = torch.randint(0, vocab, (VERIFY_STEPS, *tok.shape), generator=g).to(tok.device)
+        ref_cache, ref_tok = copy.deepcopy(cache), tok.clone()
+        got = []
+        for i in range(VERIFY_STEPS):
+            tok.copy_(forced[i])
+            graph.replay()
+            got.append(out[:, -1].float().clone())
+        errs = []
+        for i in range(VERIFY_STEPS):
+            ref_tok.copy_(forced[i])
+            ref = model(ref_tok, cache=ref_cache)[0][:, -1].float()
+            errs.append(_rel_err(got[i], ref))
+        del ref_cache
+        err = max(errs)
+        if not err <= VERIFY_TOL:
+            return GraphResult(None, f"graph replay differs from eager decode (logits rel err {err:.2e} > "
+                                     f"{VERIFY_TOL:g}): the step reads a host-side position or shape "
+                                     "(Python int) that replays cannot advance", err)
+        for _ in range(warmup):
+            graph.replay()
+        samples = time_calls(graph.replay, steps, "cuda")
+        del graph
+        return GraphResult(samples, None, err)
+
+
+# ------------------------------------------------------------------ one prompt length
+
+
+def measure_prompt(model: torch.nn.Module, P: int, opts: LatencyOptions, device: str, prec: Precision,
+                   base: dict) -> list[dict]:
+    """Rows for one prompt length: prefill, eager decode, and (CUDA, --cuda_graph) graph decode."""
+    B = opts.batch
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(P)
+    prompt = torch.randint(0, vocab, (B, P), generator=g).to(device)
+    max_len = P + opts.decode_budget()
+    common = dict(context=P, prompt_len=P, batch=B)
+    rows = []
+    holder: dict[str, Any] = {}
+
+    with torch.no_grad(), prec.context(device):
+        def setup() -> None:
+            holder.pop("cache", None), holder.pop("logits", None)
+            holder["cache"] = model.new_cache(B, max_len, device=device)
+
+        def prefill() -> None:
+            holder["logits"] = model(prompt, cache=holder["cache"])[0]
+
+        setup()
+        with record_backends() as pre_ops, count_mixer_tokens(model) as pre_seen:
+            prefill()
+        warm = time_calls(prefill, opts.prefill_warmup, device, setup)  # noqa: F841 (compilation, autotuning)
+        samples = time_calls(prefill, opts.prefill_repeats, device, setup)
+        rows.append(measured(base, "prefill_ms", "ms", samples, **common, backend=backend_summary(pre_ops),
+                             backend_ops=dict(pre_ops), mixer_tokens_per_prefill=max(pre_seen),
+                             ms_per_prompt_token=(sorted(samples)[len(samples) // 2] / P) if samples else None))
+
+        cache, logits = holder["cache"], holder["logits"]
+        tok = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]: the static input of every decode step
+        del holder["logits"], logits
+
+        def step() -> torch.Tensor:
+            out = model(tok, cache=cache)[0]
+            tok.copy_(out[:, -1].argmax(-1, keepdim=True))
+            return out
+
+        with record_backends() as dec_ops, count_mixer_tokens(model) as seen:
+            for _ in range(HOOK_STEPS):
+                step()
+        per_step = max(seen) if seen else None
+        if per_step != 1:
+            log.warning("%s: decode step handed the mixers %s tokens per call (expected 1): not the cached path",
+                        base["mixer"], per_step)
+        for _ in range(opts.decode_warmup):
+            step()
+        samples = time_calls(step, opts.decode_steps, device)
+        dec = dict(common, backend=backend_summary(dec_ops), backend_ops=dict(dec_ops),
+                   mixer_tokens_per_decode_step=per_step)
+        row = measured(base, "decode_ms_per_token", "ms/token", samples, mode="eager", cuda_graph=False, **dec)
+        row["tokens_per_s"] = B * 1e3 / row["median"] if row["median"] else None
+        rows.append(row)
+
+    if opts.cuda_graph and device == "cuda":
+        res = graph_decode(model, cache, tok, step, prec, opts.decode_warmup, opts.decode_steps)
+        row = measured(base, "decode_ms_per_token", "ms/token", res.samples, mode="cuda_graph",
+                       cuda_graph=res.samples is not None, cuda_graph_reason=res.reason,
+                       graph_verify_rel_err=res.verify_err, **dec)
+        row["tokens_per_s"] = B * 1e3 / row["median"] if row["median"] else None
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------ the benchmark
+
+
+def run(shapes: list[BenchShape], device: str, opts: LatencyOptions, writer: RowWriter) -> list[dict]:
+    """Latency rows for every mixer and prompt length; prints a table. Errors become rows, never crashes."""
+    out: list[dict] = []
+    for shape in shapes:
+        cfg = bench_config(shape.cfg, max(opts.prompt_lens) + opts.decode_budget())
+        prec = precision(opts.dtype, device, inference=True)
+        model, base = _build(shape, cfg, device, prec)
+        for P in opts.prompt_lens:
+            try:
+                rows = measure_prompt(model, P, opts, device, prec, base)
+            except Exception as e:  # noqa: BLE001 - one failing mixer must not end the benchmark
+                if not is_oom(e) and prec.name == "bfloat16":
+                    # bf16 weights are the fast inference setting; the mixers are tested under autocast
+                    log.warning("%s: bf16 weights failed at prompt %d (%s); retrying under bf16 autocast",
+                                shape.mixer, P, e)
+                    prec = precision("autocast", device, inference=True)
+                    del model
+                    model, base = _build(shape, cfg, device, prec)
+                    try:
+                        rows = measure_prompt(model, P, opts, device, prec, base)
+                    except Exception as e2:  # noqa: BLE001
+                        rows = [_failed(base, P, opts.batch, e2, device)]
+                else:
+                    rows = [_failed(base, P, opts.batch, e, device)]
+            for r in rows:
+                writer.emit(r)
+                out.append(r)
+            _progress(rows)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print_latency(out)
+    return out
+
+
+def _build(shape: BenchShape, cfg, device: str, prec: Precision) -> tuple[torch.nn.Module, dict]:
+    model = prec.prepare(build_model(cfg, device)).eval()
+    return model, base_row("latency", shape, cfg, model.num_params(), device, prec)
+
+
+def _failed(base: dict, P: int, B: int, e: BaseException, device: str) -> dict:
+    oom = is_oom(e)
+    log.error("%s prompt %d: %s: %s", base["mixer"], P, type(e).__name__, e, exc_info=not oom)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    row = measured(base, "prefill_ms", "ms", None, context=P, prompt_len=P, batch=B)
+    row.update(oom=oom, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+    return row
+
+
+def _progress(rows: list[dict]) -> None:
+    for r in rows:
+        v = r["value"]
+        what = r["metric"] + (f" [{r['mode']}]" if "mode" in r else "")
+        extra = f" ({r['cuda_graph_reason']})" if r.get("cuda_graph_reason") else (f" ERROR {r['error']}" if r["error"] else "")
+        print(f"latency {r['mixer']:>20} P={r['context']:<6} {what:<32} "
+              f"{'-' if v is None else f'{v:.4g}'} {r['unit']}{extra}", flush=True)
+
+
+def print_latency(rows: list[dict]) -> None:
+    table: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in rows:
+        t = table.setdefault((r["mixer"], r["context"]), {})
+        if r["metric"] == "prefill_ms":
+            t["prefill"], t["pre_be"] = r["value"], r.get("backend")
+            if r.get("error"):
+                t["note"] = "OOM" if r["oom"] else "error"
+        elif r.get("mode") == "eager":
+            t["eager"], t["dec_be"], t["tok"] = r["value"], r.get("backend"), r.get("mixer_tokens_per_decode_step")
+        elif r.get("mode") == "cuda_graph":
+            t["graph"] = r["value"]
+            if not r["cuda_graph"]:
+                t["note"] = "no graph: " + (r.get("cuda_graph_reason") or "")[:60]
+    body = [[m, P, t.get("prefill"), t.get("eager"), t.get("graph"), t.get("tok"),
+             f"{t.get('pre_be', '-')}/{t.get('dec_be', '-')}", t.get("note", "")] for (m, P), t in table.items()]
+    print_table("latency (batch %s; ms)" % (rows[0]["batch"] if rows else "-"),
+                ["mixer", "prompt", "prefill ms", "decode ms/tok", "graph ms/tok", "tok/step", "backend pre/dec", "note"],
+                body)

@@ -1,0 +1,259 @@
+"""`attnbench bench`: every subcommand on tiny CPU shapes writes valid rows; decode is the cached path;
+out-of-memory is a measured row (injected failures), and the threshold bisection lands on it."""
+import json
+import time
+
+import pytest
+import torch
+
+from attnbench import mixers
+from attnbench.bench import common, latency, memory, throughput
+from attnbench.cli import main
+
+# Tiny shapes every mixer takes on the CPU (NSA's blocks shrunk as in tests/test_model.py).
+TINY = ["--no_match", "--set", "n_layer=2", "--set", "n_embd=32", "--set", "n_head=2"]
+NSA_TINY = ["--set", "nsa.n_kv_head=1", "--set", "nsa.head_dim=16", "--set", "nsa.block_size=4",
+            "--set", "nsa.block_counts=2", "--set", "nsa.window_size=8"]
+ALL = mixers.available()
+REQUIRED = {"bench", "mixer", "n_params", "shape", "device", "device_name", "dtype", "backend", "batch", "context",
+            "metric", "value", "median", "min", "max", "unit", "oom"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes run fastest on one thread, and a busy 2-core machine cannot stall it at every op."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_args(mixer_list=None):
+    m = mixer_list or ALL
+    return ["--mixers", ",".join(m), "--device", "cpu", *TINY, *(NSA_TINY if "nsa" in m else [])]
+
+
+def read_rows(path):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in rows:
+        missing = REQUIRED - set(r)
+        assert not missing, f"row lacks {missing}: {r}"
+        assert set(r["shape"]) >= {"n_layer", "n_embd", "n_head", "mixer_args"}
+        assert r["device"] == "cpu" and r["dtype"] == "float32"
+    return rows
+
+
+# ------------------------------------------------------------------ latency
+
+
+@pytest.fixture(scope="module")
+def latency_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "lat.jsonl"
+    rc = main(["bench", "latency", *tiny_args(), "--prompt_lens", "8,40", "--decode_steps", "5",
+               "--decode_warmup", "1", "--prefill_repeats", "2", "--json", str(out)])
+    assert rc == 0
+    return read_rows(out)
+
+
+def test_latency_rows_for_every_mixer(latency_rows):
+    for m in ALL:
+        for P in (8, 40):
+            rs = [r for r in latency_rows if r["mixer"] == m and r["context"] == P]
+            metrics = sorted((r["metric"], r.get("mode")) for r in rs)
+            assert metrics == [("decode_ms_per_token", "eager"), ("prefill_ms", None)], (m, P, metrics)
+            for r in rs:
+                assert r["error"] is None and not r["oom"]
+                assert 0 < r["min"] <= r["median"] <= r["max"], r
+                assert r["backend"] == "torch" and r["batch"] == 1
+            dec = next(r for r in rs if r["metric"] == "decode_ms_per_token")
+            assert dec["repeats"] == 5 and dec["cuda_graph"] is False and dec["unit"] == "ms/token"
+
+
+def test_decode_is_the_cached_path(latency_rows):
+    """Every decode call hands every mixer exactly one token (a recomputed prompt would show P + t)."""
+    for r in latency_rows:
+        if r["metric"] == "decode_ms_per_token":
+            assert r["mixer_tokens_per_decode_step"] == 1, r
+        else:
+            assert r["mixer_tokens_per_prefill"] == r["context"], r
+
+
+def test_token_counter_catches_a_recomputing_decode():
+    """The check the latency bench relies on: a 'decode' that re-runs the prefix is reported as such."""
+    torch.manual_seed(0)
+    m = common.build_model(common.bench_config(common.resolve_shapes(["softmax"], match=False,
+                                                                     sets=["n_layer=2", "n_embd=32", "n_head=2"])[0].cfg, 64), "cpu")
+    m.eval()
+    x = torch.randint(0, 65, (1, 20))
+    with torch.no_grad():
+        cache = m.new_cache(1, 64)
+        m(x, cache=cache)
+        with latency.count_mixer_tokens(m) as cached:
+            m(x[:, -1:], cache=cache)
+        with latency.count_mixer_tokens(m) as recomputed:
+            m(torch.cat([x, x[:, -1:]], 1))  # what a cache-less decode does
+    assert cached == [1, 1]
+    assert recomputed == [21, 21]
+
+
+@pytest.mark.parametrize("mixer", [m for m in ("deltanet", "gated_deltanet", "gated_deltaproduct") if m in ALL])
+def test_delta_decode_time_does_not_grow_with_prompt(mixer):
+    """A recurrent state makes a decode step cost the same after 1000 prompt tokens as after 16."""
+    shape = common.resolve_shapes([mixer], match=False, sets=["n_layer=2", "n_embd=32", "n_head=2"])[0]
+    opts = latency.LatencyOptions(prompt_lens=[16, 1024], decode_steps=30, decode_warmup=3, prefill_repeats=1,
+                                  prefill_warmup=0)
+    cfg = common.bench_config(shape.cfg, 1024 + opts.decode_budget())
+    prec = common.precision("float32", "cpu", inference=True)
+    model = common.build_model(cfg, "cpu").eval()
+    base = common.base_row("latency", shape, cfg, model.num_params(), "cpu", prec)
+    med = {}
+    for P in (16, 1024, 16):  # short prompt twice: the better of the two is the fair reference
+        dec = next(r for r in latency.measure_prompt(model, P, opts, "cpu", prec, base)
+                   if r["metric"] == "decode_ms_per_token")
+        med[P] = min(med.get(P, float("inf")), dec["median"])
+    assert med[1024] < 2.0 * med[16], med  # recomputing 1024 tokens per step would cost >> 10x
+
+
+# ------------------------------------------------------------------ graph-safety checks (CPU parts)
+
+
+def test_inplace_violation_names_the_replaced_tensor():
+    s = torch.zeros(2, 3)
+    before = latency.state_tensors([{"recurrent": s}])
+    assert latency.inplace_violation(before, latency.state_tensors([{"recurrent": s}])) is None
+    s.add_(1)  # in place: fine
+    assert latency.inplace_violation(before, latency.state_tensors([{"recurrent": s}])) is None
+    msg = latency.inplace_violation(before, latency.state_tensors([{"recurrent": s + 1}]))
+    assert "states[0]['recurrent']" in msg and "in place" in msg
+
+
+# ------------------------------------------------------------------ memory
+
+
+def test_find_threshold_doubles_then_bisects_to_tolerance():
+    calls = []
+
+    def fake(T):  # out of memory above 5000 tokens
+        calls.append(T)
+        return {"oom": T > 5000, "step_s": 0.001}
+
+    points, s = memory.find_threshold(fake, 256, 2**20, tol=0.1)
+    assert calls[:6] == [256, 512, 1024, 2048, 4096, 8192]
+    assert s["limited_by"] == "oom" and s["fits"] <= 5000 < s["first_oom"]
+    assert s["first_oom"] / s["fits"] <= 1.1
+    assert [T for T, _ in points] == calls
+
+    _, s = memory.find_threshold(lambda T: {"oom": False, "step_s": 0.0}, 256, 2048)
+    assert s == {"fits": 2048, "first_oom": None, "limited_by": "max_len", "ratio": None}
+
+    # quadratic step times: stop growing before the predicted step overruns the budget
+    _, s = memory.find_threshold(lambda T: {"oom": False, "step_s": (T / 1024) ** 2}, 256, 2**20, time_budget_s=10)
+    assert s["limited_by"] == "time_budget" and s["fits"] == 2048
+
+
+def test_oom_in_process_is_a_result_and_frees_the_step():
+    shape = common.resolve_shapes(["softmax"], match=False, sets=["n_layer=2", "n_embd=32", "n_head=2"])[0]
+    cfg = common.bench_config(shape.cfg, 0)
+    prec = common.precision("float32", "cpu", inference=False)
+    r = memory.measure_in_process(cfg, 64, 2, "cpu", prec, oom_above=32)
+    assert r["oom"] is True and "simulated out of memory" in r["error"]
+    assert memory.LAST_MODEL is not None and memory.LAST_MODEL() is None, "the failed step's model is still alive"
+    r = memory.measure_in_process(cfg, 32, 2, "cpu", prec, oom_above=32)  # the process is still usable
+    assert r["oom"] is False and r["error"] is None and r["step_s"] > 0
+
+
+def test_memory_cli_bisects_to_the_injected_threshold(tmp_path):
+    out = tmp_path / "mem.jsonl"
+    rc = main(["bench", "memory", *tiny_args(["deltanet", "softmax"]), "--start", "16", "--max_len", "1024",
+               "--simulate_oom_above", "100", "--no_isolate", "--json", str(out)])
+    assert rc == 0
+    rows = read_rows(out)
+    for m in ("deltanet", "softmax"):
+        pts = [r for r in rows if r["mixer"] == m and r["metric"] == "peak_memory_mb"]
+        assert [r["context"] for r in pts[:4]] == [16, 32, 64, 128]
+        for r in pts:
+            assert r["oom"] == (r["context"] > 100) and r["batch"] == 4
+            assert (r["error"] is None) != r["oom"]
+            assert r["value"] > 0 and r["unit"].startswith("MiB")
+        (s,) = [r for r in rows if r["mixer"] == m and r["metric"] == "oom_threshold"]
+        assert s["limited_by"] == "oom" and s["value"] <= 100 < s["first_oom"] and s["first_oom"] / s["value"] <= 1.1
+
+
+def test_memory_cpu_child_process_measures_rss(tmp_path):
+    """The default CPU path: one child process per point, its peak RSS; an OOM in the child is a row."""
+    out = tmp_path / "mem.jsonl"
+    rc = main(["bench", "memory", *tiny_args(["softmax"]), "--start", "32", "--max_len", "64",
+               "--simulate_oom_above", "32", "--tol", "1", "--json", str(out)])
+    assert rc == 0
+    rows = read_rows(out)
+    pts = [r for r in rows if r["metric"] == "peak_memory_mb"]
+    assert [(r["context"], r["oom"]) for r in pts] == [(32, False), (64, True)]
+    ok = pts[0]
+    assert ok["isolated"] and ok["value"] >= ok["baseline_rss_mb"] > 50  # a Python with torch loaded
+    assert "simulated out of memory" in pts[1]["error"]
+    (s,) = [r for r in rows if r["metric"] == "oom_threshold"]
+    assert s["value"] == 32 and s["first_oom"] == 64
+
+
+# ------------------------------------------------------------------ throughput
+
+
+def test_crossover_interpolates_in_log_context():
+    soft = {256: 100.0, 512: 80.0, 1024: 50.0}
+    assert throughput.crossover(soft, {256: 50.0, 512: 80.0, 1024: 100.0})[0] == pytest.approx(512)
+    T, how = throughput.crossover(soft, {256: 50.0, 512: 60.0, 1024: 100.0})
+    assert 512 < T < 1024 and "interpolated" in how
+    assert throughput.crossover(soft, {256: 10.0, 512: 10.0, 1024: 10.0})[0] is None
+    assert throughput.crossover(soft, {256: 200.0, 512: 200.0, 1024: 200.0})[0] == 256
+
+
+def test_throughput_rows_and_crossovers(tmp_path):
+    out = tmp_path / "tp.jsonl"
+    rc = main(["bench", "throughput", *tiny_args(), "--contexts", "16,32", "--tokens_per_batch", "64",
+               "--steps", "2", "--warmup_steps", "1", "--json", str(out)])
+    assert rc == 0
+    rows = read_rows(out)
+    pts = [r for r in rows if r["metric"] == "train_tokens_per_s"]
+    assert sorted((r["mixer"], r["context"]) for r in pts) == sorted((m, T) for m in ALL for T in (16, 32))
+    for r in pts:
+        assert r["error"] is None and r["value"] > 0 and r["batch"] * r["context"] == 64 and r["repeats"] == 2
+    cross = {r["mixer"]: r for r in rows if r["metric"] == "crossover_context"}
+    assert set(cross) == set(ALL) - {"softmax"}
+    for r in cross.values():
+        assert r["value"] is None or 16 <= r["value"] <= 32
+        assert set(r["ratios"]) == {"16", "32"}
+
+
+# ------------------------------------------------------------------ all / CLI
+
+
+def test_bench_all_runs_the_three(tmp_path, capsys):
+    out = tmp_path / "all.jsonl"
+    t0 = time.perf_counter()
+    rc = main(["bench", "all", *tiny_args(["softmax", "deltanet"]), "--prompt_lens", "8", "--decode_steps", "3",
+               "--decode_warmup", "1", "--prefill_repeats", "1", "--start", "16", "--max_len", "32", "--no_isolate",
+               "--contexts", "16", "--tokens_per_batch", "32", "--steps", "1", "--warmup_steps", "1",
+               "--json", str(out)])
+    assert rc == 0 and time.perf_counter() - t0 < 30
+    rows = read_rows(out)
+    assert {r["bench"] for r in rows} == {"latency", "memory", "throughput"}
+    text = capsys.readouterr().out
+    for title in ("latency (batch 1", "memory: one training step", "throughput: training tokens/s"):
+        assert title in text
+
+
+def test_cli_errors_are_clean(capsys):
+    assert main(["bench", "latency", "--device", "cpu", "--mixers", "sofmax", "--no_match"]) == 2
+    assert "did you mean 'softmax'" in capsys.readouterr().err
+    assert main(["bench", "latency", "--device", "cpu", "--cuda_graph", "--mixers", "softmax", "--no_match"]) == 2
+    assert "--cuda_graph needs --device cuda" in capsys.readouterr().err
+    assert main(["bench", "memory", "--device", "cpu", "--set", "n_layr=2", "--no_match"]) == 2
+    assert "did you mean 'n_layer'" in capsys.readouterr().err
+
+
+def test_parse_count():
+    assert common.parse_count("10.7M") == 10_700_000
+    assert common.parse_count("64k") == 64_000
+    assert common.parse_count("1Mi") == 2**20
+    assert common.parse_count("4096") == 4096
+    assert common.parse_int_list("128,1k") == [128, 1000]
