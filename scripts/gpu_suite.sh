@@ -34,8 +34,27 @@ from attnbench.ops.backend import fla_available, hopper_gated_backward_broken
 print("fla importable:", fla_available(), "| gated FLA backward refused on this GPU/triton:", hopper_gated_backward_broken())
 PY
       ;;
-    tests)
-      python3 -m pytest tests -m gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUTDIR/gpu_tests.log" | tail -40
+    tests|tests:*)
+      paths=tests; [ "$stage" != tests ] && paths=${stage#tests:}; paths=${paths//,/ }
+      timeout "${GPU_TESTS_TIMEOUT:-900}" python3 -m pytest $paths -m gpu -q -rs -p no:cacheprovider 2>&1 \
+        | tee "$OUTDIR/gpu_tests.log" | tail -40
+      ;;
+    train_parallel:*)
+      # several runs at once on the GPU(s): small models are launch-bound, so they share a GPU well;
+      # their ms/iter is then not a solo figure (the log says so)
+      IFS=',' read -ra cfgs <<< "${stage#train_parallel:}"
+      echo "running ${#cfgs[@]} trainings concurrently (timeout ${GPU_TRAIN_TIMEOUT:-3600}s)" | tee -a "$LOG"
+      for spec in "${cfgs[@]}"; do
+        cfg=${spec%%+*}; name=$(basename "$cfg" .toml); extra=()
+        [ "$spec" != "$cfg" ] && { IFS='+' read -ra kv <<< "${spec#*+}"; for x in "${kv[@]}"; do extra+=("--$x"); done; }
+        rm -rf "$RUNS/$name"
+        ( /usr/bin/time -f "$name wall %e s" timeout "${GPU_TRAIN_TIMEOUT:-3600}" python3 -m attnbench train "$cfg" \
+            --out_dir="$RUNS/$name" --progress=false "${extra[@]}" > "$RUNS/$name.log" 2>&1; \
+          tail -3 "$RUNS/$name.log" >> "$LOG" ) &
+      done
+      ;;
+    wait)
+      wait
       ;;
     train:*)
       spec=${stage#train:}
@@ -63,6 +82,7 @@ PY
   esac
 done
 # small files only: summaries, metrics, bench rows, reports (no checkpoints)
-(cd "$RUNS" && find . -name summary.json -o -name metrics.jsonl -o -name config.json -o -name '*.jsonl' -o -name '*.md' -o -name '*.png' \
+wait
+(cd "$RUNS" && find . -name '*.log' -o -name summary.json -o -name metrics.jsonl -o -name config.json -o -name '*.jsonl' -o -name '*.md' -o -name '*.png' \
    | grep -v /ckpt/ | tar czf "$OUTDIR/results.tar.gz" -T -) 2>/dev/null
 echo "results in $OUTDIR"
