@@ -83,6 +83,7 @@ PY
 done
 # small files only: summaries, metrics, bench rows, reports (no checkpoints)
 wait
+mkdir -p "$OUTDIR"
 (cd "$RUNS" && find . -name '*.log' -o -name summary.json -o -name metrics.jsonl -o -name config.json -o -name '*.jsonl' -o -name '*.md' -o -name '*.png' \
    | grep -v /ckpt/ | tar czf "$OUTDIR/results.tar.gz" -T -) 2>/dev/null
 echo "results in $OUTDIR"
