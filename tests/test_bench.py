@@ -127,6 +127,38 @@ def test_inplace_violation_names_the_replaced_tensor():
     assert "states[0]['recurrent']" in msg and "in place" in msg
 
 
+GRAPH_SAFE = [m for m in ("deltanet", "gated_deltanet", "gated_deltaproduct") if m in ALL]
+
+
+def _tiny_model_and_cache(mixer, prompt=12, extra=16):
+    sets = ["n_layer=2", "n_embd=32", "n_head=2"]
+    if mixer == "nsa":
+        sets += ["nsa.n_kv_head=1", "nsa.head_dim=16", "nsa.block_size=4", "nsa.block_counts=2", "nsa.window_size=8"]
+    shape = common.resolve_shapes([mixer], match=False, sets=sets)[0]
+    m = common.build_model(common.bench_config(shape.cfg, prompt + extra), "cpu").eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        cache = m.new_cache(2, prompt + extra)
+        m(torch.randint(0, 65, (2, prompt)), cache=cache)
+    return m, cache
+
+
+@pytest.mark.parametrize("mixer", GRAPH_SAFE)
+def test_decode_step_is_graph_safe(mixer):
+    """In-place state updates and no host-side position: what a CUDA-graph replay needs (CPU proxy)."""
+    m, cache = _tiny_model_and_cache(mixer)
+    tokens = torch.randint(0, 65, (4, 2, 1))
+    assert latency.host_frozen_check(m, cache, tokens) is None
+
+
+@pytest.mark.skipif("nsa" not in ALL, reason="nsa not registered")
+def test_host_frozen_check_catches_a_host_position():
+    """NSA's decode slices its cache with a Python int: a replay would not advance it, and the check says so."""
+    m, cache = _tiny_model_and_cache("nsa")
+    reason = latency.host_frozen_check(m, cache, torch.randint(0, 65, (4, 2, 1)))
+    assert reason is not None and "host" in reason
+
+
 # ------------------------------------------------------------------ memory
 
 

@@ -12,10 +12,14 @@ the mixers exactly one token per sequence; the row records it (`mixer_tokens_per
 
 CUDA graphs replay the kernels of the captured step on the same memory, so a step is graph-safe only
 when it (1) updates its state tensors in place, (2) takes positions from device tensors rather than
-Python ints, and (3) never syncs with the host. Nothing is assumed about a mixer: the benchmark checks
-(1) by comparing the state tensors' storage before and after an eager step, then captures, and checks
-(2) by replaying a few teacher-forced steps against an eager copy of the cache. A mixer that fails any
-check gets a row with cuda_graph=false and the reason.
+Python ints, and (3) never syncs with the host. Nothing is assumed about a mixer. Before capturing,
+`host_frozen_check` runs eager steps on a copy of the cache with every Python int of the states held
+at its old value (what a replay sees) and compares them with ordinary steps: that catches (1) (the
+state tensors' storage must not change) and (2). Then the step is captured (a failure there, e.g. a
+host sync, is (3)), and a few teacher-forced replays are compared with eager steps on a copy of the
+cache before any replay is timed. A mixer that fails a check gets a row with cuda_graph=false and the
+reason. After capture the host-side counters of the cache are stale (replays advance only the device
+state): the cache belongs to the graph from then on.
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ log = logging.getLogger("attnbench.bench")
 HOOK_STEPS = 2  # decode steps run with the token-counting hooks (untimed)
 GRAPH_WARMUP = 3  # eager steps on a side stream before capture (cuBLAS handles, Triton autotuning)
 VERIFY_STEPS = 3  # teacher-forced replays compared with eager steps on a copy of the cache
-VERIFY_TOL = 1e-2  # relative error of the logits, graph replay vs eager (same kernels: ~0 in practice)
+VERIFY_TOL = 1e-3  # relative error of the logits, graph replay vs eager (same kernels on the same data: ~0)
+HOST_CHECK_TOL = 1e-5  # host_frozen_check in float32 (same ops on the same data: bitwise equal when safe)
 
 
 @dataclass
@@ -58,9 +63,9 @@ class LatencyOptions:
 
     def decode_budget(self) -> int:
         """Tokens a cache must hold beyond the prompt for every step this benchmark takes."""
-        n = HOOK_STEPS + 1 + self.decode_warmup + self.decode_steps
-        if self.cuda_graph:
-            n += 1 + GRAPH_WARMUP + VERIFY_STEPS + self.decode_warmup + self.decode_steps
+        n = HOOK_STEPS + self.decode_warmup + self.decode_steps
+        if self.cuda_graph:  # (the screening steps run on a copy of the cache)
+            n += GRAPH_WARMUP + VERIFY_STEPS + self.decode_warmup + self.decode_steps
         return n + 8
 
 
@@ -145,6 +150,33 @@ def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+@torch.no_grad()
+def host_frozen_check(model: torch.nn.Module, cache: Any, tokens: torch.Tensor, tol: float = HOST_CHECK_TOL) -> str | None:
+    """The graph checks without a GPU: the reason a decode step is not graph-safe, or None.
+
+    Runs decode steps for `tokens` [n, B, 1] the way graph replays see the host: every Python int of
+    the states frozen at its value before the first step (a replay re-runs kernels, not Python), and
+    compares the logits with ordinary eager steps on a copy of the cache. Also checks that the state
+    tensors keep their storage. Advances `cache` (pass a copy to keep yours).
+    """
+    ref = copy.deepcopy(cache)
+    host = _host_scalars(cache)
+    before = state_tensors(cache.states)
+    for i, t in enumerate(tokens):
+        _restore(host)
+        got = model(t, cache=cache)[0]
+        want = model(t, cache=ref)[0]
+        reason = inplace_violation(before, state_tensors(cache.states))
+        if reason:
+            return reason
+        err = _rel_err(got, want)
+        if not err <= tol:
+            return (f"with host counters frozen (as in a graph replay) step {i} differs from eager decode "
+                    f"(logits rel err {err:.2e}): the step reads a host-side position")
+    _restore(host)
+    return None
+
+
 @dataclass
 class GraphResult:
     samples: list[float] | None
@@ -156,10 +188,12 @@ def graph_decode(model: torch.nn.Module, cache: Any, tok: torch.Tensor, step: Ca
                  prec: Precision, warmup: int, steps: int) -> GraphResult:
     """Check, capture and time the decode step in a CUDA graph (module doc: the three conditions)."""
     vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    forced = torch.randint(0, vocab, (VERIFY_STEPS, *tok.shape), generator=g).to(tok.device)
     with torch.no_grad(), prec.context("cuda", cache_enabled=False):  # autocast's cast cache must be off
-        before = state_tensors(cache.states)
-        step()
-        reason = inplace_violation(before, state_tensors(cache.states))
+        # Screen first, without capturing: an unsafe step is never captured (its capture could fail
+        # part-way, or worse, succeed and replay wrong numbers).
+        reason = host_frozen_check(model, copy.deepcopy(cache), forced[:2], tol=VERIFY_TOL)
         if reason:
             return GraphResult(None, reason)
         cur = torch.cuda.current_stream()
@@ -179,13 +213,12 @@ def graph_decode(model: torch.nn.Module, cache: Any, tok: torch.Tensor, step: Ca
             _restore(host)
             with contextlib.suppress(Exception):
                 torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             return GraphResult(None, f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         _restore(host)
 
         # Replays must match eager steps on a copy of the cache, token for token (teacher-forced, so a
         # near-tie in the argmax cannot make the two runs diverge).
-        g = torch.Generator().manual_seed(1)
-        forced = torch.randint(0, vocab, (VERIFY_STEPS, *tok.shape), generator=g).to(tok.device)
         ref_cache, ref_tok = copy.deepcopy(cache), tok.clone()
         got = []
         for i in range(VERIFY_STEPS):

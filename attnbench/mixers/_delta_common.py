@@ -144,6 +144,19 @@ class DeltaState:
         return [t for t in (self.recurrent, self.conv_q, self.conv_k, self.conv_v) if t is not None]
 
 
+def _store(state: DeltaState, name: str, new: torch.Tensor | None) -> None:
+    """Put a layer's new state tensor into `state`. Without autograd (decoding) it is copied into the
+    existing storage, so a decode step keeps fixed memory and can be replayed as a CUDA graph; when
+    gradients flow through the state it is rebound instead (autograd may have saved the old value)."""
+    old = getattr(state, name)
+    if old is None or new is None:
+        setattr(state, name, new)
+    elif old.shape == new.shape and not (new.requires_grad or old.requires_grad):
+        old.copy_(new)
+    else:
+        setattr(state, name, new.to(old.dtype) if name == "recurrent" else new)
+
+
 def chunked_delta_flops(T: int, H: int, K: int, V: int, C: int) -> float:
     """Forward FLOPs of the chunked WY delta rule (ops/delta_rule.py::chunked_core) for T tokens.
 
@@ -222,8 +235,9 @@ class DeltaMixer(Mixer):
         gate = self.g_proj(x).view(B, T, self.n_heads, self.head_v) if self.g_proj is not None else None
         y = self.o_proj(self.o_norm(o, gate).reshape(B, T, -1))
         if state is not None:
-            state.recurrent = S.to(state.recurrent.dtype)
-            state.conv_q, state.conv_k, state.conv_v = tails
+            _store(state, "recurrent", S)
+            for name, tail in zip(("conv_q", "conv_k", "conv_v"), tails):
+                _store(state, name, tail)
             state.pos += T
         return y, state
 
