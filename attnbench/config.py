@@ -37,7 +37,7 @@ class ModelConfig:
     mixer: str = "softmax"
     n_layer: int = 6
     n_head: int = 6
-    n_embd: int = 384
+    n_embd: Union[int, str] = 384  # a width, or "match": searched for param_budget (attnbench/params.py)
     block_size: int = 256
     vocab_size: int = 65  # set from the dataset's metadata when training
     dropout: float = 0.0
@@ -45,6 +45,9 @@ class ModelConfig:
     pos_emb: str = "learned"  # learned | rope | none
     mixer_args: dict = field(default_factory=dict)  # validated by the mixer's own Args dataclass
     backend: str = "auto"  # op backend for the mixer: auto | torch | fla
+    # parameter budget, e.g. "10.7M": with n_embd = "match" the width, n_head and the mixer's head args
+    # are searched so the GPT's parameter count is closest to it (n_layer fixed); otherwise a record
+    param_budget: Optional[Union[int, str]] = None
 
     @property
     def head_dim(self) -> int:
@@ -310,6 +313,7 @@ def validate(cfg: RunConfig) -> None:
     from . import mixers
 
     m, o, t = cfg.model, cfg.optim, cfg.train
+    _resolve_match(m)
     for key, val in [("model.n_layer", m.n_layer), ("model.n_head", m.n_head), ("model.n_embd", m.n_embd),
                      ("model.block_size", m.block_size), ("model.vocab_size", m.vocab_size),
                      ("train.batch_size", t.batch_size), ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
@@ -340,3 +344,30 @@ def validate(cfg: RunConfig) -> None:
     args = cls.Args.from_dict(m.mixer_args, m.mixer)
     args.validate(m.n_embd, m.n_head)
     cls.check_config(m)
+
+
+def _resolve_match(m: ModelConfig) -> None:
+    """n_embd = "match": replace n_embd, n_head and mixer_args in place by the shape whose parameter
+    count is closest to model.param_budget (attnbench.params.match_shape; mixer args already set are
+    kept fixed). A resolved config has concrete values, so a saved config.json never searches again."""
+    if m.param_budget is not None:
+        from .params import parse_budget
+
+        try:
+            parse_budget(m.param_budget)
+        except ConfigError as e:
+            raise ConfigError(f"model.param_budget: {e}") from None
+    if not isinstance(m.n_embd, str):
+        return
+    if m.n_embd != "match":
+        raise ConfigError(f"model.n_embd must be a width (an integer) or 'match', got {m.n_embd!r}")
+    if m.param_budget is None:
+        raise ConfigError("model.n_embd = 'match' needs model.param_budget (e.g. param_budget = \"10.7M\"); "
+                          "or set model.n_embd to a width such as 384")
+    for key in ("n_layer", "block_size", "vocab_size"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"model.{key} must be >= 1, got {getattr(m, key)}")
+    from .params import resolve_match
+
+    r = resolve_match(m)
+    m.n_embd, m.n_head, m.mixer_args = r.n_embd, r.n_head, dict(r.mixer_args)

@@ -77,3 +77,21 @@ class SoftmaxAttention(Mixer):
     def init_state(self, batch: int, max_len: int, device, dtype) -> KVCache:
         shape = (batch, self.n_head, max_len, self.head_dim)
         return KVCache(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+
+    # ------------------------------------------------------------------ accounting
+
+    @classmethod
+    def flops_per_token(cls, cfg, T: int) -> float:
+        """Forward FLOPs per token at context length T, multiply-add = 2 FLOPs.
+
+        Projections: qkv 2*d*3d and o_proj 2*d*d, i.e. 2*4*d^2. Mixing: QK^T and AV at 2*T*d each
+        (4*T*d), counting the full T x T products as the kernels and FlopCounterMode do (no causal
+        halving). Softmax, scaling, RoPE and biases are elementwise and left out (< 1% at d = 384).
+        """
+        d = cfg.n_embd
+        return 2.0 * 4 * d * d + 4.0 * T * d
+
+    @classmethod
+    def state_numbers(cls, cfg, T: int) -> int:
+        """The KV cache of one sequence at context T: keys and values, 2 * T * n_head * head_dim."""
+        return 2 * T * cfg.n_head * cfg.head_dim
