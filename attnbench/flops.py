@@ -12,7 +12,6 @@ well under 1% at the shapes we train). Training is 3x forward (backward = 2x for
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Optional, Sequence, Union
 
 from . import mixers as registry

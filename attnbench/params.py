@@ -42,7 +42,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -538,8 +538,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         "params", help="match every mixer's shape to a parameter budget",
         description="Find, for each mixer, the GPT shape (width, heads, head dim) whose trainable parameter "
                     "count is closest to --budget, with n_layer fixed. Prints a table; --json writes rows "
-                    "(to stdout, or to FILE); --flops adds per-token forward FLOPs at the matched shapes and "
-                    "the context length where each mixer becomes cheaper than softmax.")
+                    "(to stdout, or to FILE; with --flops an object {matches, flops}); --flops adds per-token "
+                    "forward FLOPs at the matched shapes, the decoding state sizes and the context length from "
+                    "which each mixer is cheaper than softmax. Exit status 1 when a mixer misses the band.")
     p.add_argument("--budget", default="10.7M", help="parameters, e.g. 10.7M, 850k, 1.5e7 (default 10.7M)")
     p.add_argument("--mixers", default=None, help="comma-separated mixer names (default: all registered)")
     p.add_argument("--n_layer", type=int, default=6)
