@@ -127,11 +127,11 @@ def test_inplace_violation_names_the_replaced_tensor():
     assert "states[0]['recurrent']" in msg and "in place" in msg
 
 
-GRAPH_SAFE = [m for m in ("deltanet", "gated_deltanet", "gated_deltaproduct") if m in ALL]
+GRAPH_SAFE = [m for m in ("softmax", "deltanet", "gated_deltanet", "gated_deltaproduct") if m in ALL]
 
 
-def _tiny_model_and_cache(mixer, prompt=12, extra=16):
-    sets = ["n_layer=2", "n_embd=32", "n_head=2"]
+def _tiny_model_and_cache(mixer, prompt=12, extra=16, sets=()):
+    sets = ["n_layer=2", "n_embd=32", "n_head=2", *sets]
     if mixer == "nsa":
         sets += ["nsa.n_kv_head=1", "nsa.head_dim=16", "nsa.block_size=4", "nsa.block_counts=2", "nsa.window_size=8"]
     shape = common.resolve_shapes([mixer], match=False, sets=sets)[0]
@@ -143,10 +143,10 @@ def _tiny_model_and_cache(mixer, prompt=12, extra=16):
     return m, cache
 
 
-@pytest.mark.parametrize("mixer", GRAPH_SAFE)
-def test_decode_step_is_graph_safe(mixer):
+@pytest.mark.parametrize("mixer,sets", [(m, ()) for m in GRAPH_SAFE] + [("softmax", ("pos_emb=rope",))])
+def test_decode_step_is_graph_safe(mixer, sets):
     """In-place state updates and no host-side position: what a CUDA-graph replay needs (CPU proxy)."""
-    m, cache = _tiny_model_and_cache(mixer)
+    m, cache = _tiny_model_and_cache(mixer, sets=sets)
     tokens = torch.randint(0, 65, (4, 2, 1))
     assert latency.host_frozen_check(m, cache, tokens) is None
 

@@ -49,7 +49,7 @@ def _memory_opts(p: argparse.ArgumentParser, with_batch: bool = True) -> None:
     g.add_argument("--max_len", type=parse_count, default=None, help="largest context tried (GPU 1Mi, CPU 2048)")
     g.add_argument("--tol", type=float, default=0.1, help="bisect the threshold until first_oom/fits <= 1 + tol")
     g.add_argument("--time_budget_s", type=float, default=None,
-                   help="per mixer: stop growing the context once the next step would overrun it (GPU 30, CPU 300)")
+                   help="per mixer: stop growing the context once the next step would overrun it (GPU 20, CPU 300)")
     g.add_argument("--simulate_oom_above", type=parse_count, default=None,
                    help="raise torch.OutOfMemoryError inside the forward above this context (testing)")
     g.add_argument("--no_isolate", action="store_true",

@@ -62,7 +62,7 @@ class MemoryOptions:
     @classmethod
     def defaults(cls, device: str) -> "MemoryOptions":
         if device == "cuda":
-            return cls(max_len=2**20, time_budget_s=30.0, isolate=False)
+            return cls(max_len=2**20, time_budget_s=20.0, isolate=False)
         return cls(max_len=2048, time_budget_s=300.0, isolate=True)
 
 

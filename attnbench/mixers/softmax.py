@@ -24,11 +24,19 @@ class SoftmaxArgs(MixerArgs):
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values [B, H, max_len, D]; `pos` tokens are filled."""
+    """Preallocated keys/values [B, H, max_len, D]; `pos` tokens are filled.
+
+    `pos_t` holds the same count as a device tensor (bookkeeping, not a dataclass field, so it is not
+    counted as state numbers): a decode step takes its position from it, which keeps the step free of
+    host-side positions and static in shape, so it can be captured in a CUDA graph and replayed.
+    """
 
     k: torch.Tensor
     v: torch.Tensor
     pos: int = 0
+
+    def __post_init__(self) -> None:
+        self.pos_t = torch.full((1,), self.pos, dtype=torch.long, device=self.k.device)
 
 
 @register("softmax")
@@ -52,31 +60,42 @@ class SoftmaxAttention(Mixer):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # [B, T, H, D]
         start = state.pos if state is not None else 0
+        decode = state is not None and T == 1
         if self.rope:
-            cos, sin = rotary_tables(self.head_dim, torch.arange(start, start + T, device=x.device), self.args.rope_base)
+            positions = state.pos_t if decode else torch.arange(start, start + T, device=x.device)
+            cos, sin = rotary_tables(self.head_dim, positions, self.args.rope_base)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         if state is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         else:
             end = start + T
-            if end > state.k.shape[2]:
-                raise RuntimeError(f"KV cache of {state.k.shape[2]} tokens is full (need {end})")
-            state.k[:, :, start:end] = k.to(state.k.dtype)
-            state.v[:, :, start:end] = v.to(state.v.dtype)
-            keys, vals = state.k[:, :, :end].to(q.dtype), state.v[:, :, :end].to(q.dtype)
-            if T == 1:
-                mask = None  # one new query sees every cached key
-            else:  # query i (absolute start+i) sees keys j <= start+i
+            L = state.k.shape[2]
+            if end > L:
+                raise RuntimeError(f"KV cache of {L} tokens is full (need {end})")
+            if decode:
+                # One query against the whole preallocated cache, keys beyond the position masked: the
+                # position is a device tensor and the shapes never change, so the step is CUDA-graph safe.
+                state.k.index_copy_(2, state.pos_t, k.to(state.k.dtype))
+                state.v.index_copy_(2, state.pos_t, v.to(state.v.dtype))
+                mask = (torch.arange(L, device=x.device) <= state.pos_t).view(1, 1, 1, L)
+                y = F.scaled_dot_product_attention(q, state.k.to(q.dtype), state.v.to(q.dtype), attn_mask=mask)
+            else:
+                state.k[:, :, start:end] = k.to(state.k.dtype)
+                state.v[:, :, start:end] = v.to(state.v.dtype)
+                keys, vals = state.k[:, :, :end].to(q.dtype), state.v[:, :, :end].to(q.dtype)
+                # query i (absolute start+i) sees keys j <= start+i
                 mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
-            y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
+                y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
             state.pos = end
+            state.pos_t += T
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.o_proj(y), state
 
     def init_state(self, batch: int, max_len: int, device, dtype) -> KVCache:
         shape = (batch, self.n_head, max_len, self.head_dim)
-        return KVCache(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+        # zeros, not empty: a decode step attends over the whole cache (masked), and 0 * NaN garbage is NaN
+        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
     # ------------------------------------------------------------------ accounting
 
