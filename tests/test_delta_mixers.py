@@ -8,7 +8,6 @@ argument errors, FLOP formula vs torch's FlopCounterMode, state size, init, a sh
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -300,14 +299,17 @@ def test_state_numbers_equal_state_size(name, args):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_short_training_run_lowers_loss(name):
-    """Sequences repeating a random period-4 pattern: the next token is the one 4 steps back."""
+    """Sequences repeating a random period-4 pattern: the next token is the one 4 steps back.
+
+    About 0.3-1.5 s per mixer on an idle 2-core CPU (not asserted: wall time is not reliable on a shared
+    machine)."""
     torch.manual_seed(0)
     V, T = 16, 32
     cfg = GPTConfig(mixer=name, n_layer=2, n_head=2, n_embd=32, vocab_size=V, block_size=T, backend="torch")
     model = GPT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(1)
-    t0, losses = time.time(), []
+    losses = []
     for _ in range(30):
         pattern = torch.randint(0, V, (16, 4), generator=gen)
         seq = pattern.repeat(1, (T + 1) // 4 + 1)[:, :T + 1]
@@ -316,7 +318,6 @@ def test_short_training_run_lowers_loss(name):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert time.time() - t0 < 10
     # tokens are uniform, so without using the context the loss stays at ln 16 = 2.77
     start, end = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert start > 0.95 * math.log(V) and end < start - 0.5, (start, end)
