@@ -18,6 +18,7 @@ from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, load_config
 from .errors import AttnbenchError
+from .flops import train_flops_per_token
 from .io import append_jsonl, atomic_write_json, read_jsonl
 from .model import GPT
 
@@ -288,6 +289,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist, Corpus, BatchSa
         model = nn.parallel.DistributedDataParallel(model, device_ids=[dinfo.local_rank] if device == "cuda" else None)
 
     n_params = raw_model.num_params()
+    flops_per_token = train_flops_per_token(cfg.model)  # analytic, per mixer (attnbench/flops.py)
     tokens_per_iter = tc.batch_size * cfg.model.block_size * tc.gradient_accumulation_steps
     log = (lambda row: (append_jsonl(run_dir / METRICS, row), wandb.log(row))) if dinfo.is_main else (lambda row: None)
     bar = None
@@ -314,7 +316,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist, Corpus, BatchSa
         vl = evaluate(model, val_x, val_y, tc.eval_batch_size, dev, autocast, dinfo)
         best_val = min(best_val, vl)
         row = {"step": step, "val_loss": vl, "val_ppl": math.exp(vl), "val_bpc": corpus.bits_per_char(vl),
-               "tokens": tokens_seen, "train_time_s": train_time, "peak_mem_mb": peak_memory_mb(device)}
+               "tokens": tokens_seen, "flops": tokens_seen * flops_per_token, "train_time_s": train_time, "peak_mem_mb": peak_memory_mb(device)}
         log(row)
         if bar is not None:
             bar.set_postfix_str(f"val {vl:.4f}")
@@ -375,7 +377,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist, Corpus, BatchSa
                     dt = time.perf_counter() - t_interval
                     train_time += dt
                     step_times.append((it_interval, dt))
-                    row = {"step": it, "loss": lossf, "lr": lr, "tokens": tokens_seen,
+                    row = {"step": it, "loss": lossf, "lr": lr, "tokens": tokens_seen, "flops": tokens_seen * flops_per_token,
                            "tokens_per_s": tokens_per_iter * it_interval / dt, "ms_per_iter": 1000 * dt / it_interval,
                            "train_time_s": train_time, "peak_mem_mb": peak_memory_mb(device)}
                     log(row)
@@ -412,6 +414,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist, Corpus, BatchSa
     ms_iter = 1000 * sum(d for _, d in steady) / max(1, sum(n for n, _ in steady))
     summary = {
         "mixer": cfg.model.mixer, "n_params": n_params, "steps": it, "tokens": tokens_seen,
+        "train_flops_per_token": flops_per_token, "flops": tokens_seen * flops_per_token,
         "final_val_loss": final_val, "best_val_loss": best_val, "best_val_ppl": math.exp(best_val),
         "best_val_bpc": corpus.bits_per_char(best_val), "final_val_ppl": math.exp(final_val),
         "ms_per_iter": ms_iter, "tokens_per_s": tokens_per_iter * 1000 / ms_iter if ms_iter else None,

@@ -42,6 +42,14 @@ def test_training_lowers_loss_and_writes_run(tiny_data, tmp_path):
     assert s["best_val_loss"] == min(vals) and (out / "summary.json").is_file() and (out / "config.json").is_file()
     for k in ("best_val_ppl", "best_val_bpc", "tokens_per_s", "ms_per_iter", "peak_mem_mb", "n_params"):
         assert s[k] > 0
+    # cumulative training FLOPs = tokens x the mixer-specific analytic count
+    from attnbench.config import RunConfig
+    from attnbench.flops import train_flops_per_token
+
+    saved = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
+    assert s["train_flops_per_token"] == train_flops_per_token(saved.model)
+    assert s["flops"] == s["tokens"] * s["train_flops_per_token"] and s["train_flops_per_token"] > 0
+    assert all(r["flops"] == r["tokens"] * s["train_flops_per_token"] for r in rows)
     assert all({"step", "loss", "lr", "tokens_per_s", "peak_mem_mb"} <= r.keys() for r in rows if "loss" in r)
     assert ck.latest_checkpoint(out) is not None
 
