@@ -151,6 +151,35 @@ def test_decode_step_is_graph_safe(mixer, sets):
     assert latency.host_frozen_check(m, cache, tokens) is None
 
 
+def test_compiled_decode_step_compiles_once_and_matches_eager():
+    """`--compile`: the step runs with frozen host counters, so dynamo never recompiles, and the
+    (graph-safe) step still advances the device state exactly as eager steps do."""
+    m, cache = _tiny_model_and_cache("gated_deltanet" if "gated_deltanet" in ALL else "softmax")
+    ref = __import__("copy").deepcopy(cache)
+    tok = torch.zeros(2, 1, dtype=torch.long)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step():
+        return m(tok, cache=cache)[0]
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        run = latency.frozen_host_compiled(step, cache, backend=counting_backend)
+        for i, t in enumerate(torch.randint(0, 65, (4, 2, 1))):
+            tok.copy_(t)
+            got = run()
+            want = m(t, cache=ref)[0]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            if i == 0:
+                n_first = len(graphs)
+    assert n_first >= 1 and len(graphs) == n_first, "the decode step was recompiled"
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif("nsa" not in ALL, reason="nsa not registered")
 def test_host_frozen_check_catches_a_host_position():
     """NSA's decode slices its cache with a Python int: a replay would not advance it, and the check says so."""

@@ -358,10 +358,13 @@ def backend_summary(seen: dict[str, str]) -> str:
 
 
 def is_oom(e: BaseException) -> bool:
-    """torch.OutOfMemoryError, or a CPU allocator failure ('DefaultCPUAllocator: can't allocate memory')."""
+    """torch.OutOfMemoryError, or another allocation failure: the CPU allocator ("can't allocate
+    memory"), a raw CUDA call ("out of memory"), cuBLAS/cuDNN workspaces ("..._STATUS_ALLOC_FAILED")."""
     if isinstance(e, torch.OutOfMemoryError):
         return True
-    return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower())
+    msg = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg.lower()
+                                            or "STATUS_ALLOC_FAILED" in msg)
 
 
 def base_row(bench: str, shape: BenchShape, cfg: ModelConfig, n_params: int, device: str, prec: Precision) -> dict:
