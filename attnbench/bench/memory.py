@@ -8,8 +8,9 @@ between the last length that fit and the first that did not is then bisected unt
         torch.OutOfMemoryError is caught, everything the step held is released (its frame, the
         exception's traceback, the allocator cache) and the next length runs in the same process.
   CPU   one child process per length (`python -m attnbench.bench.memory --child SPEC`): peak resident
-        memory is the child's ru_maxrss (also reported: the child's RSS before it built the model). A
-        child killed by the system (e.g. the OOM killer) is an oom row too.
+        memory is the child's own peak RSS (VmHWM; see _rss_mb for why not ru_maxrss), also reported:
+        its peak before it built the model. A child killed by the system (e.g. the OOM killer) is an oom
+        row too.
 
 `--simulate_oom_above N` raises torch.OutOfMemoryError from inside the forward pass (a hook on the
 model's last layer, activations alive) for contexts above N: the tests use it to exercise the
@@ -70,7 +71,18 @@ class MemoryOptions:
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """Peak resident memory of this process, MiB: VmHWM of /proc/self/status where there is one.
+
+    Not ru_maxrss: on Linux, exec keeps the pre-exec peak (the parent's size at fork) in ru_maxrss, so a
+    child of a big parent would report the parent. VmHWM belongs to the process's own address space.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux KiB (macOS bytes: not supported)
 
 
 def _simulated_oom_hook(limit: int):

@@ -80,3 +80,24 @@ def test_cli_on_cuda_writes_rows(tmp_path):
             assert r["mixer_tokens_per_decode_step"] == 1
         if r["bench"] == "memory" and r["metric"] == "peak_memory_mb":
             assert not r["oom"] and r["value"] > 0
+
+
+@pytest.mark.parametrize("mixer", [m for m in ("gated_deltanet", "softmax") if m in GRAPH_SAFE])
+def test_compiled_graph_decode(mixer, shapes):
+    """`bench latency --compile`: the torch.compile'd step in a graph; fused kernels should be faster still."""
+    shape = shapes[mixer]
+    P = 512
+    opts = latency.LatencyOptions(prompt_lens=[P], decode_steps=50, decode_warmup=5, prefill_repeats=1,
+                                  prefill_warmup=0, cuda_graph=True, compile=True)
+    cfg = common.bench_config(shape.cfg, P + opts.decode_budget())
+    prec = common.precision("auto", "cuda", inference=True)
+    model = prec.prepare(common.build_model(cfg, "cuda")).eval()
+    base = common.base_row("latency", shape, cfg, model.num_params(), "cuda", prec)
+    torch._dynamo.reset()
+    rows = latency.measure_prompt(model, P, opts, "cuda", prec, base)
+    graph = next(r for r in rows if r.get("mode") == "cuda_graph")
+    print(f"{mixer}: compiled graph {graph['median']} ms/token, compiled={graph['compiled']}, "
+          f"compile_error={graph['compile_error']}, verify rel err {graph['graph_verify_rel_err']}")
+    assert graph["cuda_graph"] is True, graph["cuda_graph_reason"]
+    assert graph["compiled"] is True, graph["compile_error"]
+    assert graph["graph_verify_rel_err"] <= latency.VERIFY_TOL_COMPILED
