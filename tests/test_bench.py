@@ -299,7 +299,7 @@ def test_bench_all_runs_the_three(tmp_path, capsys):
     rows = read_rows(out)
     assert {r["bench"] for r in rows} == {"latency", "memory", "throughput"}
     text = capsys.readouterr().out
-    for title in ("latency (batch 1", "memory: one training step", "throughput: training tokens/s"):
+    for title in ("latency (batch 1", "memory: one training step", "throughput: training tokens/s", "\nsummary\n"):
         assert title in text
 
 

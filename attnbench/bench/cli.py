@@ -7,7 +7,8 @@ import time
 
 from ..errors import AttnbenchError
 from . import latency, memory, throughput
-from .common import DEFAULT_BUDGET, RowWriter, parse_count, parse_int_list, resolve_device, resolve_shapes
+from .common import (DEFAULT_BUDGET, RowWriter, parse_count, parse_int_list, print_table, resolve_device,
+                     resolve_shapes)
 
 log = logging.getLogger("attnbench.bench")
 
@@ -154,6 +155,32 @@ def run_cli(a: argparse.Namespace) -> int:
         t = time.perf_counter()
         makers[name][1](shapes, device, opts[name], writer)
         print(f"[bench {name}: {time.perf_counter() - t:.1f} s]", flush=True)
+    if len(todo) > 1:
+        print_summary(writer.rows)
     if a.json:
         print(f"{len(writer.rows)} rows appended to {a.json} ({time.perf_counter() - t0:.1f} s)", flush=True)
     return 0
+
+
+def print_summary(rows: list[dict]) -> None:
+    """One line per mixer with the headline numbers of `bench all` (decode at the shortest and longest
+    prompt, graph where it ran, and their ratio; the memory threshold; the crossover vs softmax)."""
+    mixers = list(dict.fromkeys(r["mixer"] for r in rows))
+    dec = [r for r in rows if r["metric"] == "decode_ms_per_token" and r["value"] is not None]
+    Ps = sorted({r["context"] for r in dec})
+    body = []
+    for m in mixers:
+        def decode(P):
+            rs = [r for r in dec if r["mixer"] == m and r["context"] == P]
+            g = [r for r in rs if r.get("cuda_graph")]
+            return (g or rs or [{}])[0].get("value")
+        lo, hi = (decode(Ps[0]), decode(Ps[-1])) if Ps else (None, None)
+        thr = next((r for r in rows if r["mixer"] == m and r["metric"] == "oom_threshold"), {})
+        cross = next((r for r in rows if r["mixer"] == m and r["metric"] == "crossover_context"), {})
+        graphs = any(r.get("cuda_graph") for r in dec if r["mixer"] == m)
+        body.append([m, next((r["n_params"] for r in rows if r["mixer"] == m), None), lo, hi,
+                     (hi / lo) if (lo and hi) else None, "yes" if graphs else "no",
+                     thr.get("value"), thr.get("limited_by"), cross.get("value")])
+    p0, p1 = (Ps[0], Ps[-1]) if Ps else ("-", "-")
+    print_table("summary", ["mixer", "params", f"decode ms/tok P={p0}", f"P={p1}", "ratio", "graph",
+                            "trains at context", "limited by", "overtakes softmax at"], body)

@@ -295,6 +295,13 @@ def run(shapes: list[BenchShape], device: str, opts: MemoryOptions, writer: RowW
             print(f"memory  {shape.mixer:>20} T={T:<8} {'OOM ' if row['oom'] else ''}{val}{step}{err}", flush=True)
             return r
 
+        if device == "cuda":
+            # One small untimed step first: Triton kernels compile and autotune on their first call, which
+            # would make the first point look slow and stop the search early on the time budget.
+            try:
+                measure_in_process(cfg, opts.start, 1, device, prec)
+            except Exception as e:  # noqa: BLE001 - the real points will report it
+                log.warning("memory %s: warm-up step failed: %s", shape.mixer, e)
         points, summary = find_threshold(measure, opts.start, opts.max_len, opts.tol, opts.time_budget_s)
         srow = measured(base, "oom_threshold", "tokens of context", [summary["fits"]] if summary["fits"] else None,
                         batch=opts.batch, context=summary["fits"], first_oom=summary["first_oom"],
