@@ -1,0 +1,98 @@
+"""`attnbench run [--preset seed|quick]`: the main job in one command.
+
+1. prepares shakespeare_char in --data_dir when it is missing (from --input, $ATTNBENCH_DATA, an
+   earlier download or the network);
+2. picks the preset for the hardware unless --preset is given: a CUDA GPU -> `seed` (the seed's full
+   comparison: five mixers at ~10.7M parameters, 3000 iterations), otherwise `quick` (the same
+   comparison scaled down for a CPU; minutes, not hours);
+3. runs the sweep (configs/sweeps/<preset>.toml: training, benchmarks, report) into --out
+   (default out/<preset>), printing where it is; re-running the command continues where it stopped;
+4. prints the bake-off table and the report's path.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import AttnbenchError
+
+PRESETS = ("seed", "quick")
+
+
+def preset_path(name: str) -> Path:
+    """configs/sweeps/<name>.toml of the repository (or of an installed copy's presets folder)."""
+    from .sweep import PACKAGE_ROOT, find_config_file
+
+    for cand in (f"configs/sweeps/{name}.toml", str(Path(__file__).parent / "presets" / "sweeps" / f"{name}.toml")):
+        p = find_config_file(cand)
+        if p is not None:
+            return p
+    raise AttnbenchError(f"preset {name!r} not found: expected configs/sweeps/{name}.toml in {Path.cwd()} or "
+                         f"{PACKAGE_ROOT}")
+
+
+def default_preset() -> str:
+    import torch
+
+    return "seed" if torch.cuda.is_available() else "quick"
+
+
+def run_main(preset: str | None = None, out: str | None = None, data_dir: str = "data", input_path: str | None = None,
+             **launch: Any) -> tuple[Path, list[str]]:
+    """Prepare the data, run the preset's sweep and report; returns report.md's path and the failed runs."""
+    from .data import ensure_prepared, prepare_shakespeare_char
+    from .data.prepare import ENV_VAR
+    from .report import bakeoff_section
+    from .sweep import load_sweep, run_sweep
+
+    t0 = time.monotonic()
+    preset = preset or default_preset()
+    if preset not in PRESETS:
+        raise AttnbenchError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    how = "given" if launch.pop("preset_given", True) else "picked for this machine"
+    sweep = load_sweep(preset_path(preset))
+    out = out or str(Path("out") / sweep.name)
+    print(f"attnbench run: preset {preset!r} ({how}) from {sweep.path} -> {out}", flush=True)
+    print(f"attnbench run: data: shakespeare_char in {data_dir}", flush=True)
+    if input_path is not None or os.environ.get(ENV_VAR):
+        prepare_shakespeare_char(data_dir, input_path)  # idempotent: a folder from the same source is kept
+    else:
+        ensure_prepared(data_dir, "shakespeare_char")  # a prepared folder is used as is; else download
+    man = run_sweep(sweep, out=out, data_dir=data_dir, **launch)
+    report = Path(out) / man.get("report", "report/report.md")
+    table = bakeoff_section(report) if report.is_file() else ""
+    print()
+    if table:
+        print(table)
+        print()
+    failed = [k for k, v in man["runs"].items() if v["status"] == "failed"]
+    if failed:
+        print(f"attnbench run: {len(failed)} run(s) failed: {', '.join(failed)} (logs in {Path(out) / 'logs'})")
+    print(f"attnbench run: finished in {time.monotonic() - t0:.0f} s; report: {report}", flush=True)
+    return report, failed
+
+
+def register_cli(subparsers: Any) -> None:
+    from .sweep import add_launch_options
+
+    p = subparsers.add_parser("run", help="the main job: prepare data, train every mixer, benchmark, report",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, default=None,
+                   help="seed (GPU: the seed's full settings) or quick (CPU); default: seed with CUDA, else quick")
+    p.add_argument("--out", default=None, help="results folder (default: out/<preset>)")
+    p.add_argument("--input", default=None, help="local tiny Shakespeare input.txt (else $ATTNBENCH_DATA, else download)")
+    add_launch_options(p)
+    p.set_defaults(data_dir="data")
+    p.add_argument("--no_bench", action="store_true", help="skip the benchmarks")
+    p.add_argument("--status_interval", type=float, default=30.0, help="seconds between progress lines")
+
+    def run(a: argparse.Namespace) -> int:
+        report, failed = run_main(a.preset, a.out, a.data_dir or "data", a.input, preset_given=a.preset is not None,
+                          devices=a.devices, jobs_per_device=a.jobs_per_device, nproc_per_node=a.nproc_per_node,
+                          bench=not a.no_bench, status_interval=a.status_interval, overrides=a.overrides_set)
+        return 0 if report.is_file() and not failed else 1
+
+    p.set_defaults(func=run)

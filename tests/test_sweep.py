@@ -1,0 +1,213 @@
+"""Sweeps: a SIGKILLed sweep restarts to the same results as an uninterrupted one, a finished sweep is
+left alone, run ids are stable, and sweep files are validated before anything runs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from attnbench import sweep as sw
+from attnbench.errors import ConfigError
+from attnbench.io import read_jsonl
+from conftest import tiny_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+ITERS, EVAL = 200, 20  # checkpoints every 20 steps: a kill after step 20 of run 2 has ~180 steps of margin
+
+
+def write_sweep(d: Path, data_dir: Path, body: str = "", name: str = "sweep.toml") -> Path:
+    import tomli_w
+
+    base = tiny_run_config(data_dir, d / "unused")
+    (d / "base.toml").write_text(tomli_w.dumps(base))
+    p = d / name
+    p.write_text(body or f"""
+name = "tiny"
+base_config = "base.toml"
+mixers = ["softmax"]
+learning_rates = [3e-3]
+seeds = [1, 2]
+[overrides]
+"train.max_iters" = {ITERS}
+"train.eval_interval" = {EVAL}
+"optim.min_lr" = 3e-4
+[bench]
+enabled = false
+""")
+    return p
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def final_val(run_dir: Path) -> float:
+    return json.loads((run_dir / "summary.json").read_text())["final_val_loss"]
+
+
+def sweep_cli(cfg: Path, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "attnbench", "sweep", str(cfg), "--out", str(out), "--no_report",
+                             "--devices", "cpu"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory):
+    """An uninterrupted sweep of two runs (also the results folder the report tests use)."""
+    d = tmp_path_factory.mktemp("ref")
+    cfg = write_sweep(d, tiny_data)
+    p = sweep_cli(cfg, d / "out")
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    return cfg, d / "out"
+
+
+def test_sigkill_during_second_run_then_restart_equals_uninterrupted(tiny_data, tmp_path, reference):
+    _, ref_out = reference
+    cfg = write_sweep(tmp_path, tiny_data)
+    out = tmp_path / "out"
+    runs = [r.run_id for r in sw.plan(sw.load_sweep(cfg), out)]
+    assert sorted(runs) == sorted(p.name for p in (ref_out / "runs").iterdir())  # ids do not depend on the folder
+    second = out / "runs" / runs[1]
+    p = sweep_cli(cfg, out)
+    deadline = time.monotonic() + 240
+    try:
+        while not (second / "ckpt" / "latest.json").exists() or \
+                json.loads((second / "ckpt" / "latest.json").read_text())["step"] < EVAL:
+            assert p.poll() is None, p.communicate()[0]
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(p.pid, signal.SIGKILL)  # the sweep dies; its training child follows (PR_SET_PDEATHSIG)
+    finally:
+        p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert (out / "runs" / runs[0] / "summary.json").is_file()
+    assert not (second / "summary.json").exists(), "the second run finished before the kill; test too slow to race"
+    child = json.loads((out / "sweep.json").read_text())["runs"][runs[1]]["pid"]
+    for _ in range(200):  # the child is gone (not left training the run behind the restart's back)
+        if not sw._still_training(child, second):
+            break
+        time.sleep(0.05)
+    assert not sw._still_training(child, second)
+
+    p = sweep_cli(cfg, out)
+    log, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, log
+    assert "1 done, 1 to resume, 0 to start" in log
+    launches = json.loads((second / "run.json").read_text())["launches"]
+    assert len(launches) == 2 and launches[1]["resumed_from_step"] >= EVAL  # resumed, not restarted
+    # every run exactly once, every step exactly once, results equal to the uninterrupted sweep
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(runs)
+    for rid in runs:
+        a, b = losses(ref_out / "runs" / rid), losses(out / "runs" / rid)
+        assert [s for s, _ in b] == list(range(1, ITERS + 1))
+        assert a == b
+        assert final_val(ref_out / "runs" / rid) == final_val(out / "runs" / rid)
+    man = json.loads((out / "sweep.json").read_text())
+    assert {v["status"] for v in man["runs"].values()} == {"done"}
+
+
+def test_rerunning_a_finished_sweep_does_nothing(reference, capsys):
+    cfg, out = reference
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file() and p.name != "run.json"}
+    man = sw.run_sweep(cfg, out=out, devices="cpu", report=False)
+    assert "2 done, 0 to resume, 0 to start" in capsys.readouterr().out
+    assert {v["status"] for v in man["runs"].values()} == {"done"}
+    after = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file() and p.name != "run.json"}
+    assert after == before
+    for rd in (out / "runs").iterdir():
+        assert len(json.loads((rd / "run.json").read_text())["launches"]) == 1
+
+
+def test_run_id_ignores_where_and_how_but_not_what(tiny_data, tmp_path):
+    from attnbench.config import load_config
+
+    cfg = load_config(tiny_run_config(tiny_data, tmp_path / "a"))
+    rid = sw.run_id_for(cfg)
+    assert rid.startswith("softmax-lr0.003-s1337-") and len(rid.rsplit("-", 1)[1]) == 8
+    same = load_config(cfg, {"train.out_dir": str(tmp_path / "b"), "data.data_dir": "/elsewhere", "progress": True,
+                             "log_interval": 5, "compile": True})
+    assert sw.run_id_for(same) == rid
+    for change in ({"learning_rate": 1e-3}, {"train.seed": 2}, {"max_iters": 21}, {"model.n_layer": 3},
+                   {"model.dropout": 0.1}):
+        assert sw.run_id_for(load_config(cfg, change)) != rid, change
+
+
+def test_plan_applies_overrides_and_mixer_overrides(tiny_data, tmp_path):
+    cfg = write_sweep(tmp_path, tiny_data, f"""
+base_config = "base.toml"
+mixers = ["softmax"]
+learning_rates = [1e-3, 3e-3]
+min_lr_ratio = 0.1
+[overrides.train]
+max_iters = 7
+[mixer_overrides.softmax]
+"model.n_layer" = 3
+""")
+    runs = sw.plan(sw.load_sweep(cfg), tmp_path / "out")
+    assert [r.learning_rate for r in runs] == [1e-3, 3e-3]
+    assert all(r.config["train"]["max_iters"] == 7 and r.config["model"]["n_layer"] == 3 for r in runs)
+    assert [r.config["optim"]["min_lr"] for r in runs] == pytest.approx([1e-4, 3e-4])
+    assert runs[0].config["train"]["out_dir"] == str(tmp_path / "out" / "runs" / runs[0].run_id)
+    assert runs[0].config["train"]["progress"] is False
+
+
+@pytest.mark.parametrize("body, match", [
+    ('base_config = "base.toml"\nmixers = ["softmax"]\nlearning_rate = [1e-3]', r"learning_rate.*did you mean 'learning_rates'"),
+    ('base_config = "base.toml"\nmixers = ["softmaxx"]', r"unknown mixer 'softmaxx'.*did you mean 'softmax'"),
+    ('base_config = "nope.toml"\nmixers = ["softmax"]', r"base_config 'nope.toml' not found"),
+    ('mixers = ["softmax"]', r"base_config is missing"),
+    ('base_config = "base.toml"\nmixers = []', r"mixers is empty"),
+    ('base_config = "base.toml"\nmixers = ["softmax"]\nseeds = [1, 1]', r"seeds lists a value twice"),
+    ('base_config = "base.toml"\nmixers = ["softmax"]\nlearning_rates = ["fast"]', r"learning_rates must be a list of float"),
+    ('base_config = "base.toml"\nmixers = ["softmax"]\n[overrides]\n"train.max_iter" = 3', r"train.max_iter.*did you mean 'max_iters'"),
+    ('base_config = "base.toml"\nmixers = ["softmax"]\n[overrides]\n"optim.learning_rate" = 3', r"use the sweep key 'learning_rates'"),
+    ('base_config = "base.toml"\nmixers = ["softmax"]\n[mixer_overrides.nsa]\nbackend = "torch"', r"mixer_overrides.nsa.*not in mixers"),
+    ('base_config = "base.toml"\nmixers = ["softmax"]\n[bench]\nenable = true', r"bench.enable.*did you mean 'enabled'"),
+    ('base_config = "base.toml"\nmixers = ["softmax"]\n[bench]\nbenches = ["latncy"]', r"latncy.*did you mean 'latency'"),
+    ('base_config = "base.toml"\nmixers = ["softmax"]\nparam_budget = "lots"', r"param_budget 'lots'"),
+    ('base_config = "base.toml"\nmixers = ["softmax"]\nlearning_rates = [1e-5]', r"min_lr"),
+])
+def test_sweep_file_errors_name_the_key(tiny_data, tmp_path, body, match):
+    cfg = write_sweep(tmp_path, tiny_data, body)
+    with pytest.raises(ConfigError, match=match):
+        sw.plan(sw.load_sweep(cfg), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written before the error
+
+
+def test_cli_reports_errors_with_exit_code_2(tiny_data, tmp_path):
+    from attnbench.cli import main
+
+    cfg = write_sweep(tmp_path, tiny_data, 'base_config = "base.toml"\nmixers = ["softmax"]\nseed = [1]')
+    assert main(["sweep", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    assert main(["sweep", str(cfg).replace("sweep.toml", "missing.toml")]) == 2
+
+
+def test_slots_pin_devices_and_share_cores():
+    s = sw.make_slots(["0", "1"], jobs_per_device=2, nproc=1)
+    assert [x.device for x in s] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]  # spread over GPUs first
+    assert s[0].env["CUDA_VISIBLE_DEVICES"] == "0" and s[0].shared_by == 2
+    t = sw.make_slots(["0", "1", "2", "3"], jobs_per_device=1, nproc=2)
+    assert [x.env["CUDA_VISIBLE_DEVICES"] for x in t] == ["0,1", "2,3"]
+    assert sw.child_command(Path("r"), 2)[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+    c = sw.make_slots(["cpu"], jobs_per_device=2, nproc=1)
+    assert c[0].env["CUDA_VISIBLE_DEVICES"] == "" and c[0].env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    with pytest.raises(sw.AttnbenchError, match="devices"):
+        sw.resolve_devices("gpu0")
+
+
+def test_presets_parse_and_plan(tmp_path):
+    """configs/sweeps/*.toml: valid files, every mixer parameter-matched within 1%."""
+    pytest.importorskip("attnbench.params")
+    for name in ("seed", "quick"):
+        s = sw.load_sweep(ROOT / "configs" / "sweeps" / f"{name}.toml")
+        runs = sw.plan(s, tmp_path / name, load_data=False)
+        assert [r.mixer for r in runs] == s.mixers and len(s.mixers) == 5
+        assert all(abs(r.match["deviation"]) <= 0.01 for r in runs), [(r.mixer, r.match) for r in runs]
+        if sw._bench_available():
+            sw.check_bench_options(s.bench, s.path)
