@@ -1,8 +1,10 @@
 """Pieces the three benchmarks share: model shapes, model building, timing, backend recording, rows.
 
-Shapes are the parameter-matched ones of `attnbench.params.match_all` (the same models the sweep
-trains) when that module imports; otherwise `configs/<mixer>.toml`'s [model] section, otherwise the
-ModelConfig defaults. `--set key=value` overrides apply on top (tests use them for tiny shapes).
+Shapes are the trained ones: `configs/<mixer>.toml`'s [model] section (softmax: shakespeare_char.toml),
+whose widths are parameter-matched (n_embd = "match", resolved by attnbench.params). For another
+--budget, `attnbench.params.match_shape` re-matches with the config's mixer args held fixed. Without
+a config file: the ModelConfig defaults. `--set key=value` overrides apply on top (tests use them for
+tiny shapes).
 
 Position embeddings: benchmark models use pos_emb='none' where the config says 'learned'. The learned
 table costs one lookup and add per token (negligible time) but its parameters grow with the context
@@ -81,8 +83,8 @@ class BenchShape:
 
     mixer: str
     cfg: ModelConfig
-    source: str  # e.g. "params.match_all(10.7M)", "configs/deltanet.toml", "ModelConfig defaults"
-    n_params_matched: int | None = None  # the count params.py reports for the trained shape
+    source: str  # e.g. "configs/deltanet.toml (matched to 10.7M)", "ModelConfig defaults"
+    n_params_matched: int | None = None  # params.count_params of the trained shape (learned pos table included)
 
 
 def _configs_dirs() -> list[Path]:
@@ -104,19 +106,25 @@ def _config_file_shape(mixer: str) -> tuple[ModelConfig, str]:
     return ModelConfig(mixer=mixer), "ModelConfig defaults"
 
 
-def _matched_shapes(mixers: list[str], budget: int) -> dict[str, tuple[ModelConfig, int]] | None:
-    """{mixer: (model_cfg, n_params)} from attnbench.params, or None when that module is absent."""
+def _match(mixer: str, budget: int, budget_text: str, cfg: ModelConfig, source: str
+           ) -> tuple[ModelConfig, int, str] | None:
+    """The trained shape at `budget`: the config file's own when it was matched to that budget, else
+    params.match_shape with the config's mixer args held fixed. None when attnbench.params is absent
+    or the search fails (logged): the config file's shape is used then."""
     try:
-        from .. import params  # written by the parameter-matching issue
+        from .. import params  # the parameter-matching issue's module
     except ModuleNotFoundError as e:
         if e.name not in ("attnbench.params",):
             raise
         return None
-    out = {}
-    for m in params.match_all(budget, mixers=mixers):
-        cfg = m.model_cfg
-        out[cfg.mixer] = (cfg, int(m.n_params))
-    return out
+    try:
+        if cfg.param_budget is not None and params.parse_budget(cfg.param_budget) == budget:
+            return cfg, params.count_params(cfg), f"{source} (matched to {cfg.param_budget})"
+        m = params.match_shape(mixer, budget, cfg.n_layer, base=cfg)
+        return m.model_cfg, int(m.n_params), f"params.match_shape({budget_text}, mixer_args of {source})"
+    except Exception as e:  # noqa: BLE001 - one mixer's search must not stop the benchmark
+        log.warning("parameter matching failed for %s (%s); using %s", mixer, e, source)
+        return None
 
 
 def parse_sets(items: list[str] | None, mixers: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -172,16 +180,14 @@ def resolve_shapes(mixers: list[str] | None = None, budget: str | int = DEFAULT_
     for n in names:
         registry.get(n)  # ConfigError naming the nearest mixer for a typo
     budget_n = parse_count(budget)
-    matched = _matched_shapes(names, budget_n) if match else None
     glob, per = parse_sets(sets, names)
     shapes = []
     for n in names:
-        if matched is not None and n in matched:
-            cfg, n_matched = matched[n]
-            source = f"params.match_all({budget})"
-        else:
-            cfg, source = _config_file_shape(n)
-            n_matched = None
+        cfg, source = _config_file_shape(n)
+        n_matched = None
+        got = _match(n, budget_n, str(budget), cfg, source) if match else None
+        if got is not None:
+            cfg, n_matched, source = got
         if glob or n in per:
             args = {**cfg.mixer_args, **per.get(n, {})}
             cfg = dataclasses.replace(cfg, **glob, mixer_args=args)
