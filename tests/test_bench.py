@@ -114,6 +114,26 @@ def test_delta_decode_time_does_not_grow_with_prompt(mixer):
     assert med[1024] < 2.0 * med[16], med  # recomputing 1024 tokens per step would cost >> 10x
 
 
+def test_a_failing_stage_is_a_row_and_keeps_what_was_measured(monkeypatch):
+    shape = common.resolve_shapes(["softmax"], match=False, sets=["n_layer=2", "n_embd=32", "n_head=2"])[0]
+    calls = []
+
+    def broken_counter(model):  # first use: the prefill (fine); second: the decode stage (raises)
+        calls.append(1)
+        if len(calls) % 2 == 0:
+            raise RuntimeError("decode exploded")
+        return orig(model)
+
+    orig = latency.count_mixer_tokens
+    monkeypatch.setattr(latency, "count_mixer_tokens", broken_counter)
+    opts = latency.LatencyOptions(prompt_lens=[8, 16], decode_steps=2, decode_warmup=0, prefill_repeats=1,
+                                  prefill_warmup=0)
+    rows = latency.run([shape], "cpu", opts, common.RowWriter(None))
+    assert [(r["context"], r["metric"], r.get("mode"), r["error"]) for r in rows] == [
+        (8, "prefill_ms", None, None), (8, "decode_ms_per_token", "eager", "RuntimeError: decode exploded"),
+        (16, "prefill_ms", None, None), (16, "decode_ms_per_token", "eager", "RuntimeError: decode exploded")]
+
+
 # ------------------------------------------------------------------ graph-safety checks (CPU parts)
 
 

@@ -186,6 +186,7 @@ def frozen_host_compiled(step: Callable[[], torch.Tensor], cache: Any, backend: 
     guard on and recompile for at every token. Valid only for a step that passed host_frozen_check,
     whose results do not depend on those counters (replays of its graph freeze them the same way)."""
     host = _host_scalars(cache)
+    torch._dynamo.reset()  # a fresh cache: dynamo stops compiling a frame after a few recompiles
     compiled = torch.compile(step, backend=backend, dynamic=False)
 
     def run() -> torch.Tensor:
@@ -280,15 +281,16 @@ def graph_decode(model: torch.nn.Module, cache: Any, tok: torch.Tensor, step: Ca
 
 
 def measure_prompt(model: torch.nn.Module, P: int, opts: LatencyOptions, device: str, prec: Precision,
-                   base: dict) -> list[dict]:
-    """Rows for one prompt length: prefill, eager decode, and (CUDA, --cuda_graph) graph decode."""
+                   base: dict, rows: list[dict] | None = None) -> list[dict]:
+    """Rows for one prompt length: prefill, eager decode, and (CUDA, --cuda_graph) graph decode.
+    Rows are appended to `rows` as they are measured, so a caller keeps them if a later stage raises."""
     B = opts.batch
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(P)
     prompt = torch.randint(0, vocab, (B, P), generator=g).to(device)
     max_len = P + opts.decode_budget()
     common = dict(context=P, prompt_len=P, batch=B)
-    rows = []
+    rows = [] if rows is None else rows
     holder: dict[str, Any] = {}
 
     with torch.no_grad(), prec.context(device):
@@ -355,8 +357,9 @@ def run(shapes: list[BenchShape], device: str, opts: LatencyOptions, writer: Row
         prec = precision(opts.dtype, device, inference=True)
         model, base = _build(shape, cfg, device, prec)
         for P in opts.prompt_lens:
+            rows: list[dict] = []
             try:
-                rows = measure_prompt(model, P, opts, device, prec, base)
+                measure_prompt(model, P, opts, device, prec, base, rows)
             except Exception as e:  # noqa: BLE001 - one failing mixer must not end the benchmark
                 if not is_oom(e) and prec.name == "bfloat16":
                     # bf16 weights are the fast inference setting; the mixers are tested under autocast
@@ -365,12 +368,13 @@ def run(shapes: list[BenchShape], device: str, opts: LatencyOptions, writer: Row
                     prec = precision("autocast", device, inference=True)
                     del model
                     model, base = _build(shape, cfg, device, prec)
+                    rows = []
                     try:
-                        rows = measure_prompt(model, P, opts, device, prec, base)
+                        measure_prompt(model, P, opts, device, prec, base, rows)
                     except Exception as e2:  # noqa: BLE001
-                        rows = [_failed(base, P, opts.batch, e2, device)]
+                        rows.append(_failed(base, P, opts.batch, e2, device, rows))
                 else:
-                    rows = [_failed(base, P, opts.batch, e, device)]
+                    rows.append(_failed(base, P, opts.batch, e, device, rows))
             for r in rows:
                 writer.emit(r)
                 out.append(r)
@@ -387,12 +391,18 @@ def _build(shape: BenchShape, cfg, device: str, prec: Precision) -> tuple[torch.
     return model, base_row("latency", shape, cfg, model.num_params(), device, prec)
 
 
-def _failed(base: dict, P: int, B: int, e: BaseException, device: str) -> dict:
+def _failed(base: dict, P: int, B: int, e: BaseException, device: str, done: list[dict]) -> dict:
+    """The row of the stage that raised (prefill, eager decode or graph decode, after those in `done`)."""
     oom = is_oom(e)
     log.error("%s prompt %d: %s: %s", base["mixer"], P, type(e).__name__, e, exc_info=not oom)
     if device == "cuda":
         torch.cuda.empty_cache()
-    row = measured(base, "prefill_ms", "ms", None, context=P, prompt_len=P, batch=B)
+    if not done:
+        row = measured(base, "prefill_ms", "ms", None, context=P, prompt_len=P, batch=B)
+    else:
+        mode = "eager" if len(done) == 1 else "cuda_graph"
+        row = measured(base, "decode_ms_per_token", "ms/token", None, context=P, prompt_len=P, batch=B, mode=mode,
+                       cuda_graph=False)
     row.update(oom=oom, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
     return row
 
