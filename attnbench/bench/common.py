@@ -322,33 +322,7 @@ def summarize(samples: list[float]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ which op backend ran
-
-
-@contextlib.contextmanager
-def record_backends() -> Iterator[dict[str, str]]:
-    """Record what `attnbench.ops.backend.resolve` answers while the block runs: {op: 'fla'|'torch'}
-    ('fla+torch' when one op got both). Ops import `resolve` by name, so every loaded attnbench module
-    holding that function is patched for the duration. Mixers that call no op family (softmax uses
-    PyTorch's scaled_dot_product_attention) record nothing: summary 'torch'."""
-    from ..ops import backend as _backend
-
-    orig = _backend.resolve
-    seen: dict[str, str] = {}
-
-    def recording(backend, x, op, unsupported=None):
-        r = orig(backend, x, op, unsupported)
-        seen[op] = r if seen.get(op, r) == r else "fla+torch"
-        return r
-
-    patched = [m for name, m in list(sys.modules.items())
-               if name.startswith("attnbench") and m is not None and getattr(m, "resolve", None) is orig]
-    for m in patched:
-        m.resolve = recording
-    try:
-        yield seen
-    finally:
-        for m in patched:
-            m.resolve = orig
+# (recorded by attnbench.ops.backend.record_backends)
 
 
 def backend_summary(seen: dict[str, str]) -> str:

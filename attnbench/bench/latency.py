@@ -32,8 +32,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..ops.backend import record_backends
 from .common import (BenchShape, Precision, RowWriter, base_row, bench_config, backend_summary, build_model,
-                     is_oom, measured, precision, print_table, record_backends, time_calls)
+                     is_oom, measured, precision, print_table, time_calls)
 
 log = logging.getLogger("attnbench.bench")
 

@@ -37,9 +37,9 @@ from typing import Any, Callable
 import torch
 
 from ..config import ModelConfig
+from ..ops.backend import record_backends
 from .common import (BenchShape, Precision, RowWriter, backend_summary, base_row, bench_config, build_model,
-                     is_oom, make_optimizer, measured, precision, print_table, random_batch, record_backends,
-                     train_step)
+                     is_oom, make_optimizer, measured, precision, print_table, random_batch, train_step)
 
 log = logging.getLogger("attnbench.bench")
 

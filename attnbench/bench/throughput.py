@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.backend import record_backends
 from .common import (BenchShape, RowWriter, backend_summary, base_row, bench_config, build_model, doubling, is_oom,
-                     make_optimizer, measured, precision, print_table, random_batch, record_backends, time_calls,
+                     make_optimizer, measured, precision, print_table, random_batch, time_calls,
                      train_step)
 
 log = logging.getLogger("attnbench.bench")

@@ -6,9 +6,11 @@ else runs the PyTorch version, with a one-time logged notice when a CUDA call fa
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+from typing import Iterator
 
 import torch
 
@@ -71,12 +73,34 @@ def check_backend(backend: str) -> None:
         raise AttnbenchError(f"backend={backend!r} is not one of {BACKENDS}; set backend to 'auto', 'torch' or 'fla'")
 
 
+_recorders: list[dict[str, str]] = []
+
+
+@contextlib.contextmanager
+def record_backends() -> Iterator[dict[str, str]]:
+    """Collect {op: 'fla' | 'torch' | 'fla+torch'} for every op call resolved inside the block, so a
+    benchmark row can say which backend produced its figure."""
+    seen: dict[str, str] = {}
+    _recorders.append(seen)
+    try:
+        yield seen
+    finally:
+        _recorders.remove(seen)
+
+
 def resolve(backend: str, x: torch.Tensor, op: str, unsupported: str | None = None) -> str:
     """Return 'fla' or 'torch' for this call.
 
     `unsupported` is None when FLA can run this call, otherwise the reason it cannot
     (e.g. "float32 inputs"); the caller works that out from the op's constraints.
     """
+    choice = _resolve(backend, x, op, unsupported)
+    for seen in _recorders:
+        seen[op] = choice if seen.get(op, choice) == choice else "fla+torch"
+    return choice
+
+
+def _resolve(backend: str, x: torch.Tensor, op: str, unsupported: str | None) -> str:
     check_backend(backend)
     if backend == "torch":
         return "torch"

@@ -217,3 +217,16 @@ def test_shape_errors():
     xp = make_inputs("gdp", 8, n=2)
     with pytest.raises(AttnbenchError, match="T\\*n"):
         run("gdp", "dispatch", xp, n=3)
+
+
+def test_record_backends_reports_the_backend_that_ran():
+    from attnbench.ops.backend import record_backends
+
+    q, k = torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
+    v, beta = torch.randn(1, 5, 2, 8), torch.rand(1, 5, 2)
+    with record_backends() as seen:
+        delta_rule(q, k, v, beta)
+    assert seen == {"delta_rule": "torch"}
+    with record_backends() as outer:
+        delta_rule(q, k, v, beta)
+    assert outer and seen == {"delta_rule": "torch"}  # a finished recorder no longer changes
