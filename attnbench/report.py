@@ -159,14 +159,15 @@ def load_run(path: Path) -> RunResult:
     return RunResult(path.name, path, cfg, summary, train, evals, meta if isinstance(meta, dict) else {})
 
 
-def _run_folders(root: Path) -> tuple[list[Path], set[str] | None, str]:
-    """Candidate run folders, the names the sweep plans (None: no sweep.json), and a name for the report."""
+def _run_folders(root: Path) -> tuple[list[Path], dict[str, dict] | None, str]:
+    """Candidate run folders, the runs the sweep plans with what sweep.json says of them (None: no
+    sweep.json), and a name for the report."""
     planned, name = None, root.name
     manifest = root / "sweep.json"
     if manifest.is_file():
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, AttributeError):
             m = _read_json(manifest)
-            planned = set(m.get("runs", {}))
+            planned = {k: v if isinstance(v, dict) else {} for k, v in m.get("runs", {}).items()}
             name = m.get("name", name)
     if (root / "config.json").is_file() or (root / "summary.json").is_file():
         return [root], None, name  # a single run folder
@@ -195,13 +196,20 @@ def load_results(root: str | Path) -> Results:
         if planned is not None and f.name not in planned:
             notes.append(f"{f.name}: in runs/ but not part of this sweep's plan (sweep.json); not reported")
             continue
-        if not f.is_dir():
-            skipped.append((f.name, "planned but never started"))
+        if not f.is_dir() or not any((f / n).exists() for n in ("config.json", "metrics.jsonl", "summary.json")):
+            if f.is_dir() and not (f / "run.json").exists():
+                skipped.append((f.name, "no config.json"))
+            else:
+                skipped.append((f.name, "planned, not started yet"))
             continue
         try:
             runs.append(load_run(f))
         except ValueError as e:
-            skipped.append((f.name, str(e)))
+            why = str(e)
+            st = (planned or {}).get(f.name, {})
+            if st.get("status") == "failed":  # the manifest knows why: point at the log
+                why += f"; the run failed (exit code {st.get('returncode')}), see logs/{f.name}.log"
+            skipped.append((f.name, why))
     if not runs and not skipped:
         raise AttnbenchError(f"no run folders in {root} (expected {root}/runs/<run>/config.json); "
                              "run `attnbench sweep` or `attnbench train` first")
@@ -435,13 +443,16 @@ def _plt():
 def _plain_log_ticks(ax, which: str = "y") -> None:
     """Plain numbers (6, 8, 10 / 64, 256) instead of 6x10^0 / 2^6 on a log axis; minor ticks are
     labelled too when the axis spans less than about a decade."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     axis = ax.yaxis if which == "y" else ax.xaxis
     lo, hi = (ax.get_ylim() if which == "y" else ax.get_xlim())
     fmt = FuncFormatter(lambda v, _: f"{v:g}")
     axis.set_major_formatter(fmt)
-    axis.set_minor_formatter(fmt if lo > 0 and hi / lo < 12 else NullFormatter())
+    narrow = lo > 0 and hi / lo < 12
+    if narrow and which == "y":  # within about a decade: ticks at 1, 1.25, 1.5, 2, 2.5, 3, 4, ... x 10^k
+        axis.set_minor_locator(LogLocator(base=10, subs=(1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9)))
+    axis.set_minor_formatter(fmt if narrow else NullFormatter())
 
 
 def _save(fig, path: Path) -> None:

@@ -41,7 +41,7 @@ summary.json is done and skipped, one with a checkpoint is resumed from it (`tra
 neither is started (files of an attempt killed before its first checkpoint are discarded first).
 `<out>/sweep.json` (written atomically) is the manifest: the plan, every run's status and launches.
 
-Processes: each run is a child process, `python -m attnbench.sweep --run RUN_DIR` (this module's own
+Processes: each run is a child process, `python -m attnbench.sweep RUN_DIR` (this module's own
 entry point, reading RUN_DIR/run.json), so a crash of one run does not stop the sweep. Runs are
 scheduled on slots: `--devices 0,1` gives one slot per GPU (CUDA_VISIBLE_DEVICES per child),
 `--jobs_per_device N` N slots per GPU (small, launch-bound models share a GPU well; the concurrency
@@ -50,7 +50,7 @@ runs each training under `python -m torch.distributed.run --standalone --nproc_p
 of N devices (DDP; train.gradient_accumulation_steps must be a multiple of N). A run across nodes:
 `attnbench sweep FILE --dry_run` writes every run.json and prints the commands; start one under
 torchrun on every node (`torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d
---rdzv_endpoint HOST:PORT -m attnbench.sweep --run OUT/runs/<id>`, shared filesystem), and the next
+--rdzv_endpoint HOST:PORT -m attnbench.sweep OUT/runs/<id>`, shared filesystem), and the next
 `attnbench sweep` finds it done.
 
 Stopping: Ctrl-C (SIGINT) or SIGTERM is forwarded to the children, which stop at a step boundary
@@ -555,12 +555,16 @@ def child_command(run_dir: Path, nproc: int = 1) -> list[str]:
     """The command that trains one planned run (under torchrun when nproc > 1)."""
     if nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "-m", "attnbench.sweep", "--run", str(run_dir)]
-    return [sys.executable, "-m", "attnbench.sweep", "--run", str(run_dir)]
+                "-m", "attnbench.sweep", str(run_dir)]
+    return [sys.executable, "-m", "attnbench.sweep", str(run_dir)]
 
 
 def _die_with_parent() -> None:
-    """Linux: get SIGKILL when the parent dies, so a killed sweep leaves no orphan training runs."""
+    """In a child: SIGINT handled (a shell may have started the sweep with it ignored, and an ignored
+    signal stays ignored across exec), and on Linux SIGKILL when the parent dies, so a killed sweep
+    leaves no orphan training runs."""
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(Exception):
@@ -597,6 +601,7 @@ def _run_main(run_dir: str) -> int:
     from .checkpoint import latest_checkpoint
 
     _die_with_parent()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C forwarded by the sweep: stop cleanly
     run_dir = Path(run_dir)
     try:
         spec = json.loads((run_dir / RUN_FILE).read_text())
@@ -810,11 +815,14 @@ def _train_all(sweep: Sweep, out: Path, todo: list[PlannedRun], slots: list[Slot
     last_status = time.monotonic()
     prev_term = signal.getsignal(signal.SIGTERM)
 
+    prev_int = signal.getsignal(signal.SIGINT)
+
     def on_term(signum, frame):
         raise KeyboardInterrupt
 
-    with contextlib.suppress(ValueError):
+    with contextlib.suppress(ValueError):  # SIGTERM, and SIGINT even if the shell started us ignoring it
         signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while queue or running:
             for slot in slots:
@@ -856,6 +864,7 @@ def _train_all(sweep: Sweep, out: Path, todo: list[PlannedRun], slots: list[Slot
     finally:
         with contextlib.suppress(ValueError, TypeError):
             signal.signal(signal.SIGTERM, prev_term)
+            signal.signal(signal.SIGINT, prev_int)
     return failed
 
 
@@ -1102,8 +1111,8 @@ def register_cli(subparsers: Any) -> None:
 def _main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m attnbench.sweep",
                                 description="train one planned sweep run (the sweep's child process)")
-    p.add_argument("--run", required=True, help="run folder holding run.json")
-    return _run_main(p.parse_args(argv).run)
+    p.add_argument("run_dir", help="run folder holding run.json")  # positional: torchrun would eat an option
+    return _run_main(p.parse_args(argv).run_dir)
 
 
 if __name__ == "__main__":

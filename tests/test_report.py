@@ -1,0 +1,171 @@
+"""The report: built from a results folder alone (no checkpoints, no data), with every table and figure;
+corrupt or partial run folders are listed as skipped, missing benchmark data is a note."""
+import json
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+
+from attnbench import report as rp
+from attnbench import sweep as sw
+from attnbench.cli import main
+from conftest import tiny_run_config
+
+FIGS = ["loss_vs_step.png", "loss_vs_time.png", "ppl_vs_flops.png", "lr_sensitivity.png"]
+BENCH_FIGS = ["decode_latency.png", "memory_vs_context.png", "throughput_vs_context.png"]
+
+
+@pytest.fixture(scope="module")
+def results(tiny_data, tmp_path_factory):
+    """A finished sweep: softmax at 2 learning rates x 2 seeds, two runs at a time (shared CPU)."""
+    import tomli_w
+
+    d = tmp_path_factory.mktemp("results")
+    (d / "base.toml").write_text(tomli_w.dumps(tiny_run_config(tiny_data, d / "unused")))
+    (d / "sweep.toml").write_text("""
+name = "tiny"
+base_config = "base.toml"
+mixers = ["softmax"]
+learning_rates = [3e-3, 1e-3]
+seeds = [1, 2]
+[overrides]
+"train.max_iters" = 20
+"optim.min_lr" = 1e-4
+[bench]
+enabled = false
+""")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OMP_NUM_THREADS", "1")
+    try:
+        man = sw.run_sweep(d / "sweep.toml", out=d / "out", devices="cpu", jobs_per_device=2, report=False)
+    finally:
+        mp.undo()
+    assert {v["status"] for v in man["runs"].values()} == {"done"}
+    return d / "out"
+
+
+def fake_bench(folder: Path, block: int = 32, tokens_per_iter: int = 256) -> None:
+    """Rows as attnbench.bench writes them (only the fields the report reads)."""
+    base = {"mixer": "softmax", "device": "cpu", "device_name": "test cpu", "dtype": "float32",
+            "shape": {"n_layer": 2, "n_embd": 32, "n_head": 2, "mixer_args": {}}}
+    rows = []
+    for T, ms in ((64, 0.5), (256, 0.7), (1024, 1.25)):
+        rows.append({**base, "bench": "latency", "metric": "decode_ms_per_token", "mode": "eager", "context": T,
+                     "value": ms, "median": ms, "min": ms * 0.9, "max": ms * 1.2, "oom": False})
+    for T, mb, oom in ((128, 300.0, False), (256, 320.0, False), (512, None, True)):
+        rows.append({**base, "bench": "memory", "metric": "peak_memory_mb", "unit": "MiB", "context": T, "value": mb,
+                     "median": mb, "min": mb, "max": mb, "oom": oom})
+    rows.append({**base, "bench": "memory", "metric": "oom_threshold", "context": 256, "value": 256, "first_oom": 512,
+                 "limited_by": "oom"})
+    for T, tps in ((block, 12800.0), (2 * block, 11000.0)):
+        rows.append({**base, "bench": "throughput", "metric": "train_tokens_per_s", "unit": "tokens/s", "context": T,
+                     "value": tps, "median": tps, "min": tps * 0.95, "max": tps * 1.05, "oom": False,
+                     "tokens_per_batch": tokens_per_iter})
+    (folder / "bench").mkdir(exist_ok=True)
+    (folder / "bench" / "softmax.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def copy_results(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    for ck in dst.rglob("ckpt"):  # the report needs no checkpoints
+        shutil.rmtree(ck)
+    shutil.rmtree(dst / "logs", ignore_errors=True)
+    return dst
+
+
+def table_row(md: str, section: str, mixer: str) -> list[str]:
+    part = md.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    line = next(x for x in part.splitlines() if x.startswith(f"| {mixer} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def assert_png(path: Path) -> None:
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300 and img.shape[2] in (3, 4)
+    assert img[..., :3].std() > 0.05  # not blank
+
+
+def test_report_from_results_folder_alone(results, tmp_path):
+    out = copy_results(results, tmp_path / "copy")
+    fake_bench(out)
+    path = rp.build_report(out)
+    md = path.read_text()
+    assert path == out / "report" / "report.md"
+    for f in FIGS + BENCH_FIGS:
+        assert f"]({f})" in md
+        assert_png(out / "report" / f)
+    assert "## Parameters" in md and "## Bake-off" in md and "skipped:" not in md
+    # bake-off numbers: mean and sd over the two seeds at the best learning rate
+    res = rp.load_results(out)
+    lrs = rp.by_mixer(res.runs)["softmax"]
+    best = rp.best_lr(lrs)
+    finals = [r.final_val_loss for r in lrs[best]]
+    assert statistics.fmean(finals) <= min(statistics.fmean(r.final_val_loss for r in v) for v in lrs.values())
+    row = table_row(md, "Bake-off", "softmax")
+    assert row[1] == f"{best:g}" and row[2] == "2"
+    assert row[3] == f"{statistics.fmean(finals):.4f} ± {statistics.stdev(finals):.4f}"
+    ppl = [math.exp(x) for x in finals]
+    assert row[4] == f"{statistics.fmean(ppl):.3f} ± {statistics.stdev(ppl):.3f}"
+    # speed from the throughput benchmark at the training context (12800 tokens/s, 256 tokens/iteration)
+    assert row[6] == "12,800" and row[7] == "20.0"
+    assert "OOM at 512" in row and "1.25" in row  # OOM threshold, decode ms/token at 1k
+    prow = table_row(md, "Parameters", "softmax")
+    assert prow[1:4] == ["2", "32", "2"] and prow[6].startswith("27,")
+
+
+def test_speed_from_shared_training_is_flagged_without_bench(results, tmp_path):
+    out = copy_results(results, tmp_path / "copy")
+    md = rp.build_report(out).read_text()
+    row = table_row(md, "Bake-off", "softmax")
+    assert row[6].endswith("†") and row[7].endswith("†")  # the runs trained two at a time
+    assert "shared the device" in md
+    assert "no benchmark data" in md  # figures and columns omitted, with a note
+    head = next(x for x in md.split("## Bake-off", 1)[1].splitlines() if x.startswith("| mixer"))
+    assert "OOM" not in head and "decode" not in head
+    for f in BENCH_FIGS:
+        assert not (out / "report" / f).exists()
+    for f in FIGS:
+        assert_png(out / "report" / f)
+
+
+def test_corrupt_and_partial_runs_are_skipped_not_fatal(results, tmp_path):
+    out = copy_results(results, tmp_path / "copy")
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    (out / "runs" / runs[0] / "summary.json").write_text('{"final_val_loss": 1.2')  # torn JSON
+    (out / "runs" / runs[1] / "summary.json").unlink()  # killed before its end
+    shutil.copytree(out / "runs" / runs[2], out / "runs" / "stray")  # not part of the sweep's plan
+    md = rp.build_report(out).read_text()
+    assert f"skipped: {runs[0]} (summary.json is not valid JSON" in md
+    assert f"skipped: {runs[1]} (unfinished: no summary.json)" in md
+    assert "stray: in runs/ but not part of this sweep's plan" in md
+    assert "2 finished runs" in md
+    # without the manifest every folder counts: the stray copy is reported, a bad config.json is skipped
+    (out / "sweep.json").unlink()
+    junk = out / "runs" / "junk"
+    junk.mkdir()
+    (junk / "config.json").write_text("not json")
+    (out / "runs" / "empty").mkdir()
+    md = rp.build_report(out).read_text()
+    assert "skipped: junk (config.json is not valid JSON" in md
+    assert "skipped: empty (no config.json)" in md
+    assert "3 finished runs" in md
+
+
+def test_report_cli(results, tmp_path, capsys):
+    out = copy_results(results, tmp_path / "copy")
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    printed = capsys.readouterr().out
+    assert "| softmax |" in printed and str(tmp_path / "rep" / "report.md") in printed
+    assert (tmp_path / "rep" / "loss_vs_step.png").is_file()
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+
+
+def test_one_colour_per_mixer():
+    names = ["softmax", "deltanet", "gated_deltanet", "gated_deltaproduct", "nsa"]
+    colours = [rp.mixer_color(m) for m in names]
+    assert len(set(colours)) == len(names)
+    assert rp.mixer_color("my_new_mixer") == rp.mixer_color("my_new_mixer") not in colours
