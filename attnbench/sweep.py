@@ -26,17 +26,19 @@ process, benchmarks the mixers and writes the report. Example (configs/sweeps/se
     options = { }                                   # extra `--key value` options for the bench command
 
 Shapes: with `param_budget` every mixer gets the shape `params.match_all` finds for it (starting
-from the base model section, plus `<base dir>/<mixer>.toml`'s model section when that file exists);
-without it, that model section (or the base) is used as is. Precedence, last wins: base config ->
-mixer config's model section -> [overrides] -> [mixer_overrides.<mixer>] -> the sweep axes (mixer,
-learning rate, seed) -> matched shape. Every resolved config is validated before anything runs.
+from the base model section, plus `<base dir>/<mixer>.toml`'s model section when that file exists,
+minus the mixer args the matcher searches, e.g. head_dim, unless [overrides] fix them); without it,
+that model section (or the base) is used as is. Precedence, last wins: base config -> mixer config's
+model section -> [overrides] -> `--set KEY=VALUE` -> [mixer_overrides.<mixer>] -> the sweep axes
+(mixer, learning rate, seed) -> matched shape. Every resolved config is validated before anything
+runs (unknown keys name the nearest valid one).
 
 Runs on disk: `<out>/runs/<run-id>/` holds what `attnbench train` writes (config.json, metrics.jsonl,
 ckpt/, summary.json last) plus run.json (the resolved config the sweep launched it with, its parameter
 match and its launches: device and how many runs shared it, which matters for speed numbers). The run
 id is `<mixer>-lr<lr>-s<seed>-<hash>`, the hash being 8 hex digits of the resolved config without the
 settings that do not change what is computed (out_dir, progress, resume, logging, data_dir,
-checkpoint retention, eval batch size). So re-running a sweep recognises its runs: a run with a valid
+checkpoint retention, eval batch size, torch.compile). So re-running a sweep recognises its runs: a run with a valid
 summary.json is done and skipped, one with a checkpoint is resumed from it (`train.resume`), one with
 neither is started (files of an attempt killed before its first checkpoint are discarded first).
 `<out>/sweep.json` (written atomically) is the manifest: the plan, every run's status and launches.
@@ -87,7 +89,7 @@ from typing import Any, Iterator
 
 from .config import SECTIONS, RunConfig, load_config
 from .errors import AttnbenchError, ConfigError
-from .io import atomic_write_json, read_jsonl
+from .io import atomic_write_json, atomic_write_text, read_jsonl
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the repository (configs/ lives here)
 RUN_FILE, MANIFEST, LOCK = "run.json", "sweep.json", ".sweep.lock"
@@ -758,7 +760,7 @@ def _write_run_file(run_dir: Path, r: PlannedRun, sweep: Sweep, launches: list[d
 def _execute(sweep: Sweep, out: Path, runs: list[PlannedRun], slots: list[Slot], bench: bool, report: bool,
              dry_run: bool, status_interval: float) -> dict:
     man = _Manifest(out, sweep, runs)
-    (out / "sweep.toml").write_text(sweep.text)
+    atomic_write_text(out / "sweep.toml", sweep.text)  # the sweep file as run, next to its results
     todo: list[PlannedRun] = []
     states = {}
     for r in runs:
@@ -768,9 +770,8 @@ def _execute(sweep: Sweep, out: Path, runs: list[PlannedRun], slots: list[Slot],
         if state == "done":
             man.data["runs"][r.run_id]["status"] = "done"
             continue
-        if not dry_run:
-            if state == "stale":
-                _clear_stale(rd)
+        if state == "stale" and not dry_run:
+            _clear_stale(rd)
         rd.mkdir(parents=True, exist_ok=True)
         _write_run_file(rd, r, sweep)
         man.data["runs"][r.run_id]["status"] = "partial" if state == "resume" else "pending"
@@ -791,9 +792,10 @@ def _execute(sweep: Sweep, out: Path, runs: list[PlannedRun], slots: list[Slot],
             print(" ".join(child_command(rd, slots[0].nproc)))
         return man.data
 
-    failed = _train_all(sweep, out, todo, slots, man, status_interval, n_done, len(runs))
-    if bench and sweep.bench.enabled:
-        _run_benchmarks(sweep, out, runs, slots, man)
+    with _interruptible():
+        failed = _train_all(sweep, out, todo, slots, man, status_interval, n_done, len(runs))
+        if bench and sweep.bench.enabled:
+            _run_benchmarks(sweep, out, runs, slots, man)
     if report:
         from .report import build_report
 
@@ -813,16 +815,6 @@ def _train_all(sweep: Sweep, out: Path, todo: list[PlannedRun], slots: list[Slot
     running: list[_Running] = []
     failed: list[str] = []
     last_status = time.monotonic()
-    prev_term = signal.getsignal(signal.SIGTERM)
-
-    prev_int = signal.getsignal(signal.SIGINT)
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    with contextlib.suppress(ValueError):  # SIGTERM, and SIGINT even if the shell started us ignoring it
-        signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while queue or running:
             for slot in slots:
@@ -861,11 +853,27 @@ def _train_all(sweep: Sweep, out: Path, todo: list[PlannedRun], slots: list[Slot
         _stop(running, man)
         _say(f"interrupted; checkpoints are kept. Continue with the same command (attnbench sweep {sweep.path} --out {out})")
         raise
-    finally:
-        with contextlib.suppress(ValueError, TypeError):
-            signal.signal(signal.SIGTERM, prev_term)
-            signal.signal(signal.SIGINT, prev_int)
     return failed
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGTERM behaves like Ctrl-C, and Ctrl-C works even when a shell started us with SIGINT ignored."""
+    prev = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:  # not the main thread: leave the handlers alone
+        prev = {}
+    try:
+        yield
+    finally:
+        for sig, h in prev.items():
+            signal.signal(sig, h if h is not None else signal.SIG_DFL)
 
 
 def _still_training(pid: Any, run_dir: Path) -> bool:

@@ -211,3 +211,38 @@ def test_presets_parse_and_plan(tmp_path):
         assert all(abs(r.match["deviation"]) <= 0.01 for r in runs), [(r.mixer, r.match) for r in runs]
         if sw._bench_available():
             sw.check_bench_options(s.bench, s.path)
+
+
+def test_ctrl_c_stops_children_cleanly_and_keeps_checkpoints(tiny_data, tmp_path):
+    cfg = write_sweep(tmp_path, tiny_data, f"""
+base_config = "base.toml"
+mixers = ["softmax"]
+seeds = [1, 2]
+jobs_per_device = 2
+[overrides]
+"train.max_iters" = 100000
+"train.eval_interval" = {EVAL}
+[bench]
+enabled = false
+""")
+    out = tmp_path / "out"
+    runs = [r.run_id for r in sw.plan(sw.load_sweep(cfg), out)]
+    p = sweep_cli(cfg, out)
+    deadline = time.monotonic() + 120
+    try:
+        while not all((out / "runs" / r / "ckpt" / "latest.json").exists() for r in runs):
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(p.pid, signal.SIGINT)
+        log, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, log
+    assert "interrupted; checkpoints are kept" in log
+    man = json.loads((out / "sweep.json").read_text())
+    for r in runs:
+        assert man["runs"][r]["status"] == "interrupted"
+        assert not sw._still_training(man["runs"][r]["pid"], out / "runs" / r)
+        assert sw.run_state(out / "runs" / r)[0] == "resume"
+        assert "interrupted at step" in (out / "logs" / f"{r}.log").read_text()  # the trainer stopped itself
