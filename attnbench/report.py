@@ -306,6 +306,7 @@ class BakeoffRow:
     tokens_per_s: float | None
     ms_per_iter: float | None
     speed_source: str  # "bench" | "train" | "train-shared"
+    speed_note: str  # how the benchmark measured (tokens per batch, compiled or not)
     peak_mem_mb: float | None
     oom: str | None
     decode_ms: tuple[float, int] | None
@@ -329,7 +330,11 @@ def bakeoff(res: Results) -> list[BakeoffRow]:
         # the benchmark's tokens/s at the training context (measured alone on the device), when there is one
         T = rs[0].config["model"].get("block_size")
         bt = [r for r in tp_rows if r.get("mixer") == mixer and r.get("context") == T]
+        note = ""
         if bt:
+            tpb, comp = bt[-1].get("tokens_per_batch"), bt[-1].get("compiled")
+            note = (f"{tpb:,} tokens per batch" if tpb else "") + ("" if comp is None else
+                                                                  f"{', ' if tpb else ''}torch.compile {'on' if comp else 'off'}")
             tc = rs[0].config["train"]
             tokens_per_iter = tc.get("batch_size", 0) * T * tc.get("gradient_accumulation_steps", 1)
             tok_per_s = float(bt[-1]["value"])
@@ -338,7 +343,7 @@ def bakeoff(res: Results) -> list[BakeoffRow]:
         mem = [r.summary.get("peak_mem_mb") for r in rs if r.summary.get("peak_mem_mb")]
         out.append(BakeoffRow(
             mixer, lr, len(rs), _mean_sd(losses), _mean_sd([math.exp(x) for x in losses]),
-            _mean_sd(bpcs) if len(bpcs) == len(rs) else None, tok_per_s, ms_iter, source,
+            _mean_sd(bpcs) if len(bpcs) == len(rs) else None, tok_per_s, ms_iter, source, note,
             statistics.fmean(mem) if mem else None, _oom_threshold(res.bench, mixer),
             _decode_at(res.bench, mixer, "eager"), _decode_at(res.bench, mixer, "cuda_graph"),
             rs[0].summary.get("n_params")))
@@ -375,8 +380,10 @@ def bakeoff_markdown(rows: list[BakeoffRow]) -> tuple[str, list[str]]:
     notes.append("val loss, perplexity and bits/char: final evaluation on the whole validation split, mean ± sample "
                  "standard deviation over seeds at the mixer's best learning rate (lowest mean final val loss).")
     if any(r.speed_source == "bench" for r in rows):
+        how = sorted({r.speed_note for r in rows if r.speed_note})
         notes.append("tokens/s and ms/iter: throughput benchmark at the training context (one model alone on the "
-                     "device); ms/iter = tokens per iteration / tokens/s.")
+                     "device" + (f"; {', '.join(how)}" if how else "") + "); ms/iter = tokens per training "
+                     "iteration / tokens/s.")
     if any(r.speed_source.startswith("train") for r in rows):
         notes.append("tokens/s and ms/iter without a throughput benchmark: steady-state training speed from the runs.")
     if shared:

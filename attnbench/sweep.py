@@ -1095,8 +1095,9 @@ def add_launch_options(p: argparse.ArgumentParser) -> None:
 
 def register_cli(subparsers: Any) -> None:
     p = subparsers.add_parser("sweep", help="train every run of a sweep file, then benchmark and report (resumable)",
-                              description=__doc__.split("\n\n")[0] + " Re-run the same command to continue an "
-                              "interrupted sweep.", formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__.split("\nShapes:")[0] + "\nRe-run the same command to "
+                              "continue an interrupted sweep (see attnbench/sweep.py for the rest).",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="sweep TOML, e.g. configs/sweeps/quick.toml")
     p.add_argument("--out", default=None, help="results folder (default: out/<sweep name>)")
     add_launch_options(p)
