@@ -614,12 +614,6 @@ def _run_main(run_dir: str) -> int:
     cfg["train"]["out_dir"] = str(run_dir)
     resume = latest_checkpoint(run_dir) is not None
     cfg["train"]["resume"] = resume
-    saved = run_dir / "config.json"
-    if resume and saved.is_file() and int(os.environ.get("RANK", "0")) == 0:
-        old = json.loads(saved.read_text())  # the folder may have moved since: the folder is the run
-        if old.get("train", {}).get("out_dir") != str(run_dir):
-            old["train"]["out_dir"] = str(run_dir)
-            atomic_write_json(saved, old)
     try:
         attnbench.train(cfg)
     except AttnbenchError as e:

@@ -197,7 +197,7 @@ def prepare_run_dir(cfg: RunConfig, is_main: bool) -> tuple[Path, Path | None]:
 
 
 # Settings that may change between a run and its resumption without changing its results.
-_RESUMABLE = {"train.resume", "train.progress", "train.log_interval", "train.max_iters", "train.keep_checkpoints",
+_RESUMABLE = {"train.out_dir", "train.resume", "train.progress", "train.log_interval", "train.max_iters", "train.keep_checkpoints",
               "train.compile", "train.device", "train.eval_batch_size", "log.wandb_log", "log.wandb_project",
               "log.wandb_run_name", "model.backend", "data.data_dir",
               "model.vocab_size"}  # vocab_size is derived from the dataset
@@ -261,6 +261,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist, Corpus, BatchSa
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
     sampler = BatchSampler(corpus.train, cfg.model.block_size, tc.batch_size, tc.seed)
     start_iter, best_val, tokens_seen, train_time = 0, float("inf"), 0, 0.0
+    last_val: float | None = None
     torch.manual_seed(tc.seed + 1 + dinfo.rank)  # dropout stream, distinct per rank
 
     if ckpt_path is not None:
@@ -272,6 +273,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist, Corpus, BatchSa
         _set_rng_state(rng, device)
         start_iter, best_val = int(st["step"]), float(st["best_val_loss"])
         tokens_seen, train_time = int(st["tokens"]), float(st["train_time_s"])
+        last_val = st.get("last_val_loss")
     if dinfo.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / CONFIG)
@@ -309,12 +311,13 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist, Corpus, BatchSa
         if dinfo.is_main:
             save_checkpoint(run_dir, step, raw_model, {
                 "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "rng": rngs,
-                "best_val_loss": best_val, "tokens": tokens_seen, "train_time_s": train_time}, keep=tc.keep_checkpoints)
+                "best_val_loss": best_val, "last_val_loss": last_val, "tokens": tokens_seen,
+                "train_time_s": train_time}, keep=tc.keep_checkpoints)
 
     def run_eval(step: int) -> float:
-        nonlocal best_val
+        nonlocal best_val, last_val
         vl = evaluate(model, val_x, val_y, tc.eval_batch_size, dev, autocast, dinfo)
-        best_val = min(best_val, vl)
+        best_val, last_val = min(best_val, vl), vl
         row = {"step": step, "val_loss": vl, "val_ppl": math.exp(vl), "val_bpc": corpus.bits_per_char(vl),
                "tokens": tokens_seen, "flops": tokens_seen * flops_per_token, "train_time_s": train_time, "peak_mem_mb": peak_memory_mb(device)}
         log(row)
@@ -407,8 +410,11 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist, Corpus, BatchSa
     train_time += time.perf_counter() - t_interval
     if bad.item():
         raise NonFiniteLoss(f"non-finite loss before step {it}; last good checkpoint: step {last_good}")
-    final_val = run_eval(it)
-    checkpoint(it)
+    if ckpt_path is not None and start_iter == it and last_val is not None:
+        final_val = last_val  # resumed from the final checkpoint (killed before summary.json): no second eval
+    else:
+        final_val = run_eval(it)
+        checkpoint(it)
     # steady-state speed: skip the first logged interval (compilation, warm-up)
     steady = step_times[1:] or step_times
     ms_iter = 1000 * sum(d for _, d in steady) / max(1, sum(n for n, _ in steady))

@@ -164,3 +164,26 @@ def test_ddp_two_gloo_processes_match_one_process_with_doubled_accumulation(tiny
     sb = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert sb["world_size"] == 2
     assert abs(sa["final_val_loss"] - sb["final_val_loss"]) < 1e-4
+
+
+def test_resume_after_final_checkpoint_does_not_evaluate_twice(tiny_data, tmp_path):
+    """Killed between the final checkpoint and summary.json: resuming only writes the summary."""
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_data, out, **{"train.max_iters": 10})
+    first = attnbench.train(cfg)
+    (out / "summary.json").unlink()
+    rows_before = read_jsonl(out / "metrics.jsonl")
+    again = attnbench.train(cfg, {"resume": True})
+    assert read_jsonl(out / "metrics.jsonl") == rows_before
+    assert again["final_val_loss"] == first["final_val_loss"] and (out / "summary.json").is_file()
+
+
+def test_resume_in_a_moved_folder(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_data, out, **{"train.max_iters": 10})
+    attnbench.train(cfg)
+    (out / "summary.json").unlink()
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    cfg["train"]["out_dir"] = str(moved)
+    assert attnbench.train(cfg, {"resume": True, "max_iters": 12})["steps"] == 12
