@@ -301,6 +301,7 @@ class BakeoffRow:
     lr: float
     n: int
     val_loss: tuple[float, float | None]
+    best_val_loss: tuple[float, float | None] | None
     ppl: tuple[float, float | None]
     bpc: tuple[float, float | None] | None
     tokens_per_s: float | None
@@ -312,6 +313,12 @@ class BakeoffRow:
     decode_ms: tuple[float, int] | None
     decode_graph_ms: tuple[float, int] | None
     n_params: int | None
+
+
+def _best_val(rs: list) -> tuple[float, float | None] | None:
+    """Lowest validation loss each run reached (at any evaluation): shows early overfitting."""
+    best = [r.summary.get("best_val_loss") for r in rs]
+    return _mean_sd(best) if all(isinstance(b, (int, float)) for b in best) else None
 
 
 def bakeoff(res: Results) -> list[BakeoffRow]:
@@ -342,7 +349,7 @@ def bakeoff(res: Results) -> list[BakeoffRow]:
             source = "bench"
         mem = [r.summary.get("peak_mem_mb") for r in rs if r.summary.get("peak_mem_mb")]
         out.append(BakeoffRow(
-            mixer, lr, len(rs), _mean_sd(losses), _mean_sd([math.exp(x) for x in losses]),
+            mixer, lr, len(rs), _mean_sd(losses), _best_val(rs), _mean_sd([math.exp(x) for x in losses]),
             _mean_sd(bpcs) if len(bpcs) == len(rs) else None, tok_per_s, ms_iter, source, note,
             statistics.fmean(mem) if mem else None, _oom_threshold(res.bench, mixer),
             _decode_at(res.bench, mixer, "eager"), _decode_at(res.bench, mixer, "cuda_graph"),
@@ -355,7 +362,7 @@ def bakeoff_markdown(rows: list[BakeoffRow]) -> tuple[str, list[str]]:
     has_graph = any(r.decode_graph_ms for r in rows)
     has_decode = any(r.decode_ms for r in rows)
     has_oom = any(r.oom for r in rows)
-    head = ["mixer", "best lr", "seeds", "val loss", "perplexity", "bits/char", "tokens/s", "ms/iter",
+    head = ["mixer", "best lr", "seeds", "val loss", "best val loss", "perplexity", "bits/char", "tokens/s", "ms/iter",
             "peak train mem (MB)"]
     if has_oom:
         head.append("OOM threshold (context)")
@@ -368,7 +375,8 @@ def bakeoff_markdown(rows: list[BakeoffRow]) -> tuple[str, list[str]]:
     shared = any(r.speed_source == "train-shared" for r in rows)
     for r in rows:
         mark = {"bench": "", "train": "", "train-shared": " †"}[r.speed_source]
-        cells = [r.mixer, f"{r.lr:g}", str(r.n), _fmt(*r.val_loss), _fmt(*r.ppl, digits=3),
+        cells = [r.mixer, f"{r.lr:g}", str(r.n), _fmt(*r.val_loss), _fmt(*r.best_val_loss) if r.best_val_loss else "-",
+                 _fmt(*r.ppl, digits=3),
                  _fmt(*r.bpc, digits=4) if r.bpc else "-", _fmt_num(r.tokens_per_s) + mark,
                  _fmt_num(r.ms_per_iter) + mark, _fmt_num(r.peak_mem_mb)]
         if has_oom:
@@ -378,7 +386,8 @@ def bakeoff_markdown(rows: list[BakeoffRow]) -> tuple[str, list[str]]:
                 cells.append("-" if val is None else f"{val[0]:.3g}" + ("" if val[1] == DECODE_CONTEXT else f" (@{val[1]})"))
         lines.append("| " + " | ".join(cells) + " |")
     notes.append("val loss, perplexity and bits/char: final evaluation on the whole validation split, mean ± sample "
-                 "standard deviation over seeds at the mixer's best learning rate (lowest mean final val loss).")
+                 "standard deviation over seeds at the mixer's best learning rate (lowest mean final val loss); "
+                 "best val loss: the lowest any evaluation reached (a gap to val loss means overfitting).")
     if any(r.speed_source == "bench" for r in rows):
         how = sorted({r.speed_note for r in rows if r.speed_note})
         notes.append("tokens/s and ms/iter: throughput benchmark at the training context (one model alone on the "

@@ -109,6 +109,9 @@ def test_report_from_results_folder_alone(results, tmp_path):
     assert row[1] == f"{best:g}" and row[2] == "2"
     assert row[3] == f"{statistics.fmean(finals):.4f} ± {statistics.stdev(finals):.4f}"
     ppl = [math.exp(x) for x in finals]
+    bests = [r.summary["best_val_loss"] for r in lrs[best]]
+    assert row[4] == f"{statistics.fmean(bests):.4f} ± {statistics.stdev(bests):.4f}"  # best val loss
+    row = row[:4] + row[5:]  # the remaining columns as before
     assert row[4] == f"{statistics.fmean(ppl):.3f} ± {statistics.stdev(ppl):.3f}"
     # speed from the throughput benchmark at the training context (12800 tokens/s, 256 tokens/iteration)
     assert row[6] == "12,800" and row[7] == "20.0"
@@ -121,7 +124,7 @@ def test_speed_from_shared_training_is_flagged_without_bench(results, tmp_path):
     out = copy_results(results, tmp_path / "copy")
     md = rp.build_report(out).read_text()
     row = table_row(md, "Bake-off", "softmax")
-    assert row[6].endswith("†") and row[7].endswith("†")  # the runs trained two at a time
+    assert row[7].endswith("†") and row[8].endswith("†")  # the runs trained two at a time
     assert "shared the device" in md
     assert "no benchmark data" in md  # figures and columns omitted, with a note
     head = next(x for x in md.split("## Bake-off", 1)[1].splitlines() if x.startswith("| mixer"))
