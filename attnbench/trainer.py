@@ -17,6 +17,7 @@ import torch.nn as nn
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, load_config
+from .data import BatchSampler, Corpus, val_windows
 from .errors import AttnbenchError
 from .flops import train_flops_per_token
 from .io import append_jsonl, atomic_write_json, read_jsonl
@@ -174,7 +175,7 @@ def _stop_on_sigterm():
 # ------------------------------------------------------------------ the run
 
 
-def prepare_run_dir(cfg: RunConfig, is_main: bool) -> tuple[Path, Path | None]:
+def prepare_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
     """Check the run folder before any work: refuse to overwrite a run unless resuming, and refuse to
     resume with a different configuration."""
     run_dir = Path(cfg.train.out_dir)
@@ -217,27 +218,26 @@ def _config_diff(old: dict, new: dict) -> list[str]:
 
 
 def train(config: str | Path | dict | RunConfig | None = None, overrides: list[str] | dict | None = None) -> dict:
-    from .data import BatchSampler, Corpus, val_windows
-
+    """Train one run (see the module docstring); returns the summary also written to summary.json."""
     cfg = load_config(config, overrides)
     device = resolve_device(cfg)
     dinfo = distributed.setup(device)
     clean = False
     try:
-        out = _train(cfg, device, dinfo, Corpus, BatchSampler, val_windows)
+        out = _train(cfg, device, dinfo)
         clean = True
         return out
     finally:
         distributed.teardown(dinfo, clean)
 
 
-def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist, Corpus, BatchSampler, val_windows) -> dict:
+def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
     tc = cfg.train
     if tc.gradient_accumulation_steps % dinfo.world_size:
         raise AttnbenchError(f"train.gradient_accumulation_steps={tc.gradient_accumulation_steps} must be a multiple of "
                              f"the number of processes ({dinfo.world_size})")
     micro_steps = tc.gradient_accumulation_steps // dinfo.world_size
-    run_dir, ckpt_path = prepare_run_dir(cfg, dinfo.is_main)
+    run_dir, ckpt_path = prepare_run_dir(cfg)
     if ckpt_path is None and (run_dir / SUMMARY).exists():  # resumed a finished run: nothing to do
         import json
 
