@@ -20,6 +20,7 @@ from attnbench.mixers._delta_common import DeltaState, triangular_solve_flops
 from attnbench.ops.delta_product import gated_delta_product_recurrent
 from attnbench.ops.delta_rule import delta_rule_recurrent
 from attnbench.ops.gated_delta_rule import gated_delta_rule_recurrent
+from attnbench.ops.short_conv import causal_conv1d
 
 NAMES = ["deltanet", "gated_deltanet", "gated_deltaproduct"]
 B, D, NH = 2, 32, 2
@@ -74,25 +75,49 @@ def ref_l2(x: torch.Tensor) -> torch.Tensor:
     return x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6)
 
 
+def ref_weights(m) -> dict[str, torch.Tensor]:
+    """The separate projection matrices W_q, W_k, W_v, W_b, W_a, W_g [out, d] and convolution weights
+    conv_q, conv_k, conv_v [D, W], cut from the fused in_proj (rows q | k | v | extras | g) and conv1d
+    (channels q | k | v). The widths come from the mixer's dims here, not from its own layout."""
+    H, hk, hv = m.n_heads, m.head_k, m.head_v
+    a = m.args
+    if m.name == "deltanet":
+        parts = [("q", H * hk), ("k", H * hk), ("v", H * hv), ("b", H)] + [("g", H * hv)] * a.use_gate
+    elif m.name == "gated_deltanet":
+        parts = [("q", H * hk), ("k", H * hk), ("v", H * hv), ("a", H), ("b", H)] + [("g", H * hv)] * a.use_gate
+    else:
+        n = a.num_householder
+        parts = ([("q", H * hk), ("k", n * H * hk), ("v", n * H * hv), ("b", n * H)]
+                 + [("a", H)] * a.use_forget_gate + [("g", H * hv)] * a.use_output_gate)
+    names, widths = zip(*parts)
+    assert m.in_proj.weight.shape == (sum(widths), m.cfg.n_embd)
+    w = dict(zip(names, m.in_proj.weight.split(widths)))
+    if m.conv1d is not None:
+        w |= {f"conv_{c}": cw for c, cw in zip("qkv", m.conv1d.weight.split(widths[:3]))}
+    return w
+
+
 def ref_out(m, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """Per-head RMSNorm (eps 1e-5) times weight, times silu(W_g x) when gated, then o_proj."""
     Bx, T = x.shape[:2]
     y = o / torch.sqrt((o * o).mean(-1, keepdim=True) + 1e-5) * m.o_norm.weight
-    if m.g_proj is not None:
-        gate = (x @ m.g_proj.weight.T).view(Bx, T, m.n_heads, -1)
+    W = ref_weights(m)
+    if "g" in W:
+        gate = (x @ W["g"].T).view(Bx, T, m.n_heads, -1)
         y = y * gate * torch.sigmoid(gate)
     return y.reshape(Bx, T, -1) @ m.o_proj.weight.T
 
 
 def ref_qkv(m, x):
-    q, k, v = (x @ p.weight.T for p in (m.q_proj, m.k_proj, m.v_proj))
-    if m.q_conv1d is None:
+    W = ref_weights(m)
+    q, k, v = (x @ W[c].T for c in "qkv")
+    if m.conv1d is None:
         return (t * torch.sigmoid(t) for t in (q, k, v))
-    return ref_conv(q, m.q_conv1d.weight), ref_conv(k, m.k_conv1d.weight), ref_conv(v, m.v_conv1d.weight)
+    return ref_conv(q, W["conv_q"]), ref_conv(k, W["conv_k"]), ref_conv(v, W["conv_v"])
 
 
 def ref_decay(m, x):
-    a = x @ m.a_proj.weight.T
+    a = x @ ref_weights(m)["a"].T
     return -m.decay.A_log.exp() * torch.log1p(torch.exp(a + m.decay.dt_bias))
 
 
@@ -100,7 +125,7 @@ def reference(m, x: torch.Tensor) -> torch.Tensor:
     Bx, T = x.shape[:2]
     H, hk, hv = m.n_heads, m.head_k, m.head_v
     q, k, v = ref_qkv(m, x)
-    beta = torch.sigmoid(x @ m.b_proj.weight.T) * (2.0 if m.args.allow_neg_eigval else 1.0)
+    beta = torch.sigmoid(x @ ref_weights(m)["b"].T) * (2.0 if m.args.allow_neg_eigval else 1.0)
     q = ref_l2(q.view(Bx, T, H, hk))
     if m.name == "gated_deltaproduct":
         n = m.args.num_householder
@@ -246,9 +271,12 @@ def test_init_survives_model_init(name):
     m = GPT(GPTConfig(mixer=name, n_layer=2, n_head=4, n_embd=64))
     for blk in m.blocks:
         mx = blk.mixer
-        w = mx.q_conv1d.weight
+        w = mx.conv1d.weight
         assert w.abs().max() <= 0.5 and w.std() > 0.2  # U(-1/sqrt(4), 1/sqrt(4)), not normal(0, 0.02)
         assert mx.o_norm.weight.eq(1).all()
+        # the fused in_proj gets the generic normal(0, 0.02) like separate projections; o_proj the scaled one
+        assert abs(mx.in_proj.weight.std().item() - 0.02) < 0.002
+        assert abs(mx.o_proj.weight.std().item() - 0.02 / math.sqrt(4)) < 0.001
         if name != "deltanet":
             A = mx.decay.A_log.exp()
             dt = F.softplus(mx.decay.dt_bias)
@@ -292,6 +320,54 @@ def test_state_numbers_equal_state_size(name, args):
     _, st = m(torch.randn(2, 20, D), st)
     assert sum(t.numel() for t in st.tensors()) // 2 == numel  # constant in T
     assert m.state_numbers(cfg, 1000) == numel
+
+
+def fla_param_count(name: str, a: dict, d: int, H: int, hk: int, hv: int) -> int:
+    """FLA_NOTES' parameter formulas for the layers built with separate projections/convolutions (W=4)."""
+    dk, dv, W = H * hk, H * hv, a.get("conv_size", 4)
+    gate = a.get("use_output_gate", True) if name == "gated_deltaproduct" else a.get("use_gate", name != "deltanet")
+    out = (d * dv if gate else 0) + hv + dv * d
+    if name == "deltanet":
+        return d * (2 * dk + dv) + d * H + (W * (2 * dk + dv) if a.get("use_short_conv", True) else 0) + out
+    if name == "gated_deltanet":
+        return d * (2 * dk + dv) + 2 * d * H + 2 * H + W * (2 * dk + dv) + out
+    n = a.get("num_householder", 2)
+    forget = d * H + 2 * H if a.get("use_forget_gate", True) else 0
+    return d * dk * (1 + n) + n * d * dv + n * d * H + forget + W * (dk * (1 + n) + n * dv) + out
+
+
+FUSED_CASES = [(n, {}) for n in NAMES] + [(n, v) for n, vs in VARIANTS.items() for v in vs]
+
+
+@pytest.mark.parametrize("name,args", FUSED_CASES, ids=[f"{n}-{a}" for n, a in FUSED_CASES])
+def test_fused_projection_and_convolution(name, args, monkeypatch):
+    """One input GEMM and one q|k|v convolution per call (the GPU step is launch-bound), with the parameter
+    count of separate projections (FLA_NOTES' formulas) and a single convolution tail in the state."""
+    import attnbench.mixers._delta_common as dc
+    from torch.profiler import profile
+
+    m = make_mixer(name, args, dtype=torch.float32)
+    n_params = sum(p.numel() for p in m.parameters())
+    assert n_params == fla_param_count(name, args, D, m.n_heads, m.head_k, m.head_v)
+    assert [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)] == ["in_proj", "o_proj"]
+    convs = []
+    monkeypatch.setattr(dc, "causal_conv1d", lambda *a, **k: convs.append(1) or causal_conv1d(*a, **k))
+    x = torch.randn(B, 9, D, requires_grad=True)
+    with profile() as prof:
+        m(x)[0].sum().backward()
+    assert sum(e.name == "aten::linear" for e in prof.events()) == 2
+    assert len(convs) == (0 if m.conv1d is None else 1)
+    st = m.init_state(B, 20, "cpu", torch.float32)
+    convs.clear()
+    m(x.detach(), st)
+    if m.conv1d is None:
+        assert st.conv is None and not convs
+    else:
+        assert len(convs) == 1 and st.conv.shape == (B, sum(m.qkv_dims), m.args.conv_size - 1)
+        # the tail holds the raw q|k|v projections of the last W-1 tokens (oldest first)
+        W1 = m.args.conv_size - 1
+        raw = (x.detach() @ m.in_proj.weight.T)[:, -W1:, :sum(m.qkv_dims)]
+        assert torch.allclose(st.conv, raw.transpose(1, 2), atol=1e-6)
 
 
 # ------------------------------------------------------------------ training

@@ -5,6 +5,17 @@ SiLU -> (L2-normalised q, k inside the op) -> a delta-rule op -> per-head output
 gated) -> o_proj. This module holds the pieces they share: the short convolution, the output norm,
 the Mamba-style decay gate, the decoding state, and a base class that wires projections, state and
 output together. The mixers only choose their dimensions and call their op.
+
+Fused layout (the step is launch-bound on the GPU: one GEMM and one convolution instead of 3-6 and 3).
+Every input projection is one `in_proj: nn.Linear(d, sum of widths)` whose output rows are, in order,
+
+    q | k | v | then each mixer's per-token extras (e.g. b = beta logits, a = decay input, g = output gate)
+
+and the q|k|v block goes through ONE depthwise convolution `conv1d.weight [Dq+Dk+Dv, W]` (FLA fuses its three
+convolutions the same way when it has no cache). This is the same maths and parameter count as separate
+q/k/v/b/a/g projections and convolutions, stacked: row r of in_proj.weight is row r of the matching part.
+`proj_layout` names the parts and their widths; o_proj stays its own Linear (the model's scaled init keys
+on `o_proj.weight`).
 """
 from __future__ import annotations
 
@@ -81,6 +92,8 @@ class HeadRMSNorm(nn.Module):
 
     Without a gate: y = rmsnorm(o) * w. With a gate (FLA's FusedRMSNormGated, swish):
     y = rmsnorm(o) * w * silu(gate). Computed in float32 (float64 stays float64), returned in o's dtype.
+    F.rms_norm is the same maths; with input and weight of one dtype it can dispatch to torch's fused
+    kernel (one launch forward, instead of pow/mean/add/rsqrt/mul/mul and their backward).
     """
 
     def __init__(self, dim: int, eps: float = NORM_EPS):
@@ -90,8 +103,7 @@ class HeadRMSNorm(nn.Module):
 
     def forward(self, o: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         dt = torch.float64 if o.dtype == torch.float64 else torch.float32
-        of = o.to(dt)
-        y = of * torch.rsqrt(of.square().mean(-1, keepdim=True) + self.eps) * self.weight.to(dt)
+        y = F.rms_norm(o.to(dt), (o.shape[-1],), self.weight.to(dt), self.eps)
         if gate is not None:
             y = y * F.silu(gate.to(dt))
         return y.to(o.dtype)
@@ -122,7 +134,9 @@ class DecayGate(nn.Module):
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         dt = torch.float64 if a.dtype == torch.float64 else torch.float32
-        return -self.A_log.to(dt).exp() * F.softplus(a.to(dt) + self.dt_bias.to(dt))
+        # a (bf16 under autocast) + the float32 bias promotes to float32, as a.float() + bias would; on CUDA
+        # the add reads a as bf16 itself, so no separate cast kernel
+        return -self.A_log.to(dt).exp() * F.softplus(a + self.dt_bias.to(dt))
 
 
 @dataclass
@@ -130,18 +144,16 @@ class DeltaState:
     """Decoding state of one delta-family layer for a batch of sequences.
 
     recurrent: the fast-weight matrix `[B, H, K, V]`, float32 (float64 in float64 runs);
-    conv_q/conv_k/conv_v: the short convolutions' tails `[B, D, W-1]` (None without convolutions);
+    conv: the fused q|k|v short convolution's tail `[B, Dq+Dk+Dv, W-1]` (None without convolutions);
     pos: tokens seen so far.
     """
 
     recurrent: torch.Tensor
-    conv_q: torch.Tensor | None = None
-    conv_k: torch.Tensor | None = None
-    conv_v: torch.Tensor | None = None
+    conv: torch.Tensor | None = None
     pos: int = 0
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.recurrent, self.conv_q, self.conv_k, self.conv_v) if t is not None]
+        return [t for t in (self.recurrent, self.conv) if t is not None]
 
 
 def _store(state: DeltaState, name: str, new: torch.Tensor | None) -> None:
@@ -178,11 +190,10 @@ def triangular_solve_flops(T: int, H: int, K: int, V: int, C: int) -> float:
 
 
 class DeltaMixer(Mixer):
-    """Base of the delta-family mixers: short convolutions, state, output norm and projection.
+    """Base of the delta-family mixers: the fused input projection and convolution, state, output.
 
-    A subclass builds q_proj/k_proj/v_proj and the rest in __init__, then calls `_build_tail(...)`;
-    its forward calls `_qkv` (projections + convolutions), its op, then `_finish` (norm, gate, o_proj,
-    state update).
+    A subclass calls `_build(...)` in __init__ with its widths; its forward calls `_project` (in_proj,
+    the q|k|v convolution, SiLU), its op, then `_finish` (norm, gate, o_proj, state update).
     """
 
     encodes_position = True  # recurrence orders the tokens; learned or no position embedding both work
@@ -193,23 +204,21 @@ class DeltaMixer(Mixer):
             raise ConfigError(f"model.pos_emb='rope' does not apply to mixer {cls.name!r}: it has no attention "
                               "scores to rotate (its recurrence encodes order); use pos_emb='learned' or 'none'")
 
-    def _build_convs(self, dims_qkv: tuple[int, int, int], conv_size: int | None) -> None:
-        """Short convolutions on q, k, v (widths dims_qkv) or none when conv_size is None."""
-        self.conv_dims = dims_qkv if conv_size is not None else None
-        if conv_size is None:
-            self.q_conv1d = self.k_conv1d = self.v_conv1d = None
-            return
-        self.conv_size = conv_size
-        self.q_conv1d = ShortConv(dims_qkv[0], conv_size)
-        self.k_conv1d = ShortConv(dims_qkv[1], conv_size)
-        self.v_conv1d = ShortConv(dims_qkv[2], conv_size)
-
-    def _build_output(self, n_heads: int, head_v: int, use_gate: bool) -> None:
-        """Per-head output norm, optional output gate g_proj (d -> H*head_v), o_proj back to d."""
+    def _build(self, qkv: tuple[int, int, int], extras: dict[str, int], n_heads: int, head_v: int,
+               use_gate: bool, conv_size: int | None) -> None:
+        """in_proj (d -> q|k|v|extras|[g]), the fused q|k|v convolution (none when conv_size is None),
+        the per-head output norm and o_proj (H*head_v -> d). `extras` maps a name to its width, in order."""
         d = self.cfg.n_embd
         self.n_heads, self.head_v = n_heads, head_v
+        layout = dict(zip("qkv", qkv)) | extras | ({"g": n_heads * head_v} if use_gate else {})
+        self.proj_layout: dict[str, int] = layout
+        self.qkv_dims = qkv
+        # first split: the q|k|v block (one convolution input) and each extra
+        self._splits = [sum(qkv)] + list(layout.values())[3:]
+        self.in_proj = nn.Linear(d, sum(layout.values()), bias=False)
+        self.conv_size = conv_size
+        self.conv1d = ShortConv(sum(qkv), conv_size) if conv_size is not None else None
         self.o_norm = HeadRMSNorm(head_v)
-        self.g_proj = nn.Linear(d, n_heads * head_v, bias=False) if use_gate else None
         self.o_proj = nn.Linear(n_heads * head_v, d, bias=False)
 
     def reset_mixer_parameters(self) -> None:
@@ -217,39 +226,46 @@ class DeltaMixer(Mixer):
             if isinstance(m, (ShortConv, DecayGate)):
                 m.reset_parameters()
 
-    def _qkv(self, x: torch.Tensor, state: DeltaState | None) -> tuple[torch.Tensor, ...]:
-        """Projections and convolutions (SiLU either way); returns q, k, v `[B, T, D*]` and the new tails."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.q_conv1d is None:
-            return F.silu(q), F.silu(k), F.silu(v), None, None, None
-        keep, be = state is not None, self.cfg.backend
-        q, tq = self.q_conv1d(q, state.conv_q if keep else None, keep, be)
-        k, tk = self.k_conv1d(k, state.conv_k if keep else None, keep, be)
-        v, tv = self.v_conv1d(v, state.conv_v if keep else None, keep, be)
-        return q, k, v, tq, tk, tv
+    def _project(self, x: torch.Tensor, state: DeltaState | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """One GEMM, one convolution (SiLU either way): q, k, v `[B, T, D*]` (views of one tensor), the extras
+        by name (views of the GEMM's output, pre-activation) and the new convolution tail (None without state)."""
+        # one split each (not several slices): autograd's backward of a split is a single cat
+        qkv, *rest = self.in_proj(x).split(self._splits, dim=-1)
+        extras = dict(zip(list(self.proj_layout)[3:], rest))
+        tail = None
+        if self.conv1d is None:
+            qkv = F.silu(qkv)
+        else:
+            qkv, tail = self.conv1d(qkv, state.conv if state is not None else None, state is not None,
+                                    self.cfg.backend)
+        q, k, v = qkv.split(self.qkv_dims, dim=-1)
+        return q, k, v, extras, tail
 
-    def _finish(self, x: torch.Tensor, o: torch.Tensor, state: DeltaState | None, S: torch.Tensor | None,
-                tails: tuple) -> tuple[torch.Tensor, DeltaState | None]:
-        """o `[B, T, H, head_v]` -> norm (gated) -> o_proj; records the new state."""
+    def _beta(self, b: torch.Tensor) -> torch.Tensor:
+        beta = b.sigmoid()
+        return beta * 2 if self.args.allow_neg_eigval else beta
+
+    def _finish(self, x: torch.Tensor, o: torch.Tensor, extras: dict[str, torch.Tensor], state: DeltaState | None,
+                S: torch.Tensor | None, tail: torch.Tensor | None) -> tuple[torch.Tensor, DeltaState | None]:
+        """o `[B, T, H, head_v]` -> norm (gated by extras['g'] when present) -> o_proj; records the new state."""
         B, T = x.shape[:2]
-        gate = self.g_proj(x).view(B, T, self.n_heads, self.head_v) if self.g_proj is not None else None
+        gate = extras["g"].view(B, T, self.n_heads, self.head_v) if "g" in extras else None
         y = self.o_proj(self.o_norm(o, gate).reshape(B, T, -1))
         if state is not None:
             _store(state, "recurrent", S)
-            for name, tail in zip(("conv_q", "conv_k", "conv_v"), tails):
-                _store(state, name, tail)
+            _store(state, "conv", tail)
             state.pos += T
         return y, state
 
     def _new_state(self, batch: int, K: int, V: int, device, dtype: torch.dtype) -> DeltaState:
         sdt = torch.float64 if dtype == torch.float64 else torch.float32
         S = torch.zeros(batch, self.n_heads, K, V, device=device, dtype=sdt)
-        if self.conv_dims is None:
+        if self.conv1d is None:
             return DeltaState(S)
-        W1 = self.conv_size - 1
-        tails = [torch.zeros(batch, D, W1, device=device, dtype=dtype) for D in self.conv_dims]
-        return DeltaState(S, *tails)
+        return DeltaState(S, torch.zeros(batch, sum(self.qkv_dims), self.conv_size - 1, device=device, dtype=dtype))
 
     @staticmethod
-    def _state_numbers(H: int, K: int, V: int, conv_dims: tuple[int, int, int] | None, conv_size: int) -> int:
-        return H * K * V + (sum(conv_dims) * (conv_size - 1) if conv_dims is not None else 0)
+    def _state_numbers(H: int, K: int, V: int, conv_dim: int | None, conv_size: int) -> int:
+        """H*K*V of the recurrent matrix plus W-1 inputs per channel of the q|k|v convolution."""
+        return H * K * V + (conv_dim * (conv_size - 1) if conv_dim is not None else 0)

@@ -7,6 +7,8 @@
     y       = o_proj(rmsnorm_per_head(o) [* silu(W_g x)])
 
 Heads: num_heads (default model.n_head), key head dim n_embd*expand_k/H, value head dim n_embd*expand_v/H.
+W_q, W_k, W_v, W_b [, W_g] are one in_proj (rows q | k | v | b | g) and the three convolutions one
+(channels q | k | v): see _delta_common.
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from ..ops.delta_rule import delta_rule
 from . import register
@@ -61,25 +62,17 @@ class DeltaNet(DeltaMixer):
         a, d = self.args, cfg.n_embd
         H, self.head_k, head_v = a.dims(d, cfg.n_head)
         dk, dv = H * self.head_k, H * head_v
-        self.q_proj = nn.Linear(d, dk, bias=False)
-        self.k_proj = nn.Linear(d, dk, bias=False)
-        self.v_proj = nn.Linear(d, dv, bias=False)
-        self.b_proj = nn.Linear(d, H, bias=False)
-        self._build_convs((dk, dk, dv), a.conv_size if a.use_short_conv else None)
-        self._build_output(H, head_v, a.use_gate)
+        self._build((dk, dk, dv), {"b": H}, H, head_v, a.use_gate, a.conv_size if a.use_short_conv else None)
 
     def forward(self, x: torch.Tensor, state: DeltaState | None = None) -> tuple[torch.Tensor, DeltaState | None]:
         B, T, _ = x.shape
-        q, k, v, *tails = self._qkv(x, state)
+        q, k, v, ex, tail = self._project(x, state)
         H = self.n_heads
-        beta = self.b_proj(x).sigmoid()
-        if self.args.allow_neg_eigval:
-            beta = beta * 2
         o, S = delta_rule(q.view(B, T, H, self.head_k), k.view(B, T, H, self.head_k), v.view(B, T, H, self.head_v),
-                          beta, initial_state=state.recurrent if state is not None else None,
+                          self._beta(ex["b"]), initial_state=state.recurrent if state is not None else None,
                           output_final_state=state is not None, qk_l2norm=True, backend=self.cfg.backend,
                           chunk_size=self.args.chunk_size)
-        return self._finish(x, o, state, S, tuple(tails))
+        return self._finish(x, o, ex, state, S, tail)
 
     def init_state(self, batch: int, max_len: int, device, dtype) -> DeltaState:
         return self._new_state(batch, self.head_k, self.head_v, device, dtype)
@@ -99,9 +92,8 @@ class DeltaNet(DeltaMixer):
 
     @classmethod
     def state_numbers(cls, cfg: Any, T: int) -> int:
-        """H*K*V of the recurrent matrix plus (W-1) inputs per channel of the q, k, v convolutions;
+        """H*K*V of the recurrent matrix plus (W-1) inputs per channel of the q|k|v convolution;
         independent of T."""
         a = cls.Args.from_dict(cfg.mixer_args, "deltanet")
         H, hk, hv = a.dims(cfg.n_embd, cfg.n_head)
-        conv = (H * hk, H * hk, H * hv) if a.use_short_conv else None
-        return cls._state_numbers(H, hk, hv, conv, a.conv_size)
+        return cls._state_numbers(H, hk, hv, H * (2 * hk + hv) if a.use_short_conv else None, a.conv_size)

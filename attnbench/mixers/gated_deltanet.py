@@ -9,7 +9,8 @@ layer builds it (FLA_NOTES 3.2):
 
 Heads: num_heads (default model.n_head) of key dim head_dim (default n_embd // num_heads) and value
 dim head_dim*expand_v. expand_v defaults to 1.0 (FLA: 2) so a 384-wide model stays near softmax's
-size; the parameter-matching step tunes the widths.
+size; the parameter-matching step tunes the widths. W_q, W_k, W_v, W_a, W_b [, W_g] are one in_proj (rows
+q | k | v | a | b | g) and the three convolutions one (channels q | k | v): see _delta_common.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from ..ops.gated_delta_rule import gated_delta_rule
 from . import register
@@ -61,29 +61,20 @@ class GatedDeltaNet(DeltaMixer):
         a, d = self.args, cfg.n_embd
         H, self.head_k, head_v = a.dims(d, cfg.n_head)
         dk, dv = H * self.head_k, H * head_v
-        self.q_proj = nn.Linear(d, dk, bias=False)
-        self.k_proj = nn.Linear(d, dk, bias=False)
-        self.v_proj = nn.Linear(d, dv, bias=False)
-        self.a_proj = nn.Linear(d, H, bias=False)
-        self.b_proj = nn.Linear(d, H, bias=False)
         self.decay = DecayGate(H)
-        self._build_convs((dk, dk, dv), a.conv_size)
-        self._build_output(H, head_v, a.use_gate)
+        self._build((dk, dk, dv), {"a": H, "b": H}, H, head_v, a.use_gate, a.conv_size)
 
     def forward(self, x: torch.Tensor, state: DeltaState | None = None) -> tuple[torch.Tensor, DeltaState | None]:
         B, T, _ = x.shape
-        q, k, v, *tails = self._qkv(x, state)
+        q, k, v, ex, tail = self._project(x, state)
         H = self.n_heads
-        g = self.decay(self.a_proj(x))  # [B, T, H] float32
-        beta = self.b_proj(x).sigmoid()
-        if self.args.allow_neg_eigval:
-            beta = beta * 2
+        g = self.decay(ex["a"])  # [B, T, H] float32
         o, S = gated_delta_rule(q.view(B, T, H, self.head_k), k.view(B, T, H, self.head_k),
-                                v.view(B, T, H, self.head_v), g, beta,
+                                v.view(B, T, H, self.head_v), g, self._beta(ex["b"]),
                                 initial_state=state.recurrent if state is not None else None,
                                 output_final_state=state is not None, qk_l2norm=True, backend=self.cfg.backend,
                                 chunk_size=self.args.chunk_size)
-        return self._finish(x, o, state, S, tuple(tails))
+        return self._finish(x, o, ex, state, S, tail)
 
     def init_state(self, batch: int, max_len: int, device, dtype) -> DeltaState:
         return self._new_state(batch, self.head_k, self.head_v, device, dtype)
@@ -103,7 +94,7 @@ class GatedDeltaNet(DeltaMixer):
 
     @classmethod
     def state_numbers(cls, cfg: Any, T: int) -> int:
-        """H*K*V of the recurrent matrix plus (W-1) inputs per channel of the q, k, v convolutions."""
+        """H*K*V of the recurrent matrix plus (W-1) inputs per channel of the q|k|v convolution."""
         a = cls.Args.from_dict(cfg.mixer_args, "gated_deltanet")
         H, hk, hv = a.dims(cfg.n_embd, cfg.n_head)
-        return cls._state_numbers(H, hk, hv, (H * hk, H * hk, H * hv), a.conv_size)
+        return cls._state_numbers(H, hk, hv, H * (2 * hk + hv), a.conv_size)

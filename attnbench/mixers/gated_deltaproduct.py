@@ -1,7 +1,7 @@
 """Gated DeltaProduct (Siems et al. 2025, "DeltaProduct"), as FLA's `GatedDeltaProduct` *layer*
 builds it (FLA_NOTES 3.3; its layer defaults, not its model-config defaults):
 
-    per token t: n keys, values and betas (k_proj: d -> n*H*hd, v_proj: d -> n*H*hv, b_proj: d -> n*H),
+    per token t: n keys, values and betas (W_k: d -> n*H*hd, W_v: d -> n*H*hv, W_b: d -> n*H),
     each sequence of n rank-1 delta steps preceded by one decay exp(g_t) and followed by one read
     with q_t:  S <- e^{g_t} S;  for j < n: S <- S + beta_tj k_tj (v_tj - S^T k_tj)^T;  o_t = S^T q_t
     g    = -exp(A_log) * softplus(W_a x + dt_bias)   (use_forget_gate)
@@ -10,7 +10,9 @@ builds it (FLA_NOTES 3.3; its layer defaults, not its model-config defaults):
     y    = o_proj(rmsnorm_per_head(o) * silu(W_g x))  (use_output_gate)
 
 The projections are laid out '(n h d)' per token and rearranged to '(t n) h d' (token-major
-interleaving) for the op gated_delta_product (ops/delta_product.py).
+interleaving) for the op gated_delta_product (ops/delta_product.py). W_q, W_k, W_v, W_b [, W_a] [, W_g]
+are one in_proj (rows q | k | v | b | a | g) and the three convolutions one (channels q | k | v): see
+_delta_common.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from ..ops.delta_product import gated_delta_product
 from . import register
@@ -65,34 +66,24 @@ class GatedDeltaProduct(DeltaMixer):
         n = self.n = a.num_householder
         H, self.head_k, head_v = a.dims(d, cfg.n_head)
         dk, dv = H * self.head_k, H * head_v
-        self.q_proj = nn.Linear(d, dk, bias=False)
-        self.k_proj = nn.Linear(d, n * dk, bias=False)
-        self.v_proj = nn.Linear(d, n * dv, bias=False)
-        self.b_proj = nn.Linear(d, n * H, bias=False)
-        if a.use_forget_gate:
-            self.a_proj = nn.Linear(d, H, bias=False)
-            self.decay = DecayGate(H)
-        else:
-            self.a_proj = self.decay = None
-        self._build_convs((dk, n * dk, n * dv), a.conv_size)
-        self._build_output(H, head_v, a.use_output_gate)
+        self.decay = DecayGate(H) if a.use_forget_gate else None
+        extras = {"b": n * H} | ({"a": H} if a.use_forget_gate else {})
+        self._build((dk, n * dk, n * dv), extras, H, head_v, a.use_output_gate, a.conv_size)
 
     def forward(self, x: torch.Tensor, state: DeltaState | None = None) -> tuple[torch.Tensor, DeltaState | None]:
         B, T, _ = x.shape
-        q, k, v, *tails = self._qkv(x, state)
+        q, k, v, ex, tail = self._project(x, state)
         H, n = self.n_heads, self.n
         # '... t (n h d) -> ... (t n) h d': the n entries of token t sit at t*n .. t*n+n-1
         k = k.reshape(B, T * n, H, self.head_k)
         v = v.reshape(B, T * n, H, self.head_v)
-        beta = self.b_proj(x).sigmoid().reshape(B, T * n, H)
-        if self.args.allow_neg_eigval:
-            beta = beta * 2
-        g = self.decay(self.a_proj(x)) if self.decay is not None else None
+        beta = self._beta(ex["b"]).reshape(B, T * n, H)
+        g = self.decay(ex["a"]) if self.decay is not None else None
         o, S = gated_delta_product(q.view(B, T, H, self.head_k), k, v, g, beta, n,
                                    initial_state=state.recurrent if state is not None else None,
                                    output_final_state=state is not None, qk_l2norm=True,
                                    backend=self.cfg.backend)
-        return self._finish(x, o, state, S, tuple(tails))
+        return self._finish(x, o, ex, state, S, tail)
 
     def init_state(self, batch: int, max_len: int, device, dtype) -> DeltaState:
         return self._new_state(batch, self.head_k, self.head_v, device, dtype)
@@ -114,9 +105,9 @@ class GatedDeltaProduct(DeltaMixer):
 
     @classmethod
     def state_numbers(cls, cfg: Any, T: int) -> int:
-        """H*K*V of the recurrent matrix plus (W-1) inputs per channel of the q, k, v convolutions
+        """H*K*V of the recurrent matrix plus (W-1) inputs per channel of the q|k|v convolution
         (k and v are n times wider)."""
         a = cls.Args.from_dict(cfg.mixer_args, "gated_deltaproduct")
         H, hk, hv = a.dims(cfg.n_embd, cfg.n_head)
         n = a.num_householder
-        return cls._state_numbers(H, hk, hv, (H * hk, n * H * hk, n * H * hv), a.conv_size)
+        return cls._state_numbers(H, hk, hv, H * (hk + n * hk + n * hv), a.conv_size)
