@@ -1,17 +1,21 @@
 """The NSA mixer on the CPU: whole-mixer equality with a literal token loop over the op's oracle,
-cached decoding, argument validation, FLA refusal at construction, FLOP and state accounting, and
-a short training run."""
+cached decoding (the graph-safe decode step: equality with the forward at every position, frozen host
+counters, stable storage, static ops, block means), argument validation, FLA refusal at construction,
+FLOP and state accounting, and a short training run. One GPU test: the decode step in a CUDA graph."""
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from attnbench import GPT, GPTConfig
+from attnbench.bench import latency
 from attnbench.errors import ConfigError
 from attnbench.mixers import get
 from attnbench.ops import backend as ops_backend
@@ -139,6 +143,183 @@ def test_cache_overflow_and_empty_state():
         m(torch.randn(1, 3, 48, dtype=torch.float64), st)
 
 
+# ---------------------------------------------------------------------------------------------------- graph-safe decode
+
+
+@pytest.mark.parametrize("P,args", [
+    (0, {}), (1, {}), (15, {}), (16, {}), (17, {}), (40, {}),  # block boundaries (BS = 16), window 32
+    (33, {"n_kv_head": 1, "block_counts": 2, "window_size": 8}),  # S = 2 (priority), window < positions
+    (5, {"window_size": 0}),
+    (20, {"qkv_bias": True, "head_dim": 8}),  # the decode step's concatenated projection with biases
+])
+def test_decode_steps_equal_forward_at_every_position(P, args):
+    """Prefill P tokens, then one-token decode steps (the graph-safe path) to T: every row == the full
+    pass. The cache (75) is longer than T and not a multiple of the block size."""
+    T = 70
+    m = make_mixer(seed=P, **args)
+    torch.manual_seed(P + 100)
+    x = torch.randn(2, T, 48, dtype=torch.float64)
+    ref = m(x)[0]
+    st = m.init_state(2, 75, "cpu", torch.float64)
+    outs = [m(x[:, :P], st)[0]] if P else []
+    outs += [m(x[:, t:t + 1], st)[0] for t in range(P, T)]
+    got = torch.cat(outs, 1)
+    assert st.pos == T and int(st.pos_t) == T
+    # per row; RoPE tables of different position sets may round (float32 cos/sin) differently in the last bit
+    errs = [rel_err(got[:, t], ref[:, t]) for t in range(T)]
+    assert max(errs) < 1e-6, (max(errs), errs.index(max(errs)))
+
+
+def check_block_means(st, BS=16):
+    """kv_means: the mean of every complete block of the cached keys/values, sum / BS of a partial one,
+    zeros after."""
+    n, r = divmod(st.pos, BS)
+    for cached, means in ((st.k, st.k_means), (st.v, st.v_means)):
+        B, _, H, D = cached.shape
+        assert rel_err(means[:, :n], cached[:, :n * BS].reshape(B, n, BS, H, D).mean(2)) < 1e-12
+        if r:
+            assert rel_err(means[:, n], cached[:, n * BS:st.pos].sum(1) / BS) < 1e-12
+        assert not means[:, n + (r > 0):].any()
+
+
+def test_block_means_after_prefill_and_steps():
+    m = make_mixer(seed=3)
+    x = torch.randn(2, 60, 48, dtype=torch.float64)
+    st = m.init_state(2, 70, "cpu", torch.float64)
+    m(x[:, :21], st)
+    check_block_means(st)
+    for t in range(21, 50):
+        m(x[:, t:t + 1], st)
+        check_block_means(st)
+    m(x[:, 50:60], st)  # a multi-token continuation re-pools the blocks it touches
+    check_block_means(st)
+    assert st.k_means.dtype == torch.float64
+    assert m.init_state(1, 8, "cpu", torch.bfloat16).kv_means.dtype == torch.float32
+
+
+def test_decode_with_frozen_host_counters_and_stable_storage():
+    """What a CUDA-graph replay sees: Python ints of the state frozen at their first value, every state
+    tensor on its original storage. Steps run that way equal ordinary steps, bit for bit."""
+    m = make_mixer(seed=4)
+    x = torch.randn(2, 50, 48, dtype=torch.float64)
+    st = m.init_state(2, 50, "cpu", torch.float64)
+    with torch.no_grad():  # (deepcopy needs tensors outside autograd)
+        m(x[:, :14], st)
+        ref = copy.deepcopy(st)
+        frozen = st.pos
+        before = latency.state_tensors(st)
+        assert {"states.kv", "states.kv_means", "states.pos_t", "states.rope"} <= {p for p, _ in before}
+        for t in range(14, 50):  # crosses the block boundaries at 16, 32 and 48
+            st.pos = frozen
+            got = m(x[:, t:t + 1], st)[0]
+            assert torch.equal(got, m(x[:, t:t + 1], ref)[0]), t
+            assert latency.inplace_violation(before, latency.state_tensors(st)) is None
+    assert torch.equal(st.kv, ref.kv) and torch.equal(st.kv_means, ref.kv_means) and int(st.pos_t) == 50
+
+
+def test_bench_host_frozen_check_passes():
+    """The benchmark's own screen (bench latency --cuda_graph) on a GPT with NSA in every block (the
+    benchmark drops the learned position table, which the model indexes with a host-side position)."""
+    cfg = GPTConfig(mixer="nsa", n_layer=2, n_head=2, n_embd=32, vocab_size=50, block_size=40, pos_emb="none",
+                    mixer_args={"n_kv_head": 1, "block_size": 4, "block_counts": 2, "window_size": 8})
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    cache = model.new_cache(2, 40)
+    with torch.no_grad():
+        model(torch.randint(0, 50, (2, 11)), cache=cache)
+    assert latency.host_frozen_check(model, cache, torch.randint(0, 50, (6, 2, 1))) is None
+
+
+class OpLog(TorchDispatchMode):
+    """(op, output shapes) of every aten call; host syncs and data-dependent shapes are errors."""
+
+    FORBIDDEN = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique_dim", "_unique2",
+                 "unique_consecutive", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        assert name not in self.FORBIDDEN, f"{name}: a host sync or a data-dependent shape"
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        self.calls.append((name, tuple(tuple(o.shape) for o in outs if isinstance(o, torch.Tensor))))
+        return out
+
+
+def test_decode_step_is_static_and_lean():
+    """The same ops on the same shapes at every position (what a graph captures once), no host sync.
+    The op count is a proxy for kernel launches per step (batch-1 decode is launch-bound on a GPU)."""
+    m = make_mixer(dtype=torch.float32, seed=5, n_kv_head=1)
+    x = torch.randn(1, 40, 48)
+    st = m.init_state(1, 64, "cpu", torch.float32)
+    m(x[:, :3], st)
+    logs = []
+    with torch.no_grad():
+        for t in range(3, 40):
+            with OpLog() as log:
+                m(x[:, t:t + 1], st)
+            logs.append(log.calls)
+    assert all(calls == logs[0] for calls in logs)
+    views = {"view", "_unsafe_view", "transpose", "t", "permute", "expand", "slice", "select", "unsqueeze",
+             "split", "split_with_sizes", "unbind", "alias", "detach", "promote_types"}
+    n = sum(name not in views for name, _ in logs[0])
+    assert n <= 40, n  # 36 at the time of writing; the previous decode ran 78 and re-pooled the whole cache
+
+
+def test_bf16_cache_decode_equals_cached_continuation():
+    """With a bf16 cache (the GPU's inference setting) the decode steps (float32 running block means)
+    equal a two-token continuation over the same cache (the eager path, pooling the bf16 cache)."""
+    m = make_mixer(dtype=torch.float32, seed=6)
+    x = torch.randn(2, 50, 48)
+    st = m.init_state(2, 50, "cpu", torch.bfloat16)
+    with torch.no_grad():
+        m(x[:, :20], st)
+        for t in range(20, 48, 2):
+            ref = copy.deepcopy(st)
+            steps = torch.cat([m(x[:, t:t + 1], st)[0], m(x[:, t + 1:t + 2], st)[0]], 1)
+            both = m(x[:, t:t + 2], ref)[0]
+            assert rel_err(steps, both) < 1e-5, t
+            assert torch.equal(st.kv, ref.kv)
+            assert rel_err(st.kv_means, ref.kv_means) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_decode_step_replays_in_a_cuda_graph(dtype):
+    """One decode step captured in a CUDA graph and replayed 40 times (crossing block boundaries and
+    the window) equals eager steps on a copy of the state."""
+    m = make_mixer(dtype=dtype, seed=7, n_kv_head=1).cuda()
+    x = torch.randn(1, 160, 48, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        st = m.init_state(1, 200, "cuda", dtype)
+        m(x[:, :100], st)
+        ref = copy.deepcopy(st)
+        buf = x[:, 100:101].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a throwaway copy (cuBLAS handles)
+            warm = copy.deepcopy(st)
+            for _ in range(3):
+                m(buf, warm)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = m(buf, st)[0]
+        errs = []
+        for t in range(100, 140):
+            buf.copy_(x[:, t:t + 1])
+            graph.replay()
+            errs.append(rel_err(out, m(x[:, t:t + 1], ref)[0]))
+    tol = 1e-5 if dtype == torch.float32 else 1e-3  # the same kernels on the same data: ~0 either way
+    assert int(st.pos_t) == 140 and int(ref.pos_t) == 140
+    assert max(errs) < tol, errs
+    assert rel_err(st.kv, ref.kv) < tol and rel_err(st.kv_means, ref.kv_means) < tol
+
+
 # ---------------------------------------------------------------------------------------------------- config
 
 
@@ -255,13 +436,17 @@ def test_algorithmic_flops_below_dense_and_their_relation():
 
 
 @pytest.mark.parametrize("T", [1, 37, 256])
-def test_state_numbers_is_the_kv_cache(T):
+def test_state_numbers_are_the_kv_cache_and_block_means(T):
     cfg = GPTConfig(**FLOP_CFG)
     m = NSA(cfg, 0)
     st = m.init_state(1, T, "cpu", torch.float32)
-    assert NSA.state_numbers(cfg, T) == st.k.numel() + st.v.numel() == 2 * T * 1 * 32
+    n_blocks = -(-T // 32)
+    numel = st.k.numel() + st.v.numel() + st.k_means.numel() + st.v_means.numel()
+    assert NSA.state_numbers(cfg, T) == numel == 2 * (T + n_blocks) * 1 * 32
     m(torch.randn(1, T, 384), st)  # filled by a prefill of T tokens: nothing else kept
-    assert st.pos == T and NSA.state_numbers(cfg, T) == st.k[:, :st.pos].numel() + st.v[:, :st.pos].numel()
+    assert st.pos == T and int(st.pos_t) == T
+    assert NSA.state_numbers(cfg, T) == st.k[:, :st.pos].numel() + st.v[:, :st.pos].numel() + \
+        st.k_means.numel() + st.v_means.numel()
 
 
 # ---------------------------------------------------------------------------------------------------- training

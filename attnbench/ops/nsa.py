@@ -20,10 +20,14 @@ backends on the same selection when bf16 rounding flips near-ties).
 
 Three implementations: `nsa_reference` (literal loops, the oracle), `nsa_torch` (vectorised, dense
 masks) and `nsa` (dispatcher: FLA's `parallel_nsa` + `parallel_attn` on CUDA, else `nsa_torch`).
+For decoding, `nsa_decode` computes one query against a preallocated cache with the position as a
+device tensor (static shapes, no host sync: CUDA-graph safe), from block means the caller keeps
+(`nsa_block_means` fills them for a prefill).
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +35,8 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .backend import resolve
 
-__all__ = ["nsa", "nsa_torch", "nsa_reference", "nsa_select_blocks", "validate_nsa_args", "fla_supported"]
+__all__ = ["nsa", "nsa_torch", "nsa_reference", "nsa_select_blocks", "nsa_decode", "NSADecodePlan",
+           "nsa_block_means", "validate_nsa_args", "fla_supported"]
 
 # Bytes of shared memory per block that FLA calls "hopper" class (fla/utils: check_shared_mem('hopper')).
 _HOPPER_SHARED_MEM = 232448
@@ -295,6 +300,149 @@ def nsa_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Te
             o_swa = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=win, scale=scale, enable_gqa=True)
             o = o + o_swa.transpose(1, 2).reshape(B, TQ, H, G, D) * gate(g_swa)
     return o.reshape(B, TQ, HQ, D).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One decode step against a preallocated cache (CUDA-graph safe)
+# ----------------------------------------------------------------------------------------------------
+
+def nsa_block_means(k: torch.Tensor, block_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """k `[B, T, H, D]` -> `[B, ceil(T / BS), H, D]`: per block the sum of its keys divided by BS, in
+    `dtype` (default: k's dtype, at least float32). For a complete block that is its mean; for a partial
+    last block it is the running sum that decode steps continue (adding k / BS) until the block is full."""
+    B, T, H, D = k.shape
+    n = -(-T // block_size)
+    kf = k.to(dtype or torch.promote_types(k.dtype, torch.float32))
+    if n * block_size > T:
+        kf = F.pad(kf, (0, 0, 0, 0, 0, n * block_size - T))
+    return kf.reshape(B, n, block_size, H, D).mean(2)
+
+
+@dataclass
+class NSADecodePlan:
+    """The constants of `nsa_decode` for one cache length: static sizes and index tables, built once
+    with the cache rather than in every step (each table would cost kernel launches per step).
+
+    `forced[t]` = (0, max(t // BS - 1, 0), t // BS): the always-selected blocks of a query at t (block
+    0, the previous one, its own) in rising priority; `block_last[c]` = (c+1) * BS - 1, the position
+    from which block c is complete; `win_off` the window's offsets from the query, padded to the
+    length of the selected segment with an offset past the cache (always masked)."""
+
+    max_len: int
+    block_size: int
+    block_counts: int
+    window_size: int
+    n_blocks: int
+    seg: int  # keys per branch segment: max(S * BS, W) (both padded to it: one softmax for both)
+    forced: torch.Tensor  # [L, 3] long
+    forced_rank: torch.Tensor  # [3] compute dtype: scores of the forced blocks, above any importance
+    block_last: torch.Tensor  # [NB] long
+    block_tok: torch.Tensor  # [BS] long: 0..BS-1
+    block_size_t: torch.Tensor  # [1] long: BS
+    win_off: torch.Tensor  # [seg] long
+    zero: torch.Tensor  # [1] long
+    fill: torch.Tensor  # [2] compute dtype: 0 and its most negative finite value (masked logits)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fill.dtype
+
+    @classmethod
+    def build(cls, max_len: int, block_size: int, block_counts: int, window_size: int, device,
+              dtype: torch.dtype = torch.float32) -> "NSADecodePlan":
+        L, BS, W = max_len, block_size, window_size
+        NB = -(-L // BS)
+        seg = max(block_counts * BS, W)
+        ic = torch.arange(L, device=device) // BS
+        forced = torch.stack([torch.zeros_like(ic), (ic - 1).clamp(min=0), ic], 1)
+        off = torch.arange(seg, device=device) - (seg - 1)  # the last `seg` positions up to the query
+        win_off = torch.where(off > -W, off, L) if W > 0 else off.new_empty(0)
+        # importance is <= G (group heads' probabilities summed); 2^20 + r is exact in float32
+        rank = torch.tensor([2.0 ** 20, 2.0 ** 20 + 1, 2.0 ** 20 + 2], device=device, dtype=dtype)
+        return cls(L, BS, block_counts, W, NB, seg, forced, rank, (torch.arange(NB, device=device) + 1) * BS - 1,
+                   torch.arange(BS, device=device), torch.full((1,), BS, device=device), win_off,
+                   torch.zeros(1, dtype=torch.long, device=device),
+                   torch.tensor([0.0, torch.finfo(dtype).min], device=device, dtype=dtype))
+
+
+def nsa_decode(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor, pos: torch.Tensor, gates: torch.Tensor,
+               block_size: int, block_counts: int, window_size: int, scale: float | None = None,
+               block_indices: torch.Tensor | None = None, plan: NSADecodePlan | None = None) -> torch.Tensor:
+    """NSA of one query per sequence at position `pos` against a preallocated cache: equals
+    `nsa_torch(q, k[:, :pos+1], v[:, :pos+1], *gates.unbind(-1), ...)` up to rounding, where k, v are
+    the cached keys and values.
+
+    Layouts (heads first, so every product is a plain batched matmul on views):
+      q `[B, 1, HQ, D]`; gates `[B, 1, HQ, 3]` (cmp, slc, swa; activated); pos: long tensor `[1]`;
+      kv `[2, B, H, L, D]`: keys kv[0], values kv[1], positions 0..pos written (the query's own
+      included), finite values elsewhere (masked out, but 0 * NaN would not be);
+      kv_means `[2, B, H, ceil(L / BS), D]`: slots c < (pos+1) // BS hold those complete blocks' means
+      (other slots: anything finite; nsa_block_means);
+      block_indices `[B, 1, H, S]` overrides the selection (-1: unused slot). Computed in float32 at least.
+
+    Static shapes and device-side masks only, no host sync: the step can be captured once in a CUDA
+    graph and replayed at every position (pass a `plan` built beforehand). The selected and window
+    branches gather their S * BS and W keys, so a step costs O(L / BS) (compressed branch and top-k over
+    the block means) plus O(S * BS + W), not O(L).
+    """
+    B, _, HQ, D = q.shape
+    _, _, H, L, _ = kv.shape
+    BS, W = block_size, window_size
+    NB = -(-L // BS)
+    if q.shape[1] != 1 or kv.shape != (2, B, H, L, D) or kv_means.shape != (2, B, H, NB, D) or \
+            gates.shape != (B, 1, HQ, 3) or HQ % H:
+        raise ConfigError(f"nsa_decode expects q [B,1,HQ,D], kv [2,B,H,L,D], kv_means [2,B,H,ceil(L/BS),D] and "
+                          f"gates [B,1,HQ,3]; got {tuple(q.shape)}, {tuple(kv.shape)}, {tuple(kv_means.shape)}, "
+                          f"{tuple(gates.shape)}")
+    G = HQ // H
+    scale = D ** -0.5 if scale is None else scale
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    if plan is None or plan.dtype != cdt:  # (a plan made here is graph-safe too, only more kernels)
+        plan = NSADecodePlan.build(L, BS, block_counts, W, q.device, cdt)
+    if (plan.max_len, plan.block_size, plan.block_counts, plan.window_size) != (L, BS, block_counts, W):
+        raise ConfigError("nsa_decode: the plan was built for another cache length or NSA settings")
+    resolve("torch", q, "nsa_decode")  # no FLA decode kernel; records the backend for benchmark rows
+    BH, seg = B * H, plan.seg
+    zero, neg = plan.fill.unbind()  # finite fill: a fully masked row gives no NaN
+
+    with torch.autocast(q.device.type, enabled=False):  # keep our own precision under autocast
+        qh = q.to(cdt).reshape(BH, G, D)
+        g = gates.to(cdt).reshape(BH, G, 3)
+        km, vm = (t.to(cdt).reshape(BH, NB, D) for t in kv_means.unbind(0))
+
+        # 1. compressed branch over the complete blocks; none complete yet: the branch is 0 (nsa_torch)
+        visible = plan.block_last <= pos  # [NB]
+        bias = torch.where(visible, zero, neg)
+        p = torch.softmax(torch.baddbmm(bias, qh, km.transpose(1, 2), alpha=scale), -1)  # [BH, G, NB]
+        o = torch.bmm(p * (g[..., :1] * visible[:1]), vm)  # [BH, G, D]
+
+        # 2. selection (as _topk_blocks): importance summed over the group, blocks not complete excluded
+        # (the own block is forced anyway), forced blocks 0 < IC-1 < IC on top by priority
+        if block_indices is None:
+            score = p.sum(1) + bias  # [BH, NB]
+            forced = plan.forced.index_select(0, pos).expand(BH, 3)
+            score.scatter_reduce_(1, forced, plan.forced_rank.expand(BH, 3), "amax")
+            idx = score.topk(min(block_counts, NB), dim=-1).indices.view(B, H, -1)
+        else:
+            idx = block_indices[:, 0].long()  # a -1 slot gives negative token ids: masked below
+
+        # 3. + 4. the selected blocks' tokens and the window pos-W+1..pos, each padded to `seg` keys;
+        # a key is kept iff 0 <= j <= pos (clamping to [0, pos] moves exactly the others)
+        ids = torch.addcmul(plan.block_tok, idx[..., None], plan.block_size_t).flatten(2)  # [B, H, <= seg]
+        if seg > ids.shape[-1]:
+            ids = F.pad(ids, (0, seg - ids.shape[-1]), value=L)
+        if W > 0:
+            ids = torch.cat([ids, (pos + plan.win_off).expand(B, H, seg)], -1)  # [B, H, N]
+        safe = torch.clamp(ids, min=plan.zero, max=pos)
+        bias = torch.where(safe == ids, zero, neg).view(BH, 1, -1)
+        kvg = torch.gather(kv, 3, safe[None, ..., None].expand(2, B, H, -1, D)).to(cdt)  # [2, B, H, N, D]
+        kg, vg = kvg[0].view(BH, -1, D), kvg[1].view(BH, -1, D)
+        s = torch.baddbmm(bias, qh, kg.transpose(1, 2), alpha=scale)  # [BH, G, N]
+        nb = 2 if W > 0 else 1
+        # every row keeps the query's own token in both branches (own block forced; window >= 1)
+        p = torch.softmax(s.view(BH, G, nb, seg), -1) * g[..., 1:1 + nb, None]
+        o = torch.baddbmm(o, p.view(BH, G, nb * seg), vg)
+    return o.view(B, 1, HQ, D).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,13 +1,15 @@
 """NSA ops on the CPU: nsa_torch against the literal per-query oracle nsa_reference, plus the properties
-(decode/prefill consistency, causality, forced blocks, argument validation) the mixer relies on."""
+(decode/prefill consistency, causality, forced blocks, argument validation) the mixer relies on, and the
+graph-safe one-token nsa_decode against the full pass."""
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnbench.errors import AttnbenchError, ConfigError
-from attnbench.ops.nsa import (fla_supported, nsa, nsa_reference, nsa_select_blocks, nsa_torch,
-                               validate_nsa_args)
+from attnbench.ops.nsa import (NSADecodePlan, fla_supported, nsa, nsa_block_means, nsa_decode, nsa_reference,
+                               nsa_select_blocks, nsa_torch, validate_nsa_args)
 
 BS, D, W = 16, 16, 32
 
@@ -205,3 +207,125 @@ def test_fla_supported_reasons():
     assert "head_dim" in fla_supported(16, 1, 8, 64, 16)
     assert "head_dim" in fla_supported(16, 1, 512, 64, 16)
     assert "block_counts" in fla_supported(16, 1, 64, 64, 2)
+
+
+# ---------------------------------------------------------------------------------------------------- decode
+
+
+def cache_of(k: torch.Tensor, v: torch.Tensor, L: int, fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v `[B, T, H, D]` -> the decode layouts: kv `[2, B, H, L, D]` (positions >= T filled with
+    `fill`) and kv_means `[2, B, H, ceil(L / BS), D]` pooled from it (future blocks included: the
+    decode must not see them)."""
+    B, T, H, D_ = k.shape
+    kv = torch.full((2, B, H, L, D_), fill, dtype=k.dtype)
+    kv[0, :, :, :T], kv[1, :, :, :T] = k.transpose(1, 2), v.transpose(1, 2)
+    means = torch.stack([nsa_block_means(kv[i].transpose(1, 2), BS) for i in range(2)]).transpose(2, 3)
+    return kv, means.contiguous()
+
+
+def gates_at(gates, t):
+    return torch.stack([g[:, t:t + 1] for g in gates], -1)  # [B, 1, HQ, 3]
+
+
+@pytest.mark.parametrize("H,G,S,W,L", [
+    (2, 2, 4, 32, 100),   # window shorter than the later positions, longer than the early ones
+    (1, 4, 2, 32, 107),   # S = 2: own and previous block only (priority); L not a multiple of BS
+    (2, 2, 4, 0, 100),    # no window branch
+    (1, 2, 8, 5, 120),    # S * BS > L: unused slots; tiny window
+    (1, 2, 2, 80, 100),   # window longer than the selected segment (S * BS = 32): padded segment
+])
+def test_decode_equals_full_pass_at_every_position(H, G, S, W, L):
+    """nsa_decode at position t over the whole preallocated cache (future keys present, random garbage
+    past T) == row t of the full pass, for every t: block boundaries, partial blocks, window > and < t."""
+    T = 100
+    q, k, v, *gates = make_inputs(2, T, H, G, seed=S + W)
+    full = nsa_torch(q, k, v, *gates, BS, S, W)
+    kv, means = cache_of(k, v, L, fill=7.0)
+    plan = NSADecodePlan.build(L, BS, S, W, "cpu", torch.float64)
+    for t in range(T):
+        o = nsa_decode(q[:, t:t + 1], kv, means, torch.tensor([t]), gates_at(gates, t), BS, S, W, plan=plan)
+        assert o.shape == (2, 1, H * G, D)
+        assert rel_err(o[:, 0], full[:, t]) < 1e-12, t
+
+
+def test_decode_block_indices_override_and_plan_checks():
+    T, L, S = 90, 96, 4
+    q, k, v, *gates = make_inputs(1, T, 2, 2, seed=21)
+    sel = nsa_select_blocks(q, k, BS, S)
+    custom = torch.full_like(sel, -1)
+    custom[..., 0] = torch.arange(T)[None, :, None] // BS
+    custom[..., 1] = 1  # a future block for t < 16: dropped by the causal mask
+    kv, means = cache_of(k, v, L)
+    for bi in (sel, custom):
+        full = nsa_torch(q, k, v, *gates, BS, S, W, block_indices=bi)
+        for t in (0, 15, 16, 40, 89):
+            o = nsa_decode(q[:, t:t + 1], kv, means, torch.tensor([t]), gates_at(gates, t), BS, S, W,
+                           block_indices=bi[:, t:t + 1])
+            assert rel_err(o[:, 0], full[:, t]) < 1e-12, t
+    with pytest.raises(ConfigError, match="plan"):
+        nsa_decode(q[:, :1], kv, means, torch.tensor([0]), gates_at(gates, 0), BS, S, W,
+                   plan=NSADecodePlan.build(L + 1, BS, S, W, "cpu", torch.float64))
+    with pytest.raises(ConfigError, match="kv_means"):
+        nsa_decode(q[:, :1], kv, means[:, :, :, :-1], torch.tensor([0]), gates_at(gates, 0), BS, S, W)
+
+
+def test_decode_bf16_cache_computed_in_float32():
+    """A bf16 cache (the GPU's inference setting): float32 inside, bf16 out, close to float64."""
+    T, L = 70, 80
+    q, k, v, *gates = make_inputs(2, T, 1, 2, seed=23)
+    sel = nsa_select_blocks(q, k, BS, 4)  # the same selection for both: bf16 may flip near-ties
+    full = nsa_torch(q, k, v, *gates, BS, 4, W, block_indices=sel)
+    kv, means = cache_of(k.bfloat16(), v.bfloat16(), L)
+    t = T - 1
+    o = nsa_decode(q[:, t:t + 1].bfloat16(), kv, means.float(), torch.tensor([t]), gates_at(gates, t).bfloat16(),
+                   BS, 4, W, block_indices=sel[:, t:t + 1])
+    assert o.dtype == torch.bfloat16
+    assert rel_err(o[:, 0], full[:, t]) < 1e-2
+
+
+def test_block_means():
+    k = torch.randn(2, 37, 3, 4, dtype=torch.float64)
+    m = nsa_block_means(k, 16)
+    assert m.shape == (2, 3, 3, 4) and m.dtype == torch.float64
+    assert rel_err(m[:, :2], k[:, :32].reshape(2, 2, 16, 3, 4).mean(2)) < 1e-15
+    assert rel_err(m[:, 2], k[:, 32:].sum(1) / 16) < 1e-15  # partial block: running sum / BS
+    assert nsa_block_means(k.bfloat16(), 16).dtype == torch.float32
+
+
+class _OpLog(TorchDispatchMode):
+    """Records (op, output shapes) of every aten call; host syncs and data-dependent shapes are errors."""
+
+    FORBIDDEN = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique_dim", "_unique2",
+                 "unique_consecutive", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        assert name not in self.FORBIDDEN, f"{name}: a host sync or a data-dependent shape"
+        out = func(*args, **(kwargs or {}))
+        shapes = tuple(tuple(o.shape) for o in (out if isinstance(out, (tuple, list)) else [out])
+                       if isinstance(o, torch.Tensor))
+        self.calls.append((name, shapes))
+        return out
+
+
+def decode_op_log(pos: int, W: int) -> list:
+    q, k, v, *gates = make_inputs(1, 60, 2, 2, seed=pos)
+    kv, means = cache_of(k, v, 64)
+    plan = NSADecodePlan.build(64, BS, 4, W, "cpu", torch.float64)
+    with _OpLog() as log:
+        nsa_decode(q[:, :1], kv, means, torch.tensor([pos]), gates_at(gates, 0), BS, 4, W, plan=plan)
+    return log.calls
+
+
+@pytest.mark.parametrize("W", [0, W])
+def test_decode_is_static(W):
+    """What a CUDA graph captures must hold at every position: the same ops on the same shapes at
+    positions 0, 17 and 59, and no host sync (.item(), bool(tensor)) or data-dependent shape."""
+    first = decode_op_log(0, W)
+    assert len(first) > 10
+    assert decode_op_log(17, W) == first
+    assert decode_op_log(59, W) == first
