@@ -147,7 +147,7 @@ def test_inplace_violation_names_the_replaced_tensor():
     assert "states[0]['recurrent']" in msg and "in place" in msg
 
 
-GRAPH_SAFE = [m for m in ("softmax", "deltanet", "gated_deltanet", "gated_deltaproduct") if m in ALL]
+GRAPH_SAFE = [m for m in ("softmax", "deltanet", "gated_deltanet", "gated_deltaproduct", "nsa") if m in ALL]
 
 
 def _tiny_model_and_cache(mixer, prompt=12, extra=16, sets=()):
@@ -202,8 +202,17 @@ def test_compiled_decode_step_compiles_once_and_matches_eager():
 
 @pytest.mark.skipif("nsa" not in ALL, reason="nsa not registered")
 def test_host_frozen_check_catches_a_host_position():
-    """NSA's decode slices its cache with a Python int: a replay would not advance it, and the check says so."""
-    m, cache = _tiny_model_and_cache("nsa")
+    """A decode step whose result depends on the Python-side position (as a slice cache[:pos] would):
+    a graph replay would not see it advance, and the check says so."""
+    m, cache = _tiny_model_and_cache("softmax")
+    mixer = m.blocks[0].mixer
+    orig = mixer.forward
+
+    def host_reading(x, state=None):
+        y, st = orig(x, state)
+        return y + st.pos, st
+
+    mixer.forward = host_reading
     reason = latency.host_frozen_check(m, cache, torch.randint(0, 65, (4, 2, 1)))
     assert reason is not None and "host" in reason
 

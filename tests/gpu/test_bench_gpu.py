@@ -17,7 +17,7 @@ from attnbench.cli import main
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 # Mixers whose decode step is graph-safe (in-place state, device-side position); NSA's is not (yet).
-GRAPH_SAFE = [m for m in ("softmax", "deltanet", "gated_deltanet", "gated_deltaproduct") if m in mixers.available()]
+GRAPH_SAFE = [m for m in ("softmax", "deltanet", "gated_deltanet", "gated_deltaproduct", "nsa") if m in mixers.available()]
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import attnbench.mixers.nsa as nsa_mixer
 from attnbench import GPT, GPTConfig
 from attnbench.ops.backend import fla_available
 from attnbench.ops.nsa import nsa as nsa_op
+from attnbench.ops.nsa import nsa_decode as nsa_decode_op
 
 pytestmark = [
     pytest.mark.gpu,
@@ -60,6 +61,11 @@ class SharedSelection:
             self.sel = fla_selection(q, k, kw["block_size"], kw["block_counts"])
         TQ, TK = q.shape[1], k.shape[1]
         return nsa_op(q, k, v, *args, block_indices=self.sel[:, TK - TQ:TK], **kw)
+
+    def decode(self, q, kv, kv_means, pos, gates, *args, **kw):
+        """The graph-safe one-token decode path, fed the recorded selection of its position."""
+        t = int(pos)
+        return nsa_decode_op(q, kv, kv_means, pos, gates, *args, block_indices=self.sel[:, t:t + 1], **kw)
 
 
 def mixer_pair(seed=0):
@@ -112,7 +118,9 @@ def test_gpu_decode_equals_forward(split, monkeypatch):
     """Prefill (FLA) + decode steps (PyTorch op on the bf16 cache) == the FLA forward, bf16 tolerance."""
     T = 256
     m, _ = mixer_pair(split)
-    monkeypatch.setattr(nsa_mixer, "nsa", SharedSelection())
+    shared = SharedSelection()
+    monkeypatch.setattr(nsa_mixer, "nsa", shared)
+    monkeypatch.setattr(nsa_mixer, "nsa_decode", shared.decode)
     x = torch.randn(2, T, C, device="cuda", generator=torch.Generator(device="cuda").manual_seed(split))
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         ref = m(x)[0]
