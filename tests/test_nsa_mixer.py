@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from attnbench import GPT, GPTConfig
@@ -21,6 +20,7 @@ from attnbench.mixers import get
 from attnbench.ops import backend as ops_backend
 from attnbench.ops.nsa import nsa_reference
 from attnbench.ops.rotary import apply_rotary, rotary_tables
+from helpers import OpLog
 
 NSA = get("nsa")
 
@@ -228,25 +228,6 @@ def test_bench_host_frozen_check_passes():
     with torch.no_grad():
         model(torch.randint(0, 50, (2, 11)), cache=cache)
     assert latency.host_frozen_check(model, cache, torch.randint(0, 50, (6, 2, 1))) is None
-
-
-class OpLog(TorchDispatchMode):
-    """(op, output shapes) of every aten call; host syncs and data-dependent shapes are errors."""
-
-    FORBIDDEN = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique_dim", "_unique2",
-                 "unique_consecutive", "repeat_interleave"}
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        assert name not in self.FORBIDDEN, f"{name}: a host sync or a data-dependent shape"
-        out = func(*args, **(kwargs or {}))
-        outs = out if isinstance(out, (tuple, list)) else [out]
-        self.calls.append((name, tuple(tuple(o.shape) for o in outs if isinstance(o, torch.Tensor))))
-        return out
 
 
 def test_decode_step_is_static_and_lean():

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnbench.errors import AttnbenchError, ConfigError
 from attnbench.ops.nsa import (NSADecodePlan, fla_supported, nsa, nsa_block_means, nsa_decode, nsa_reference,
                                nsa_select_blocks, nsa_torch, validate_nsa_args)
+from helpers import OpLog
 
 BS, D, W = 16, 16, 32
 
@@ -292,31 +292,11 @@ def test_block_means():
     assert nsa_block_means(k.bfloat16(), 16).dtype == torch.float32
 
 
-class _OpLog(TorchDispatchMode):
-    """Records (op, output shapes) of every aten call; host syncs and data-dependent shapes are errors."""
-
-    FORBIDDEN = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique_dim", "_unique2",
-                 "unique_consecutive", "repeat_interleave"}
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        assert name not in self.FORBIDDEN, f"{name}: a host sync or a data-dependent shape"
-        out = func(*args, **(kwargs or {}))
-        shapes = tuple(tuple(o.shape) for o in (out if isinstance(out, (tuple, list)) else [out])
-                       if isinstance(o, torch.Tensor))
-        self.calls.append((name, shapes))
-        return out
-
-
 def decode_op_log(pos: int, W: int) -> list:
     q, k, v, *gates = make_inputs(1, 60, 2, 2, seed=pos)
     kv, means = cache_of(k, v, 64)
     plan = NSADecodePlan.build(64, BS, 4, W, "cpu", torch.float64)
-    with _OpLog() as log:
+    with OpLog() as log:
         nsa_decode(q[:, :1], kv, means, torch.tensor([pos]), gates_at(gates, 0), BS, 4, W, plan=plan)
     return log.calls
 
