@@ -187,3 +187,16 @@ def test_resume_in_a_moved_folder(tiny_data, tmp_path):
     out.rename(moved)
     cfg["train"]["out_dir"] = str(moved)
     assert attnbench.train(cfg, {"resume": True, "max_iters": 12})["steps"] == 12
+
+
+def test_wandb_offline_logging(tiny_data, tmp_path, monkeypatch):
+    """wandb_log=true with WANDB_MODE=offline writes an offline W&B run beside the run's own files."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    attnbench.train(tiny_run_config(tiny_data, out, **{"train.max_iters": 10, "log.wandb_log": True}))
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert any(f.suffix == ".wandb" and f.stat().st_size > 0 for f in runs[0].iterdir())
+    assert (out / "summary.json").is_file()
