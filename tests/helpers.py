@@ -3,6 +3,28 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """||a - ref|| / ||ref|| in float64; the absolute norm when ref is exactly zero (e.g. a gradient
+    that is zero at T = 1)."""
+    diff, norm = (a.double() - ref.double()).norm().item(), ref.double().norm().item()
+    return diff / norm if norm > 0 else diff
+
+
+def fla_selection(q: torch.Tensor, k: torch.Tensor, block_size: int, block_counts: int) -> torch.Tensor:
+    """The block_indices FLA's `parallel_nsa` computes internally, by the same calls
+    (fla/ops/nsa/parallel.py), so a reference can be fed FLA's own selection (GPU tests only)."""
+    from fla.ops.nsa.compression import parallel_nsa_compression
+    from fla.ops.nsa.parallel import parallel_nsa_topk
+    from fla.ops.utils.pooling import mean_pooling
+
+    scale = q.shape[-1] ** -0.5
+    with torch.no_grad():
+        k_cmp = mean_pooling(k, block_size)
+        _, lse = parallel_nsa_compression(q, k_cmp, k_cmp, k.shape[1], block_size=block_size, scale=scale)
+        return parallel_nsa_topk(q=q, k=k_cmp, TK=k.shape[1], lse=lse, block_counts=block_counts,
+                                 block_size=block_size, scale=scale)
+
+
 class OpLog(TorchDispatchMode):
     """(op, output shapes) of every aten call; host syncs and data-dependent shapes are errors."""
 

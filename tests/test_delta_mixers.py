@@ -21,6 +21,7 @@ from attnbench.ops.delta_product import gated_delta_product_recurrent
 from attnbench.ops.delta_rule import delta_rule_recurrent
 from attnbench.ops.gated_delta_rule import gated_delta_rule_recurrent
 from attnbench.ops.short_conv import causal_conv1d
+from helpers import rel_err
 
 NAMES = ["deltanet", "gated_deltanet", "gated_deltaproduct"]
 B, D, NH = 2, 32, 2
@@ -35,11 +36,6 @@ VARIANTS = {
                             "allow_neg_eigval": False},
                            {"num_householder": 1, "head_dim": 8, "expand_v": 1.5, "conv_size": 3}],
 }
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.double(), ref.double()
-    return ((a - ref).norm() / ref.norm()).item()
 
 
 def make_mixer(name: str, args: dict | None = None, dtype=torch.float64, n_embd: int = D, n_head: int = NH,

@@ -20,7 +20,7 @@ from attnbench.mixers import get
 from attnbench.ops import backend as ops_backend
 from attnbench.ops.nsa import nsa_reference
 from attnbench.ops.rotary import apply_rotary, rotary_tables
-from helpers import OpLog
+from helpers import OpLog, rel_err
 
 NSA = get("nsa")
 
@@ -32,12 +32,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """||a - ref|| / ||ref||; the absolute norm when ref is exactly zero (e.g. q's gradient at T = 1)."""
-    diff, norm = (a.double() - ref.double()).norm().item(), ref.double().norm().item()
-    return diff / norm if norm > 0 else diff
 
 
 def make_mixer(n_embd=48, n_head=4, dtype=torch.float64, seed=0, backend="torch", **args) -> torch.nn.Module:

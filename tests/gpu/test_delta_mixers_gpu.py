@@ -18,6 +18,7 @@ import torch
 from attnbench import GPTConfig, mixers
 from attnbench.errors import AttnbenchError
 from attnbench.ops.backend import fla_available, hopper_gated_backward_broken
+from helpers import rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -30,11 +31,6 @@ B, D, NH = 2, 256, 4  # head dim 64, as the 384/6 configs
 TOL = 1e-2
 # FLA's gated backward is refused on Hopper with an old Triton; these mixers have a gate in their op
 GATED_OP = {"gated_deltanet", "gated_deltaproduct"}
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.double(), ref.double()
-    return ((a - ref).norm() / ref.norm()).item()
 
 
 def build(name: str, backend: str, dtype=torch.float32, args: dict | None = None):

@@ -16,6 +16,7 @@ from attnbench.ops.delta_product import gated_delta_product, gated_delta_product
 from attnbench.ops.delta_rule import delta_rule, delta_rule_recurrent
 from attnbench.ops.gated_delta_rule import gated_delta_rule, gated_delta_rule_recurrent
 from attnbench.ops.short_conv import causal_conv1d
+from helpers import rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,11 +29,6 @@ TOL = 1e-2
 FAMILIES = ["dn", "gdn", "gdp", "dp"]  # dp: the product with g=None
 GATED = {"gdn", "gdp"}
 HOPPER_SKIP = "FLA's gated chunk backward is refused on Hopper with triton < 3.7.1 (FLA #640)"
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.double(), ref.double()
-    return ((a - ref).norm() / ref.norm()).item()
 
 
 def make(family: str, T: int, seed: int = 0) -> dict:

@@ -15,6 +15,7 @@ import torch
 from attnbench.errors import AttnbenchError
 from attnbench.ops.backend import fla_available
 from attnbench.ops.nsa import nsa, nsa_select_blocks, nsa_torch
+from helpers import fla_selection, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -22,12 +23,6 @@ pytestmark = [
 ]
 
 B, H, HQ, D, W = 2, 1, 16, 64, 64
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """||a - ref|| / ||ref||; the absolute norm when ref is exactly zero (dg_cmp when T < block_size)."""
-    diff, norm = (a.double() - ref.double()).norm().item(), ref.double().norm().item()
-    return diff / norm if norm > 0 else diff
 
 
 def make_inputs(T, hq=HQ, h=H, seed=0, dtype=torch.bfloat16):
@@ -44,20 +39,6 @@ def out_and_grads(fn, inputs, do, **kw):
     o = fn(*xs, **kw)
     grads = torch.autograd.grad((o * do).sum(), xs)
     return o.detach(), grads
-
-
-def fla_selection(q, k, block_size, block_counts):
-    """The block_indices parallel_nsa computes internally, by the same calls (fla/ops/nsa/parallel.py)."""
-    from fla.ops.nsa.compression import parallel_nsa_compression
-    from fla.ops.nsa.parallel import parallel_nsa_topk
-    from fla.ops.utils.pooling import mean_pooling
-
-    scale = q.shape[-1] ** -0.5
-    with torch.no_grad():
-        k_cmp = mean_pooling(k, block_size)
-        _, lse = parallel_nsa_compression(q, k_cmp, k_cmp, k.shape[1], block_size=block_size, scale=scale)
-        return parallel_nsa_topk(q=q, k=k_cmp, TK=k.shape[1], lse=lse, block_counts=block_counts,
-                                 block_size=block_size, scale=scale)
 
 
 def as_sets(block_indices: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from attnbench import GPT, GPTConfig
 from attnbench.ops.backend import fla_available
 from attnbench.ops.nsa import nsa as nsa_op
 from attnbench.ops.nsa import nsa_decode as nsa_decode_op
+from helpers import fla_selection, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,24 +29,6 @@ pytestmark = [
 # configs/nsa.toml's mixer at a smaller width
 ARGS = {"n_kv_head": 1, "head_dim": 32, "block_size": 32, "block_counts": 4, "window_size": 64}
 C, HQ = 256, 16
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def fla_selection(q, k, block_size, block_counts):
-    """The block_indices `parallel_nsa` computes internally, by the same calls (fla/ops/nsa/parallel.py)."""
-    from fla.ops.nsa.compression import parallel_nsa_compression
-    from fla.ops.nsa.parallel import parallel_nsa_topk
-    from fla.ops.utils.pooling import mean_pooling
-
-    scale = q.shape[-1] ** -0.5
-    with torch.no_grad():
-        k_cmp = mean_pooling(k, block_size)
-        _, lse = parallel_nsa_compression(q, k_cmp, k_cmp, k.shape[1], block_size=block_size, scale=scale)
-        return parallel_nsa_topk(q=q, k=k_cmp, TK=k.shape[1], lse=lse, block_counts=block_counts,
-                                 block_size=block_size, scale=scale)
 
 
 class SharedSelection:

@@ -12,14 +12,10 @@ from attnbench.ops.delta_product import (gated_delta_product, gated_delta_produc
                                          gated_delta_product_recurrent)
 from attnbench.ops.delta_rule import delta_rule, delta_rule_chunked, delta_rule_recurrent
 from attnbench.ops.gated_delta_rule import gated_delta_rule, gated_delta_rule_chunked, gated_delta_rule_recurrent
+from helpers import rel_err
 
 B, H, K, V = 2, 2, 16, 12
 TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.double(), ref.double()
-    return ((a - ref).norm() / ref.norm()).item()
 
 
 def make_inputs(family: str, T: int, dtype=torch.float64, beta_max: float = 1.0, n: int = 2, batch: int = B,

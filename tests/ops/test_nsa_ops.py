@@ -9,7 +9,7 @@ import torch
 from attnbench.errors import AttnbenchError, ConfigError
 from attnbench.ops.nsa import (NSADecodePlan, fla_supported, nsa, nsa_block_means, nsa_decode, nsa_reference,
                                nsa_select_blocks, nsa_torch, validate_nsa_args)
-from helpers import OpLog
+from helpers import OpLog, rel_err
 
 BS, D, W = 16, 16, 32
 
@@ -21,12 +21,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """||a - ref|| / ||ref||; the absolute norm when ref is exactly zero (e.g. dq at T = 1)."""
-    diff, norm = (a.double() - ref.double()).norm().item(), ref.double().norm().item()
-    return diff / norm if norm > 0 else diff
 
 
 def make_inputs(B, T, H, G, dtype=torch.float64, seed=0):
