@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import tomllib
 import types
@@ -129,10 +130,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
+@functools.lru_cache(maxsize=None)
+def field_types(cls: type) -> dict[str, Any]:
+    """A dataclass's field types, resolved (its annotations are strings under postponed evaluation)."""
+    return typing.get_type_hints(cls)
+
+
 def coerce_value(val: Any, tp: Any, key: str) -> Any:
-    """Coerce a TOML value or a CLI string to the field type `tp`; ConfigError naming `key` if impossible."""
-    if isinstance(tp, str):  # postponed annotations
-        tp = eval(tp, {"Optional": Optional, "Union": Union, "dict": dict, "list": list})  # noqa: S307 (our own type strings)
+    """Coerce a TOML value or a CLI string to the field type `tp` (a resolved type, see field_types);
+    ConfigError naming `key` if impossible."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -208,9 +214,8 @@ def _suggest(key: str, candidates: list[str]) -> str:
 def all_keys() -> list[str]:
     """Every settable dotted key, e.g. 'train.max_iters'."""
     out = []
-    for sec in fields(RunConfig):
-        for f in fields(sec.type if isinstance(sec.type, type) else eval(sec.type)):  # noqa: S307
-            out.append(f"{sec.name}.{f.name}")
+    for name, cls in _section_types().items():
+        out.extend(f"{name}.{f.name}" for f in fields(cls))
     return out
 
 
@@ -238,7 +243,6 @@ def _set(cfg: RunConfig, dotted: str, val: Any, source: str) -> None:
     key = rest[0]
     if key not in names:
         raise ConfigError(f"{source}: unknown key {sec_name}.{key}{_suggest(key, list(names))}")
-    f = names[key]
     if sec_name == "model" and key == "mixer_args" and len(rest) > 1:
         # mixer_args.<name>: raw value, coerced and checked by the mixer's Args dataclass in validate()
         sub = ".".join(rest[1:])
@@ -246,7 +250,7 @@ def _set(cfg: RunConfig, dotted: str, val: Any, source: str) -> None:
         return
     if len(rest) > 1:
         raise ConfigError(f"{source}: {sec_name}.{key} has no sub-keys")
-    setattr(section, key, coerce_value(val, f.type, f"{sec_name}.{key}"))
+    setattr(section, key, coerce_value(val, field_types(type(section))[key], f"{sec_name}.{key}"))
 
 
 def _apply_tree(cfg: RunConfig, d: dict[str, Any], source: str, prefix: str = "") -> None:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..config import ModelConfig, coerce_value
+from ..config import ModelConfig, coerce_value, field_types
 from ..errors import ConfigError
 
 log = logging.getLogger("attnbench.bench")
@@ -133,7 +133,7 @@ def parse_sets(items: list[str] | None, mixers: list[str]) -> tuple[dict[str, An
     Bare keys are ModelConfig fields (coerced to the field's type); `<mixer>.<key>` goes to that
     mixer's mixer_args (the mixer's Args validates it when the model is built).
     """
-    model_fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+    model_fields = field_types(ModelConfig)
     glob: dict[str, Any] = {}
     per: dict[str, dict[str, Any]] = {}
     for item in items or []:

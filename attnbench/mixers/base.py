@@ -43,10 +43,9 @@ class MixerArgs:
 
 def _coerce(cls: type, key: str, val: Any, mixer: str) -> Any:
     """Coerce a TOML/CLI value to the dataclass field's type (bool/int/float/str, or Optional[...])."""
-    from ..config import coerce_value  # one coercion rule for the whole config
+    from ..config import coerce_value, field_types  # one coercion rule for the whole config
 
-    ftype = {f.name: f.type for f in fields(cls)}[key]
-    return coerce_value(val, ftype, f"model.mixer_args.{key}")
+    return coerce_value(val, field_types(cls)[key], f"model.mixer_args.{key}")
 
 
 class Mixer(nn.Module):
