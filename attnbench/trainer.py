@@ -3,6 +3,7 @@ checkpoints, summary.json written last). Resumable, DDP-aware, no host sync insi
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import resource
@@ -20,7 +21,7 @@ from .config import RunConfig, load_config
 from .data import BatchSampler, Corpus, val_windows
 from .errors import AttnbenchError
 from .flops import train_flops_per_token
-from .io import append_jsonl, atomic_write_json, read_jsonl
+from .io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from .model import GPT
 
 SUMMARY, METRICS, CONFIG = "summary.json", "metrics.jsonl", "config.json"
@@ -183,8 +184,6 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
     saved = run_dir / CONFIG
     if cfg.train.resume:
         if saved.is_file():
-            import json
-
             old = json.loads(saved.read_text())
             diffs = _config_diff(old, cfg.to_dict())
             if diffs:
@@ -239,8 +238,6 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
     micro_steps = tc.gradient_accumulation_steps // dinfo.world_size
     run_dir, ckpt_path = prepare_run_dir(cfg)
     if ckpt_path is None and (run_dir / SUMMARY).exists():  # resumed a finished run: nothing to do
-        import json
-
         return json.loads((run_dir / SUMMARY).read_text())
     corpus = Corpus.load(cfg.data.data_dir, cfg.data.dataset)
     cfg.model.vocab_size = corpus.vocab_size
@@ -269,8 +266,8 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
         model.to(dev)
         optimizer.load_state_dict(st["optimizer"])
         sampler.load_state_dict(st["sampler"])
-        rng = st["rng"][dinfo.rank] if isinstance(st["rng"], list) else st["rng"]
-        _set_rng_state(rng, device)
+        if len(st["rng"]) == dinfo.world_size:  # one RNG state per rank; another world size re-seeds
+            _set_rng_state(st["rng"][dinfo.rank], device)
         start_iter, best_val = int(st["step"]), float(st["best_val_loss"])
         tokens_seen, train_time = int(st["tokens"]), float(st["train_time_s"])
         last_val = st.get("last_val_loss")
@@ -279,9 +276,6 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
         cfg.save(run_dir / CONFIG)
         if ckpt_path is not None:  # drop rows logged after the checkpoint: they are about to be redone
             rows = [r for r in read_jsonl(run_dir / METRICS) if r.get("step", 0) <= start_iter]
-            from .io import atomic_write_text
-            import json
-
             atomic_write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
 
     raw_model = model
