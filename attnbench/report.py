@@ -617,7 +617,7 @@ def fig_decode(rows: list[dict], out: Path) -> Path | None:
     series = {k: series[k] for k in sorted(series, key=lambda k: _mixer_key(k.split('|')[0]))}
     return _bench_fig(series, out, "decode_latency.png", "prompt length (tokens, log scale)",
                       "decode latency (ms/token, log scale)", "decode latency vs prompt length (batch 1)",
-                      styles={"eager": "-", "cuda_graph": "--"})
+                      styles={"eager": "-", "cuda_graph": "--", "recompute": ":"})
 
 
 def fig_memory(rows: list[dict], out: Path) -> Path | None:

@@ -37,6 +37,9 @@ def _latency_opts(p: argparse.ArgumentParser, with_batch: bool = True) -> None:
     g.add_argument("--decode_steps", type=int, default=None, help="timed decode steps (GPU 100, CPU 20)")
     g.add_argument("--decode_warmup", type=int, default=None, help="untimed decode steps first (GPU 10, CPU 3)")
     g.add_argument("--prefill_repeats", type=int, default=None, help="timed prefills (GPU 5, CPU 3)")
+    g.add_argument("--recompute_steps", type=int, default=None,
+                   help="timed tokens of the seed's uncached decoding (each re-runs the whole context) for "
+                        "comparison; 0 skips it (default 3)")
     g.add_argument("--cuda_graph", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                    help="capture the decode step in a CUDA graph (auto: on for CUDA; a mixer whose step is not "
                         "graph-safe gets cuda_graph=false and the reason)")
@@ -105,6 +108,7 @@ def latency_options(a: argparse.Namespace, device: str) -> latency.LatencyOption
     o.decode_steps = _pick(a.decode_steps, o.decode_steps)
     o.decode_warmup = _pick(a.decode_warmup, o.decode_warmup)
     o.prefill_repeats = _pick(a.prefill_repeats, o.prefill_repeats)
+    o.recompute_steps = _pick(a.recompute_steps, o.recompute_steps)
     if a.cuda_graph == "on" and device != "cuda":
         raise AttnbenchError("--cuda_graph needs --device cuda")
     o.cuda_graph = device == "cuda" and a.cuda_graph != "off"
@@ -171,7 +175,7 @@ def print_summary(rows: list[dict]) -> None:
     body = []
     for m in mixers:
         def decode(P):
-            rs = [r for r in dec if r["mixer"] == m and r["context"] == P]
+            rs = [r for r in dec if r["mixer"] == m and r["context"] == P and r.get("mode") != "recompute"]
             g = [r for r in rs if r.get("cuda_graph")]
             return (g or rs or [{}])[0].get("value")
         lo, hi = (decode(Ps[0]), decode(Ps[-1])) if Ps else (None, None)

@@ -56,6 +56,7 @@ class LatencyOptions:
     prefill_warmup: int = 2
     cuda_graph: bool = False
     compile: bool = False  # torch.compile the captured decode step (CUDA graphs only)
+    recompute_steps: int = 3  # the seed's method, for comparison: each token re-runs the whole context
     dtype: str = "auto"
 
     @classmethod
@@ -66,7 +67,7 @@ class LatencyOptions:
 
     def decode_budget(self) -> int:
         """Tokens a cache must hold beyond the prompt for every step this benchmark takes."""
-        n = HOOK_STEPS + self.decode_warmup + self.decode_steps
+        n = HOOK_STEPS + self.decode_warmup + self.decode_steps + self.recompute_steps + 1
         if self.cuda_graph:  # (the screening steps run on a copy of the cache)
             n += GRAPH_WARMUP + VERIFY_STEPS + self.decode_warmup + self.decode_steps
         return n + 8
@@ -335,6 +336,8 @@ def measure_prompt(model: torch.nn.Module, P: int, opts: LatencyOptions, device:
         row = measured(base, "decode_ms_per_token", "ms/token", samples, mode="eager", cuda_graph=False, **dec)
         row["tokens_per_s"] = B * 1e3 / row["median"] if row["median"] else None
         rows.append(row)
+        if opts.recompute_steps > 0:
+            rows.append(measure_recompute(model, prompt, opts.recompute_steps, device, base, common))
 
     if opts.cuda_graph and device == "cuda":
         res = graph_decode(model, cache, tok, step, prec, opts.decode_warmup, opts.decode_steps, opts.compile)
@@ -345,6 +348,27 @@ def measure_prompt(model: torch.nn.Module, P: int, opts: LatencyOptions, device:
         row["tokens_per_s"] = B * 1e3 / row["median"] if row["median"] else None
         rows.append(row)
     return rows
+
+
+def measure_recompute(model: torch.nn.Module, prompt: torch.Tensor, steps: int, device: str, base: dict,
+                      common: dict) -> dict:
+    """The seed experiment's decoding, for comparison: no cache or state, every new token re-runs the
+    model over the whole context (prompt + tokens so far), as `generate(use_cache=False)` does."""
+    ctx = prompt.clone()
+
+    def step() -> None:
+        nonlocal ctx
+        nxt = model(ctx)[0][:, -1].argmax(-1, keepdim=True)
+        ctx = torch.cat([ctx, nxt], dim=1)
+
+    with record_backends() as ops:
+        step()  # warm-up (kernel selection at this length)
+    samples = time_calls(step, steps, device)
+    row = measured(base, "decode_ms_per_token", "ms/token", samples, mode="recompute", cuda_graph=False,
+                   **common, backend=backend_summary(ops), backend_ops=dict(ops),
+                   mixer_tokens_per_decode_step=int(prompt.shape[1]) + 1)
+    row["tokens_per_s"] = common["batch"] * 1e3 / row["median"] if row["median"] else None
+    return row
 
 
 # ------------------------------------------------------------------ the benchmark
@@ -427,12 +451,19 @@ def print_latency(rows: list[dict]) -> None:
                 t["note"] = "OOM" if r["oom"] else "error"
         elif r.get("mode") == "eager":
             t["eager"], t["dec_be"], t["tok"] = r["value"], r.get("backend"), r.get("mixer_tokens_per_decode_step")
+        elif r.get("mode") == "recompute":
+            t["recompute"] = r["value"]
         elif r.get("mode") == "cuda_graph":
             t["graph"] = r["value"]
             if not r["cuda_graph"]:
                 t["note"] = "no graph: " + (r.get("cuda_graph_reason") or "")[:60]
-    body = [[m, P, t.get("prefill"), t.get("eager"), t.get("graph"), t.get("tok"),
+    def speedup(t: dict) -> float | None:  # uncached (the seed's method) over the best cached figure
+        best = t.get("graph") or t.get("eager")
+        return t["recompute"] / best if t.get("recompute") and best else None
+
+    body = [[m, P, t.get("prefill"), t.get("eager"), t.get("graph"), t.get("recompute"), speedup(t), t.get("tok"),
              f"{t.get('pre_be', '-')}/{t.get('dec_be', '-')}", t.get("note", "")] for (m, P), t in table.items()]
     print_table("latency (batch %s; ms)" % (rows[0]["batch"] if rows else "-"),
-                ["mixer", "prompt", "prefill ms", "decode ms/tok", "graph ms/tok", "tok/step", "backend pre/dec", "note"],
+                ["mixer", "prompt", "prefill ms", "decode ms/tok", "graph ms/tok", "uncached ms/tok", "x faster",
+                 "tok/step", "backend pre/dec", "note"],
                 body)
