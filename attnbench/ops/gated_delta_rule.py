@@ -82,3 +82,8 @@ def _fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_s
                                       output_final_state=output_final_state,
                                       use_qk_l2norm_in_kernel=qk_l2norm, chunk_size=chunk_size)
     return o.to(q.dtype), (S.float() if S is not None else None)
+
+
+# fused_recurrent_gated_delta_rule (the decode kernel) is not compiler-disabled in FLA 0.6.0: keep
+# Dynamo out of its Triton launch (e.g. a torch.compile'd decode step), as ops/nsa.py does.
+_fla_gated_delta_rule = torch.compiler.disable(_fla_gated_delta_rule)

@@ -57,3 +57,8 @@ def _fla_conv(x, weight, bias, activation, state, output_final_state):
     y, final = fla_causal_conv1d(x, weight=weight, bias=bias, initial_state=cache,
                                  output_final_state=output_final_state, activation=activation, backend="triton")
     return y, (final[..., 1:] if final is not None else None)
+
+
+# FLA's causal_conv1d is not compiler-disabled (unlike its chunk delta ops): keep Dynamo out of its
+# Triton launches under torch.compile (training compiles the whole model), as ops/nsa.py does.
+_fla_conv = torch.compiler.disable(_fla_conv)
