@@ -172,3 +172,20 @@ def test_one_colour_per_mixer():
     colours = [rp.mixer_color(m) for m in names]
     assert len(set(colours)) == len(names)
     assert rp.mixer_color("my_new_mixer") == rp.mixer_color("my_new_mixer") not in colours
+
+
+def test_bakeoff_table_goes_to_wandb_when_runs_logged_there(results, tmp_path, monkeypatch):
+    """Runs trained with log.wandb_log=true: the report also sends its bake-off table to W&B (offline here);
+    the report on disk does not depend on it."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = copy_results(results, tmp_path / "copy")
+    for cfg_path in out.glob("runs/*/config.json"):
+        cfg = json.loads(cfg_path.read_text())
+        cfg["log"]["wandb_log"] = True
+        cfg_path.write_text(json.dumps(cfg))
+    rp.build_report(out)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(f.suffix == ".wandb" and f.stat().st_size > 0 for f in runs[0].iterdir())
+    assert (out / "report" / "report.md").is_file()
