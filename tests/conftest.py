@@ -22,6 +22,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes run fastest on one intra-op thread: a second only adds sync overhead, badly so on a
+    busy 2-core machine. Test modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _synthetic_text(n_chars: int = 60_000, seed: int = 0) -> str:
     """Text with real structure (words, lines, speakers) so a tiny model can learn something quickly."""
     rng = random.Random(seed)

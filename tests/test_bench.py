@@ -19,13 +19,7 @@ REQUIRED = {"bench", "mixer", "n_params", "shape", "device", "device_name", "dty
             "metric", "value", "median", "min", "max", "unit", "oom"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes run fastest on one thread, and a busy 2-core machine cannot stall it at every op."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_args(mixer_list=None):

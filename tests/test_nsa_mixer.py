@@ -25,13 +25,7 @@ from helpers import OpLog, rel_err
 NSA = get("nsa")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: a second intra-op thread only adds sync overhead."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_mixer(n_embd=48, n_head=4, dtype=torch.float64, seed=0, backend="torch", **args) -> torch.nn.Module:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..ops.delta_rule import FLA_CHUNK_SIZES, FLA_MAX_K
 from ..ops.short_conv import causal_conv1d
-from .base import Mixer
+from .base import Mixer, MixerArgs
 
 NORM_EPS = 1e-5  # FLA's norm_eps for the output norms
 FLOP_CHUNK = 64  # chunk size the FLOP formulas assume when a mixer has no chunk_size of its own
@@ -187,6 +187,15 @@ def triangular_solve_flops(T: int, H: int, K: int, V: int, C: int) -> float:
     """The part of chunked_delta_flops that FlopCounterMode cannot see (for the cross-check)."""
     C = max(1, min(C, T))
     return float(H * (-(-T // C)) * C * (C - 1) * (K + V))
+
+
+@dataclass
+class DeltaArgs(MixerArgs):
+    """Base of the delta mixers' settings: `dims(n_embd, n_head)` validates and returns
+    (heads, key head dim, value head dim); validation is exactly that check."""
+
+    def validate(self, n_embd: int, n_head: int) -> None:
+        self.dims(n_embd, n_head)
 
 
 class DeltaMixer(Mixer):

@@ -19,13 +19,12 @@ import torch
 
 from ..ops.delta_rule import delta_rule
 from . import register
-from ._delta_common import (DeltaMixer, DeltaState, arg_error, check_chunk_size, check_common,
+from ._delta_common import (DeltaArgs, DeltaMixer, DeltaState, arg_error, check_chunk_size, check_common,
                             check_key_head_dim, chunked_delta_flops, integer_dim)
-from .base import MixerArgs
 
 
 @dataclass
-class DeltaNetArgs(MixerArgs):
+class DeltaNetArgs(DeltaArgs):
     num_heads: int | None = None  # None: model.n_head
     expand_k: float = 1.0
     expand_v: float = 1.0
@@ -48,9 +47,6 @@ class DeltaNetArgs(MixerArgs):
         check_key_head_dim("expand_k", dk // H)
         check_chunk_size(self.chunk_size)
         return H, dk // H, dv // H
-
-    def validate(self, n_embd: int, n_head: int) -> None:
-        self.dims(n_embd, n_head)
 
 
 @register("deltanet")

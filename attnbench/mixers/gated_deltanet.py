@@ -21,13 +21,12 @@ import torch
 
 from ..ops.gated_delta_rule import gated_delta_rule
 from . import register
-from ._delta_common import (DecayGate, DeltaMixer, DeltaState, arg_error, check_chunk_size, check_common,
+from ._delta_common import (DeltaArgs, DecayGate, DeltaMixer, DeltaState, arg_error, check_chunk_size, check_common,
                             check_key_head_dim, chunked_delta_flops, integer_dim)
-from .base import MixerArgs
 
 
 @dataclass
-class GatedDeltaNetArgs(MixerArgs):
+class GatedDeltaNetArgs(DeltaArgs):
     num_heads: int | None = None  # None: model.n_head
     head_dim: int | None = None  # key head dim; None: n_embd // num_heads
     expand_v: float = 1.0
@@ -47,9 +46,6 @@ class GatedDeltaNetArgs(MixerArgs):
         hv = integer_dim("expand_v", hk * self.expand_v, f"head_dim * expand_v = {hk} * {self.expand_v}")
         check_chunk_size(self.chunk_size)
         return H, hk, hv
-
-    def validate(self, n_embd: int, n_head: int) -> None:
-        self.dims(n_embd, n_head)
 
 
 @register("gated_deltanet")

@@ -23,13 +23,12 @@ import torch
 
 from ..ops.delta_product import gated_delta_product
 from . import register
-from ._delta_common import (FLOP_CHUNK, DecayGate, DeltaMixer, DeltaState, arg_error, check_common,
+from ._delta_common import (DeltaArgs, FLOP_CHUNK, DecayGate, DeltaMixer, DeltaState, arg_error, check_common,
                             check_key_head_dim, chunked_delta_flops, integer_dim)
-from .base import MixerArgs
 
 
 @dataclass
-class GatedDeltaProductArgs(MixerArgs):
+class GatedDeltaProductArgs(DeltaArgs):
     num_householder: int = 2
     num_heads: int | None = None  # None: model.n_head
     head_dim: int | None = None  # key head dim; None: n_embd // num_heads
@@ -51,9 +50,6 @@ class GatedDeltaProductArgs(MixerArgs):
         check_key_head_dim("head_dim", hk)
         hv = integer_dim("expand_v", hk * self.expand_v, f"head_dim * expand_v = {hk} * {self.expand_v}")
         return H, hk, hv
-
-    def validate(self, n_embd: int, n_head: int) -> None:
-        self.dims(n_embd, n_head)
 
 
 @register("gated_deltaproduct")

@@ -14,13 +14,7 @@ from helpers import OpLog, rel_err
 BS, D, W = 16, 16, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These shapes are tiny: a second intra-op thread only adds sync overhead, badly so on a busy host."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_inputs(B, T, H, G, dtype=torch.float64, seed=0):
