@@ -1,7 +1,21 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine: GPU tests, training runs and benchmarks; results go to the folder given.
 #
-#   scripts/gpu_suite.sh OUTDIR [STAGE ...]      stages: env tests train:CONFIG[:k=v,...] profile bench sweep:FILE
+#   scripts/gpu_suite.sh OUTDIR [STAGE ...]
+#
+# Stages, run in order:
+#   env                      versions, GPUs, whether FLA's gated backward is refused here
+#   tests | tests:PATHS      the GPU-marked tests (stop after $GPU_TESTS_TIMEOUT s, default 540)
+#   train:CONFIG[:k=v,...]   one training run (solo on the visible GPU)
+#   train_parallel:CFG[+k=v...],CFG...   several at once in the background; `wait` joins them
+#   torchrun:CONFIG[:k=v,...]  one training run under torchrun across every visible GPU (DDP, NCCL)
+#   profile                  scripts/profile_step.py
+#   bench | bench:SUB        attnbench bench all|SUB --device cuda (extra options in $BENCH_OPTS; stop
+#                            after $GPU_BENCH_TIMEOUT s, default 540)
+#   sweep:FILE | run:PRESET  attnbench sweep FILE / attnbench run --preset PRESET (extra options in
+#                            $SWEEP_OPTS; stop after $GPU_SWEEP_TIMEOUT s, default 570)
+# Run folders go to $ATTNBENCH_RUNS (default /tmp/attnbench-runs); two suites sharing a machine (one per
+# GPU through CUDA_VISIBLE_DEVICES) need different ones. NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
 #
 # Installs carried wheels from .whl/ (fla-core, flash-linear-attention; see ../shared/scripts/gpu-wheels.sh)
 # into /tmp/site, reads tiny Shakespeare from $ATTNBENCH_DATA (default .gpu_data/input.txt), keeps
@@ -12,12 +26,14 @@ shift
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(env tests)
 mkdir -p "$OUTDIR"
-RUNS=/tmp/attnbench-runs
+RUNS=${ATTNBENCH_RUNS:-/tmp/attnbench-runs}
 mkdir -p "$RUNS"
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
+export NCCL_NVLS_ENABLE=0
+if ls .whl/*.whl >/dev/null 2>&1 && [ ! -e /tmp/site/.attnbench-installed ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
+  touch /tmp/site/.attnbench-installed  # a second suite on the same machine skips the install
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export ATTNBENCH_DATA=${ATTNBENCH_DATA:-$PWD/.gpu_data/input.txt}
@@ -69,14 +85,33 @@ PY
       /usr/bin/time -f "wall %e s" python3 -m attnbench train "$cfg" --out_dir="$RUNS/$name" --progress=false "${extra[@]}" 2>&1 \
         | grep -v "^step .*val loss" | tail -5 | tee -a "$LOG"
       ;;
+    torchrun:*)
+      spec=${stage#torchrun:}; cfg=${spec%%:*}; name=$(basename "$cfg" .toml)-ddp; extra=()
+      if [ "$spec" != "$cfg" ]; then
+        IFS=',' read -ra kv <<< "${spec#*:}"
+        for x in "${kv[@]}"; do extra+=("--$x"); name="$name-${x//[^A-Za-z0-9_.=]/}"; done
+      fi
+      n=$(python3 -c "import torch; print(torch.cuda.device_count())")
+      rm -rf "$RUNS/$name"
+      /usr/bin/time -f "$name wall %e s" python3 -m torch.distributed.run --standalone --nproc_per_node "$n" \
+          -m attnbench train "$cfg" --out_dir="$RUNS/$name" --progress=false "${extra[@]}" > "$RUNS/$name.log" 2>&1
+      grep -v "^step .*val loss" "$RUNS/$name.log" | tail -5 | tee -a "$LOG"
+      ;;
     profile)
       python3 scripts/profile_step.py --out "$OUTDIR/profile.txt" 2>&1 | tail -80
       ;;
-    bench)
-      python3 -m attnbench bench all --device cuda --json "$RUNS/bench.jsonl" 2>&1 | tee -a "$LOG" | tail -60
+    bench|bench:*)
+      sub=all; [ "$stage" != bench ] && sub=${stage#bench:}
+      timeout -s INT -k 20 "${GPU_BENCH_TIMEOUT:-540}" python3 -m attnbench bench "$sub" --device cuda --json "$RUNS/bench-$sub.jsonl" ${BENCH_OPTS:-} 2>&1 \
+        | tee "$RUNS/bench-$sub.log" | tail -60 | tee -a "$LOG"
       ;;
-    sweep:*)
-      /usr/bin/time -f "wall %e s" python3 -m attnbench sweep "${stage#sweep:}" --out "$RUNS/sweep" 2>&1 | tail -40 | tee -a "$LOG"
+    sweep:*|run:*)
+      if [ "${stage%%:*}" = sweep ]; then cmd=(sweep "${stage#sweep:}" --out "$RUNS/sweep")
+      else cmd=(run --preset "${stage#run:}" --out "$RUNS/${stage#run:}"); fi
+      # SIGINT first: the sweep stops its runs at a step boundary and still exits; then its files are packed
+      /usr/bin/time -f "wall %e s" timeout -s INT -k 20 "${GPU_SWEEP_TIMEOUT:-570}" python3 -m attnbench "${cmd[@]}" \
+        ${SWEEP_OPTS:-} > "$RUNS/${cmd[0]}.log" 2>&1
+      tail -40 "$RUNS/${cmd[0]}.log" | tee -a "$LOG"
       ;;
     *) echo "unknown stage $stage" | tee -a "$LOG" ;;
   esac
@@ -84,6 +119,6 @@ done
 # small files only: summaries, metrics, bench rows, reports (no checkpoints)
 wait
 mkdir -p "$OUTDIR"
-(cd "$RUNS" && find . -name '*.log' -o -name summary.json -o -name metrics.jsonl -o -name config.json -o -name '*.jsonl' -o -name '*.md' -o -name '*.png' \
+(cd "$RUNS" && find . -name '*.log' -o -name summary.json -o -name metrics.jsonl -o -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.png' \
    | grep -v /ckpt/ | tar czf "$OUTDIR/results.tar.gz" -T -) 2>/dev/null
 echo "results in $OUTDIR"
