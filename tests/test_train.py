@@ -200,3 +200,35 @@ def test_wandb_offline_logging(tiny_data, tmp_path, monkeypatch):
     assert len(runs) == 1
     assert any(f.suffix == ".wandb" and f.stat().st_size > 0 for f in runs[0].iterdir())
     assert (out / "summary.json").is_file()
+
+
+def test_compile_scopes_train_like_eager_and_blocks_share_one_graph(tiny_data, tmp_path):
+    """train.compile with compile_scope "blocks" (regional: one graph reused by every layer) and "model"
+    (one graph for the whole model) follows the eager run's losses; "blocks" compiles a single graph."""
+    from torch._dynamo.utils import counters
+
+    runs, captured = {}, {}
+    for scope in (None, "blocks", "model"):
+        torch._dynamo.reset()
+        counters.clear()
+        over = {"train.max_iters": 6, "train.eval_interval": 6, "model.n_layer": 3}
+        if scope:
+            over.update({"train.compile": True, "train.compile_scope": scope})
+        s = attnbench.train(tiny_run_config(tiny_data, tmp_path / str(scope), **over))
+        runs[scope] = losses(tmp_path / str(scope))
+        captured[scope] = counters["stats"]["calls_captured"]
+        assert s["compile"] == (scope or False)
+    torch._dynamo.reset()
+    # "blocks" traces one layer's ops (its graph is reused by the other layers), "model" all three
+    assert 0 < captured["blocks"] < captured["model"] / 2, captured
+    for scope in ("blocks", "model"):
+        for step, loss in runs[None].items():
+            assert abs(runs[scope][step] - loss) < 1e-4, (scope, step, runs[scope][step], loss)
+
+
+def test_bad_compile_scope_is_a_config_error():
+    from attnbench.config import load_config
+    from attnbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.compile_scope.*blocks"):
+        load_config("configs/shakespeare_char.toml", ["--compile_scope=block"])
