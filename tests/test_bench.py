@@ -347,3 +347,21 @@ def test_parse_count():
     assert common.parse_count("1Mi") == 2**20
     assert common.parse_count("4096") == 4096
     assert common.parse_int_list("128,1k") == [128, 1000]
+
+
+def test_find_threshold_retimes_a_compilation_spike_instead_of_stopping():
+    """A first step at a new shape that paid Triton autotuning (16 s where the trend says 0.06 s, as FLA's
+    DeltaNet did at T=4096 on an H200) is timed again; growth goes on to the real out-of-memory point."""
+    seen = set()
+
+    def fake(T):  # 0.01 s per step, but the first step at T >= 1024 takes 100 s; OOM above 20000
+        first = T not in seen
+        seen.add(T)
+        if T > 20000:
+            return {"oom": True}
+        return {"oom": False, "step_s": 100.0 if (first and T >= 1024) else 0.01}
+
+    points, s = memory.find_threshold(fake, 256, 2**20, tol=0.1, time_budget_s=20)
+    assert s["limited_by"] == "oom" and s["fits"] <= 20000 < s["first_oom"]
+    retimed = [r for T, r in points if "first_step_s" in r]
+    assert retimed and all(r["first_step_s"] == 100.0 and r["step_s"] == 0.01 for r in retimed)
