@@ -52,7 +52,7 @@ PY
       ;;
     tests|tests:*)
       paths=tests; [ "$stage" != tests ] && paths=${stage#tests:}; paths=${paths//,/ }
-      timeout "${GPU_TESTS_TIMEOUT:-540}" python3 -m pytest $paths -m gpu -q -rs -p no:cacheprovider 2>&1 \
+      timeout "${GPU_TESTS_TIMEOUT:-540}" python3 -m pytest $paths -m gpu -v -rs --durations=25 -p no:cacheprovider 2>&1 \
         | tee "$OUTDIR/gpu_tests.log" | tail -40
       ;;
     train_parallel:*)
