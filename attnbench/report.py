@@ -10,14 +10,17 @@ Output, in DIR/report/ (or --out):
   loss_vs_step.png          training and validation loss against steps
   loss_vs_time.png          the same against training wall time
   ppl_vs_flops.png          validation perplexity against cumulative training FLOPs (log-log)
-  lr_sensitivity.png        final validation loss against learning rate (when several were swept)
+  lr_sensitivity.png        best validation loss against learning rate (when several were swept)
   decode_latency.png        decode ms/token against prompt length (latency benchmark)
   memory_vs_context.png     peak training memory against context length (memory benchmark)
   throughput_vs_context.png training tokens/s against context length (throughput benchmark)
 
-Aggregation: a mixer's best learning rate is the one with the lowest mean final validation loss over
-its seeds; the bake-off shows mean +- sample standard deviation over the seeds at that learning rate
-(just the value for one seed). Curves show every seed at the best learning rate.
+Aggregation: a run's score is its best validation loss (the lowest of its evaluations: the checkpoint
+one would keep, as nanoGPT keeps the best-val checkpoint; small models on small data overfit, and a
+final-only score then ranks how fast a mixer memorises, not how well it models); the final validation
+loss stays beside it, so the overfitting shows. A mixer's best learning rate is the one with the
+lowest mean score over its seeds; the bake-off shows mean +- sample standard deviation over the seeds
+at that learning rate (just the value for one seed). Curves show every seed at the best learning rate.
 Speed columns come from the throughput benchmark at the training context when there is one (runs
 measured alone on their device); otherwise from the training runs, flagged when several runs shared a
 device (their tokens/s then depends on the neighbours). One colour per mixer in every figure
@@ -97,6 +100,19 @@ class RunResult:
     @property
     def final_val_loss(self) -> float:
         return float(self.summary["final_val_loss"])
+
+    @property
+    def score(self) -> float:
+        """The run's best validation loss (the final one when the summary has no best)."""
+        b = self.summary.get("best_val_loss")
+        return float(b) if isinstance(b, (int, float)) and math.isfinite(b) else self.final_val_loss
+
+    @property
+    def best_bpc(self) -> float | None:
+        b = self.summary.get("best_val_bpc")
+        if isinstance(b, (int, float)) and self.score == self.summary.get("best_val_loss"):
+            return float(b)
+        return self.final_bpc
 
     @property
     def final_bpc(self) -> float | None:
@@ -250,7 +266,7 @@ def by_mixer(runs: list[RunResult]) -> dict[str, dict[float, list[RunResult]]]:
 
 
 def best_lr(lrs: dict[float, list[RunResult]]) -> float:
-    return min(lrs, key=lambda lr: (statistics.fmean(r.final_val_loss for r in lrs[lr]), lr))
+    return min(lrs, key=lambda lr: (statistics.fmean(r.score for r in lrs[lr]), lr))
 
 
 def _bench(rows: list[dict], bench: str, metric: str | None = None, mixer: str | None = None) -> list[dict]:
@@ -300,8 +316,8 @@ class BakeoffRow:
     mixer: str
     lr: float
     n: int
-    val_loss: tuple[float, float | None]
-    best_val_loss: tuple[float, float | None] | None
+    val_loss: tuple[float, float | None]  # best validation loss (the score)
+    final_val_loss: tuple[float, float | None]
     ppl: tuple[float, float | None]
     bpc: tuple[float, float | None] | None
     tokens_per_s: float | None
@@ -315,20 +331,14 @@ class BakeoffRow:
     n_params: int | None
 
 
-def _best_val(rs: list) -> tuple[float, float | None] | None:
-    """Lowest validation loss each run reached (at any evaluation): shows early overfitting."""
-    best = [r.summary.get("best_val_loss") for r in rs]
-    return _mean_sd(best) if all(isinstance(b, (int, float)) for b in best) else None
-
-
 def bakeoff(res: Results) -> list[BakeoffRow]:
     out = []
     tp_rows = _throughput_rows(res.bench)
     for mixer, lrs in by_mixer(res.runs).items():
         lr = best_lr(lrs)
         rs = lrs[lr]
-        losses = [r.final_val_loss for r in rs]
-        bpcs = [b for b in (r.final_bpc for r in rs) if b is not None]
+        losses = [r.score for r in rs]
+        bpcs = [b for b in (r.best_bpc for r in rs) if b is not None]
         tps = [r.summary.get("tokens_per_s") for r in rs if r.summary.get("tokens_per_s")]
         msi = [r.summary.get("ms_per_iter") for r in rs if r.summary.get("ms_per_iter")]
         source = "train-shared" if any(r.shared_device > 1 for r in rs) else "train"
@@ -349,7 +359,8 @@ def bakeoff(res: Results) -> list[BakeoffRow]:
             source = "bench"
         mem = [r.summary.get("peak_mem_mb") for r in rs if r.summary.get("peak_mem_mb")]
         out.append(BakeoffRow(
-            mixer, lr, len(rs), _mean_sd(losses), _best_val(rs), _mean_sd([math.exp(x) for x in losses]),
+            mixer, lr, len(rs), _mean_sd(losses), _mean_sd([r.final_val_loss for r in rs]),
+            _mean_sd([math.exp(x) for x in losses]),
             _mean_sd(bpcs) if len(bpcs) == len(rs) else None, tok_per_s, ms_iter, source, note,
             statistics.fmean(mem) if mem else None, _oom_threshold(res.bench, mixer),
             _decode_at(res.bench, mixer, "eager"), _decode_at(res.bench, mixer, "cuda_graph"),
@@ -362,7 +373,7 @@ def bakeoff_markdown(rows: list[BakeoffRow]) -> tuple[str, list[str]]:
     has_graph = any(r.decode_graph_ms for r in rows)
     has_decode = any(r.decode_ms for r in rows)
     has_oom = any(r.oom for r in rows)
-    head = ["mixer", "best lr", "seeds", "val loss", "best val loss", "perplexity", "bits/char", "tokens/s", "ms/iter",
+    head = ["mixer", "best lr", "seeds", "val loss", "final val loss", "perplexity", "bits/char", "tokens/s", "ms/iter",
             "peak train mem (MB)"]
     if has_oom:
         head.append("OOM threshold (context)")
@@ -375,7 +386,7 @@ def bakeoff_markdown(rows: list[BakeoffRow]) -> tuple[str, list[str]]:
     shared = any(r.speed_source == "train-shared" for r in rows)
     for r in rows:
         mark = {"bench": "", "train": "", "train-shared": " †"}[r.speed_source]
-        cells = [r.mixer, f"{r.lr:g}", str(r.n), _fmt(*r.val_loss), _fmt(*r.best_val_loss) if r.best_val_loss else "-",
+        cells = [r.mixer, f"{r.lr:g}", str(r.n), _fmt(*r.val_loss), _fmt(*r.final_val_loss),
                  _fmt(*r.ppl, digits=3),
                  _fmt(*r.bpc, digits=4) if r.bpc else "-", _fmt_num(r.tokens_per_s) + mark,
                  _fmt_num(r.ms_per_iter) + mark, _fmt_num(r.peak_mem_mb)]
@@ -385,9 +396,10 @@ def bakeoff_markdown(rows: list[BakeoffRow]) -> tuple[str, list[str]]:
             if on:
                 cells.append("-" if val is None else f"{val[0]:.3g}" + ("" if val[1] == DECODE_CONTEXT else f" (@{val[1]})"))
         lines.append("| " + " | ".join(cells) + " |")
-    notes.append("val loss, perplexity and bits/char: final evaluation on the whole validation split, mean ± sample "
-                 "standard deviation over seeds at the mixer's best learning rate (lowest mean final val loss); "
-                 "best val loss: the lowest any evaluation reached (a gap to val loss means overfitting).")
+    notes.append("val loss, perplexity and bits/char: the best evaluation on the whole validation split (the "
+                 "checkpoint one would keep), mean ± sample standard deviation over seeds at the mixer's best "
+                 "learning rate (lowest mean val loss); final val loss: the last evaluation (above val loss: the "
+                 "model overfits by the end of training).")
     if any(r.speed_source == "bench" for r in rows):
         how = sorted({r.speed_note for r in rows if r.speed_note})
         notes.append("tokens/s and ms/iter: throughput benchmark at the training context (one model alone on the "
@@ -555,14 +567,14 @@ def fig_lr(res: Results, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for mixer, lrs in groups.items():
         xs = sorted(lrs)
-        ms = [_mean_sd([r.final_val_loss for r in lrs[lr]]) for lr in xs]
+        ms = [_mean_sd([r.score for r in lrs[lr]]) for lr in xs]
         ax.errorbar(xs, [m for m, _ in ms], yerr=[s or 0 for _, s in ms], color=mixer_color(mixer), marker="o",
                     ms=4, capsize=3, label=mixer)
         b = best_lr(lrs)
         ax.plot([b], [ms[xs.index(b)][0]], marker="*", ms=12, color=mixer_color(mixer), ls="none")
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate (log scale)")
-    ax.set_ylabel("final validation loss (mean ± sd over seeds)")
+    ax.set_ylabel("best validation loss (mean ± sd over seeds)")
     ax.set_title("learning-rate sensitivity (★ best)")
     ax.legend(fontsize=8, frameon=False)
     path = out / "lr_sensitivity.png"
