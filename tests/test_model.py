@@ -113,3 +113,19 @@ def test_sample_next_greedy_and_top_k():
     g = torch.Generator().manual_seed(0)
     draws = torch.cat([sample_next(logits, 1.0, top_k=1, generator=g) for _ in range(20)], 1)
     assert (draws[0] == 1).all() and (draws[1] == 0).all()
+
+
+def test_softmax_attn_dropout_setting():
+    """mixer_args.attn_dropout: unset follows model.dropout (nanoGPT: attention probabilities dropped in
+    training), 0 turns it off (as the mixers without an attention matrix) while model.dropout stays."""
+    from attnbench.errors import ConfigError
+
+    x = torch.randn(2, 16, 32)
+    for attn_dropout, stochastic in ((None, True), (0.0, False)):
+        args = {} if attn_dropout is None else {"attn_dropout": attn_dropout}
+        cfg = GPTConfig(mixer="softmax", n_layer=1, n_head=2, n_embd=32, block_size=16, dropout=0.5, mixer_args=args)
+        mixer = GPT(cfg).blocks[0].mixer.train()
+        a, b = mixer(x)[0], mixer(x)[0]
+        assert (not torch.equal(a, b)) == stochastic, attn_dropout
+    with pytest.raises(ConfigError, match="attn_dropout"):
+        GPT(GPTConfig(mixer="softmax", n_layer=1, n_head=2, n_embd=32, block_size=16, mixer_args={"attn_dropout": 1.5}))

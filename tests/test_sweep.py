@@ -202,12 +202,17 @@ def test_slots_pin_devices_and_share_cores():
 
 
 def test_presets_parse_and_plan(tmp_path):
-    """configs/sweeps/*.toml: valid files, every mixer parameter-matched within 1%."""
+    """configs/sweeps/*.toml: valid files that plan every (mixer, lr, seed), parameter-matched within 1%."""
     pytest.importorskip("attnbench.params")
-    for name in ("seed", "quick"):
-        s = sw.load_sweep(ROOT / "configs" / "sweeps" / f"{name}.toml")
-        runs = sw.plan(s, tmp_path / name, load_data=False)
-        assert [r.mixer for r in runs] == s.mixers and len(s.mixers) == 5
+    files = sorted((ROOT / "configs" / "sweeps").glob("*.toml"))
+    assert {"seed", "quick"} <= {f.stem for f in files}
+    for f in files:
+        s = sw.load_sweep(f)
+        runs = sw.plan(s, tmp_path / f.stem, load_data=False)
+        assert sorted({r.mixer for r in runs}) == sorted(s.mixers)
+        assert len(runs) == len(s.mixers) * len(s.learning_rates or [None]) * len(s.seeds or [None])
+        if f.stem in ("seed", "quick"):
+            assert len(s.mixers) == 5
         assert all(abs(r.match["deviation"]) <= 0.01 for r in runs), [(r.mixer, r.match) for r in runs]
         if sw._bench_available():
             sw.check_bench_options(s.bench, s.path)

@@ -16,10 +16,15 @@ from .base import Mixer, MixerArgs
 @dataclass
 class SoftmaxArgs(MixerArgs):
     rope_base: float = 10000.0  # used when model.pos_emb = "rope"
+    # dropout on the attention probabilities (nanoGPT's attn_dropout); None: model.dropout, as nanoGPT.
+    # The other mixers have no attention matrix to drop, so 0 gives them the same regularisation.
+    attn_dropout: float | None = None
 
     def validate(self, n_embd: int, n_head: int) -> None:
         if self.rope_base <= 0:
             raise ConfigError(f"model.mixer_args.rope_base must be > 0, got {self.rope_base}")
+        if self.attn_dropout is not None and not 0.0 <= self.attn_dropout < 1.0:
+            raise ConfigError(f"model.mixer_args.attn_dropout must be in [0, 1) or unset, got {self.attn_dropout}")
 
 
 @dataclass
@@ -48,7 +53,7 @@ class SoftmaxAttention(Mixer):
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = cfg.dropout
+        self.dropout = cfg.dropout if self.args.attn_dropout is None else self.args.attn_dropout
         self.rope = cfg.pos_emb == "rope"
 
     @classmethod
