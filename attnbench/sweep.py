@@ -546,6 +546,10 @@ def make_slots(devices: list[str], jobs_per_device: int, nproc: int) -> list[Slo
             env = {"CUDA_VISIBLE_DEVICES": visible}
             if total > 1:  # share the CPU cores instead of oversubscribing them
                 env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+                # torch.compile's workers too: five runs compiling at once on an H200 host otherwise start
+                # 5 x (cores) compile workers, and everything else on the host (GPU tests) starves
+                if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+                    env["TORCHINDUCTOR_COMPILE_THREADS"] = threads
             slots.append(Slot(dev, env, nproc, jobs_per_device))
     return slots
 

@@ -197,6 +197,7 @@ def test_slots_pin_devices_and_share_cores():
     assert sw.child_command(Path("r"), 2)[1:4] == ["-m", "torch.distributed.run", "--standalone"]
     c = sw.make_slots(["cpu"], jobs_per_device=2, nproc=1)
     assert c[0].env["CUDA_VISIBLE_DEVICES"] == "" and c[0].env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert c[0].env["TORCHINDUCTOR_COMPILE_THREADS"] == c[0].env["OMP_NUM_THREADS"]  # compile workers shared too
     with pytest.raises(sw.AttnbenchError, match="devices"):
         sw.resolve_devices("gpu0")
 
