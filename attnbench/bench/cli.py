@@ -53,7 +53,8 @@ def _memory_opts(p: argparse.ArgumentParser, with_batch: bool = True) -> None:
     g.add_argument("--max_len", type=parse_count, default=None, help="largest context tried (GPU 1Mi, CPU 2048)")
     g.add_argument("--tol", type=float, default=0.1, help="bisect the threshold until first_oom/fits <= 1 + tol")
     g.add_argument("--time_budget_s", type=float, default=None,
-                   help="per mixer: stop growing the context once the next step would overrun it (GPU 20, CPU 300)")
+                   help="per mixer: stop growing the context once the steady step time spent plus the next step's "
+                        "would overrun it (GPU 60, CPU 300)")
     g.add_argument("--simulate_oom_above", type=parse_count, default=None,
                    help="raise torch.OutOfMemoryError inside the forward above this context (testing)")
     g.add_argument("--no_isolate", action="store_true",
@@ -62,7 +63,7 @@ def _memory_opts(p: argparse.ArgumentParser, with_batch: bool = True) -> None:
 
 def _throughput_opts(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("throughput")
-    g.add_argument("--contexts", default=None, help="comma-separated context lengths (GPU 256..16384, CPU 64..512)")
+    g.add_argument("--contexts", default=None, help="comma-separated context lengths (GPU 256..65536, CPU 64..512)")
     g.add_argument("--tokens_per_batch", type=parse_count, default=None, help="GPU 65536 (64 x 1024), CPU 2048")
     g.add_argument("--steps", type=int, default=None, help="timed training steps per context (GPU 5, CPU 2)")
     g.add_argument("--warmup_steps", type=int, default=None, help="untimed steps first (GPU 2, CPU 1)")
