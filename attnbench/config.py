@@ -24,6 +24,7 @@ POS_EMBS = ("learned", "rope", "none")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPILE_SCOPES = ("blocks", "model")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -88,6 +89,9 @@ class TrainConfig:
     # "blocks": compile one transformer block and reuse it for every layer (regional compilation: the
     # layers share one graph, so compiling takes about a fifth of the time); "model": one graph for all
     compile_scope: str = "blocks"
+    # torch.compile's mode: "reduce-overhead" adds CUDA graphs (fewer launches for these launch-bound
+    # models), "max-autotune" tunes kernels too (slow to compile)
+    compile_mode: str = "default"
     progress: bool = True
     keep_checkpoints: int = 2
     resume: bool = False  # continue the run in out_dir from its latest checkpoint
@@ -337,7 +341,8 @@ def validate(cfg: RunConfig) -> None:
                           f"(or n_embd={round(m.n_embd / m.n_head) * m.n_head})")
     for key, val, allowed in [("model.pos_emb", m.pos_emb, POS_EMBS), ("train.device", t.device, DEVICES),
                               ("train.dtype", t.dtype, DTYPES), ("model.backend", m.backend, ("auto", "torch", "fla")),
-                              ("train.compile_scope", t.compile_scope, COMPILE_SCOPES)]:
+                              ("train.compile_scope", t.compile_scope, COMPILE_SCOPES),
+                              ("train.compile_mode", t.compile_mode, COMPILE_MODES)]:
         if val not in allowed:
             raise ConfigError(f"{key}={val!r} is not one of {allowed}{_suggest(val, list(allowed))}")
     if not 0.0 <= m.dropout < 1.0:

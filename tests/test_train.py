@@ -204,31 +204,36 @@ def test_wandb_offline_logging(tiny_data, tmp_path, monkeypatch):
 
 def test_compile_scopes_train_like_eager_and_blocks_share_one_graph(tiny_data, tmp_path):
     """train.compile with compile_scope "blocks" (regional: one graph reused by every layer) and "model"
-    (one graph for the whole model) follows the eager run's losses; "blocks" compiles a single graph."""
+    (one graph for the whole model), and with compile_mode "reduce-overhead", follows the eager run's
+    losses; "blocks" traces one layer, not all of them."""
     from torch._dynamo.utils import counters
 
     runs, captured = {}, {}
-    for scope in (None, "blocks", "model"):
+    for scope in (None, "blocks", "model", "model+reduce-overhead"):
         torch._dynamo.reset()
         counters.clear()
         over = {"train.max_iters": 6, "train.eval_interval": 6, "model.n_layer": 3}
         if scope:
-            over.update({"train.compile": True, "train.compile_scope": scope})
+            sc, _, mode = scope.partition("+")
+            over.update({"train.compile": True, "train.compile_scope": sc, "train.compile_mode": mode or "default"})
         s = attnbench.train(tiny_run_config(tiny_data, tmp_path / str(scope), **over))
         runs[scope] = losses(tmp_path / str(scope))
         captured[scope] = counters["stats"]["calls_captured"]
-        assert s["compile"] == (scope or False)
+        assert s["compile"] == (scope.partition("+")[0] if scope else False)
+        assert s["compile_mode"] == ((scope.partition("+")[2] or "default") if scope else None)
     torch._dynamo.reset()
     # "blocks" traces one layer's ops (its graph is reused by the other layers), "model" all three
     assert 0 < captured["blocks"] < captured["model"] / 2, captured
-    for scope in ("blocks", "model"):
+    for scope in ("blocks", "model", "model+reduce-overhead"):
         for step, loss in runs[None].items():
             assert abs(runs[scope][step] - loss) < 1e-4, (scope, step, runs[scope][step], loss)
 
 
-def test_bad_compile_scope_is_a_config_error():
+def test_bad_compile_scope_or_mode_is_a_config_error():
     from attnbench.config import load_config
     from attnbench.errors import ConfigError
 
     with pytest.raises(ConfigError, match="train.compile_scope.*blocks"):
         load_config("configs/shakespeare_char.toml", ["--compile_scope=block"])
+    with pytest.raises(ConfigError, match="train.compile_mode.*reduce-overhead"):
+        load_config("configs/shakespeare_char.toml", ["--compile_mode=reduce_overhead"])
