@@ -10,7 +10,8 @@
 # then scripts/compare_runs.py prints the curves side by side and the tokens/s ratios.
 # DeltaNet trains eagerly throughout (configs/sweeps/pair.toml says why). NVLink multicast stays off.
 # Knobs: ITERS (default 3000: the trainings of 1 and 2, with the cosine schedule cut to match),
-# SWEEP_DEVICES (default "0 0,1"), STEP_TIMEOUT (s per step, default 240). Files are packed after every
+# SWEEP_DEVICES (default "0 0,1"), STEP_TIMEOUT (s per step, default 150 + ITERS/10: on a fresh machine
+# FLA's first DeltaNet steps spend ~65 s compiling and autotuning Triton kernels). Files are packed after every
 # phase, so a call cut short still returns what finished.
 set -uo pipefail
 OUTDIR=${1:?usage: scripts/multi_gpu.sh OUTDIR}
@@ -25,7 +26,7 @@ LOG="$OUTDIR/multi_gpu.txt"
 say() { echo "$*" | tee -a "$LOG"; }
 train() {  # NAME CMD...: one training run into $RUNS/NAME; its wall time and last lines go to the log
   local name=$1; shift
-  /usr/bin/time -f "$name: wall %e s" timeout "${STEP_TIMEOUT:-240}" "$@" --out_dir="$RUNS/$name" --progress=false \
+  /usr/bin/time -f "$name: wall %e s" timeout "$STEP_TIMEOUT" "$@" --out_dir="$RUNS/$name" --progress=false \
     > "$RUNS/$name.log" 2>&1
   grep -E "wall|best val|Error|error|Traceback" "$RUNS/$name.log" | tail -4 | tee -a "$LOG"
 }
@@ -34,6 +35,7 @@ pack() {
     | tar czf "$OUTDIR/multi_gpu.tar.gz" -T -)
 }
 ITERS=${ITERS:-3000}
+STEP_TIMEOUT=${STEP_TIMEOUT:-$((150 + ITERS / 10))}
 sched=(--max_iters="$ITERS" --lr_decay_iters="$ITERS")
 ddp=(python3 -m torch.distributed.run --standalone --nproc_per_node 2 -m attnbench train)
 say "=== 1. one GPU each ($(date +%T))"
@@ -50,7 +52,7 @@ python3 scripts/compare_runs.py "$RUNS/deltanet-1gpu" "$RUNS/deltanet-ddp2" | te
 pack
 say "=== 3. sweep: one GPU, then one run per GPU ($(date +%T))"
 for devs in ${SWEEP_DEVICES:-0 0,1}; do
-  /usr/bin/time -f "sweep --devices $devs: wall %e s" timeout "${STEP_TIMEOUT:-240}" python3 -m attnbench sweep \
+  /usr/bin/time -f "sweep --devices $devs: wall %e s" timeout "$STEP_TIMEOUT" python3 -m attnbench sweep \
     configs/sweeps/pair.toml --devices "$devs" --out "$RUNS/sweep-${devs/,/-}" --no_report --status_interval 15 \
     > "$RUNS/sweep-${devs/,/-}.log" 2>&1
   grep -E "start|done|wall" "$RUNS/sweep-${devs/,/-}.log" | tee -a "$LOG"
