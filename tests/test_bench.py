@@ -172,8 +172,9 @@ def test_decode_step_is_graph_safe(mixer, sets):
 
 
 def test_compiled_decode_step_compiles_once_and_matches_eager():
-    """`--compile`: the step runs with frozen host counters, so dynamo never recompiles, and the
-    (graph-safe) step still advances the device state exactly as eager steps do."""
+    """`--compile`: the blocks are compiled (regional: one graph serves every layer) and run with frozen
+    host counters, so dynamo never recompiles; the (graph-safe) step still advances the device state
+    exactly as eager steps do; afterwards the blocks run eagerly again."""
     m, cache = _tiny_model_and_cache("gated_deltanet" if "gated_deltanet" in ALL else "softmax")
     ref = __import__("copy").deepcopy(cache)
     tok = torch.zeros(2, 1, dtype=torch.long)
@@ -186,17 +187,21 @@ def test_compiled_decode_step_compiles_once_and_matches_eager():
     def step():
         return m(tok, cache=cache)[0]
 
-    torch._dynamo.reset()
     with torch.no_grad():
-        run = latency.frozen_host_compiled(step, cache, backend=counting_backend)
-        for i, t in enumerate(torch.randint(0, 65, (4, 2, 1))):
-            tok.copy_(t)
-            got = run()
-            want = m(t, cache=ref)[0]
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-            if i == 0:
-                n_first = len(graphs)
-    assert n_first >= 1 and len(graphs) == n_first, "the decode step was recompiled"
+        with latency.compiled_blocks(m, backend=counting_backend):
+            run = latency.frozen_host(step, cache)
+            for i, t in enumerate(torch.randint(0, 65, (4, 2, 1))):
+                tok.copy_(t)
+                got = run()
+                with torch.compiler.set_stance("force_eager"):
+                    want = m(t, cache=ref)[0]
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+                if i == 0:
+                    n_first = len(graphs)
+        assert n_first == 1, f"{n_first} graphs for {len(m.blocks)} blocks: the blocks did not share one"
+        assert len(graphs) == n_first, "the decode step was recompiled"
+        m(tok, cache=ref)
+        assert len(graphs) == n_first and all(b._compiled_call_impl is None for b in m.blocks)
     torch._dynamo.reset()
 
 

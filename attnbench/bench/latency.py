@@ -181,21 +181,31 @@ def host_frozen_check(model: torch.nn.Module, cache: Any, tokens: torch.Tensor, 
     return None
 
 
-def frozen_host_compiled(step: Callable[[], torch.Tensor], cache: Any, backend: Any = "inductor"
-                         ) -> Callable[[], torch.Tensor]:
-    """torch.compile the decode step once, and run it with the states' host counters frozen at their
-    current values: model.py and the mixers read Python ints (cache.pos, state.pos) that dynamo would
-    guard on and recompile for at every token. Valid only for a step that passed host_frozen_check,
-    whose results do not depend on those counters (replays of its graph freeze them the same way)."""
+def frozen_host(fn: Callable[[], torch.Tensor], cache: Any) -> Callable[[], torch.Tensor]:
+    """`fn` run with the cache's host counters restored to their current values before every call."""
     host = _host_scalars(cache)
-    torch._dynamo.reset()  # a fresh cache: dynamo stops compiling a frame after a few recompiles
-    compiled = torch.compile(step, backend=backend, dynamic=False)
 
     def run() -> torch.Tensor:
         _restore(host)
-        return compiled()
+        return fn()
 
     return run
+
+
+@contextlib.contextmanager
+def compiled_blocks(model: torch.nn.Module, backend: Any = "inductor") -> Iterator[None]:
+    """Regional compilation of the decode step: every transformer block is compiled, and since they all
+    run Block.forward they share one compiled graph (a whole-model compile per mixer and prompt length
+    costs several times as long). The blocks run eagerly again afterwards."""
+    torch._dynamo.reset()
+    blocks = list(model.blocks)
+    for b in blocks:
+        b.compile(backend=backend, dynamic=False)
+    try:
+        yield
+    finally:
+        for b in blocks:
+            b._compiled_call_impl = None  # the slot nn.Module.compile fills: back to the eager forward
 
 
 @dataclass
@@ -221,62 +231,75 @@ def graph_decode(model: torch.nn.Module, cache: Any, tok: torch.Tensor, step: Ca
         if reason:
             return GraphResult(None, reason)
         fn, compile_error = step, None
+        regional = contextlib.ExitStack()
         if compile:
             try:
-                fn = frozen_host_compiled(step, cache)
+                regional.enter_context(compiled_blocks(model))
+                fn = frozen_host(step, cache)
                 fn()  # compiles here, outside any capture
             except Exception as e:  # noqa: BLE001 - fall back to capturing the eager step
+                regional.close()
                 log.warning("%s: torch.compile of the decode step failed (%s); capturing it uncompiled",
                             type(model.blocks[0].mixer).__name__, e)
                 fn, compile_error = step, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        compiled = fn is not step
-        cur = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(cur)
-        with torch.cuda.stream(side):
-            for _ in range(GRAPH_WARMUP):
-                fn()
-        cur.wait_stream(side)
-        torch.cuda.synchronize()
-        host = _host_scalars(cache)  # capture runs the Python once but no kernel: host counters must not move
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                out = fn()
-        except Exception as e:  # e.g. a host sync or a CPU tensor inside the step
-            _restore(host)
-            with contextlib.suppress(Exception):
-                torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            return GraphResult(None, f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                               compiled=compiled, compile_error=compile_error)
-        _restore(host)
+        with regional:
+            return _capture_verify_time(model, cache, tok, fn, step, forced, warmup, steps, compile_error)
 
-        # Replays must match eager steps on a copy of the cache, token for token (teacher-forced, so a
-        # near-tie in the argmax cannot make the two runs diverge).
-        ref_cache, ref_tok = copy.deepcopy(cache), tok.clone()
-        got = []
-        for i in range(VERIFY_STEPS):
-            tok.copy_(forced[i])
-            graph.replay()
-            got.append(out[:, -1].float().clone())
-        errs = []
+
+def _capture_verify_time(model: torch.nn.Module, cache: Any, tok: torch.Tensor, fn: Callable[[], torch.Tensor],
+                         step: Callable[[], torch.Tensor], forced: torch.Tensor, warmup: int, steps: int,
+                         compile_error: str | None) -> GraphResult:
+    """Capture `fn` (the step, or its compiled form), verify replays against eager steps, time them."""
+    compiled = fn is not step
+    cur = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(cur)
+    with torch.cuda.stream(side):
+        for _ in range(GRAPH_WARMUP):
+            fn()
+    cur.wait_stream(side)
+    torch.cuda.synchronize()
+    host = _host_scalars(cache)  # capture runs the Python once but no kernel: host counters must not move
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = fn()
+    except Exception as e:  # e.g. a host sync or a CPU tensor inside the step
+        _restore(host)
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return GraphResult(None, f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                           compiled=compiled, compile_error=compile_error)
+    _restore(host)
+
+    # Replays must match eager steps on a copy of the cache, token for token (teacher-forced, so a
+    # near-tie in the argmax cannot make the two runs diverge).
+    ref_cache, ref_tok = copy.deepcopy(cache), tok.clone()
+    got = []
+    for i in range(VERIFY_STEPS):
+        tok.copy_(forced[i])
+        graph.replay()
+        got.append(out[:, -1].float().clone())
+    errs = []
+    # the reference is the eager step even while the blocks are compiled
+    with torch.compiler.set_stance("force_eager"):
         for i in range(VERIFY_STEPS):
             ref_tok.copy_(forced[i])
             ref = model(ref_tok, cache=ref_cache)[0][:, -1].float()
             errs.append(_rel_err(got[i], ref))
-        del ref_cache
-        err = max(errs)
-        tol = VERIFY_TOL_COMPILED if compiled else VERIFY_TOL
-        if not err <= tol:
-            return GraphResult(None, f"graph replay differs from eager decode (logits rel err {err:.2e} > "
-                                     f"{tol:g}): the step reads a host-side position or shape "
-                                     "(Python int) that replays cannot advance", err, compiled, compile_error)
-        for _ in range(warmup):
-            graph.replay()
-        samples = time_calls(graph.replay, steps, "cuda")
-        del graph
-        return GraphResult(samples, None, err, compiled, compile_error)
+    del ref_cache
+    err = max(errs)
+    tol = VERIFY_TOL_COMPILED if compiled else VERIFY_TOL
+    if not err <= tol:
+        return GraphResult(None, f"graph replay differs from eager decode (logits rel err {err:.2e} > "
+                                 f"{tol:g}): the step reads a host-side position or shape "
+                                 "(Python int) that replays cannot advance", err, compiled, compile_error)
+    for _ in range(warmup):
+        graph.replay()
+    samples = time_calls(graph.replay, steps, "cuda")
+    del graph
+    return GraphResult(samples, None, err, compiled, compile_error)
 
 
 # ------------------------------------------------------------------ one prompt length
