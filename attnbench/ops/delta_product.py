@@ -14,7 +14,7 @@ import torch
 from ..errors import AttnbenchError
 from ._l2norm import compute_dtype, l2norm, needs_backward
 from .backend import hopper_gated_backward_broken, resolve
-from .delta_rule import chunked_core, check_state, fla_unsupported
+from .delta_rule import check_state, fla_unsupported, lean_chunked_core
 from .gated_delta_rule import HOPPER_REASON
 
 
@@ -63,7 +63,7 @@ def _chunked(q, k, v, g, beta, n, scale, initial_state, output_final_state, chun
     if g is not None:
         zg = g.new_zeros(B, T, n - 1, H)
         g_il = torch.cat([g.unsqueeze(2), zg], dim=2).reshape(B, T * n, H)
-    o, S = chunked_core(q_il, k, v, beta, g_il, scale, initial_state, output_final_state, chunk_size)
+    o, S = lean_chunked_core(q_il, k, v, beta, g_il, scale, initial_state, output_final_state, chunk_size)
     return o.reshape(B, T, n, H, -1)[:, :, n - 1], S
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import AttnbenchError
 from ._l2norm import compute_dtype, l2norm, needs_backward
 from .backend import resolve
 
 FLA_CHUNK_SIZES = (16, 32, 64)
+RECOMPUTE_FROM = 2048  # tokens (per sequence, interleaved for DeltaProduct): see lean_chunked_core
 FLA_MAX_K = 256  # chunk_delta_h.py asserts K <= 256
 
 
@@ -134,6 +136,18 @@ def chunked_core(q, k, v, beta, g, scale, initial_state, output_final_state, chu
     return o, (S if output_final_state else None)
 
 
+def lean_chunked_core(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size):
+    """chunked_core for the dispatchers' PyTorch path. At long context under autograd it keeps only its
+    inputs for the backward and recomputes the rest there (torch.utils.checkpoint), as FLA's kernels
+    recompute their chunk matrices: otherwise the float32 [C, C] matrices of every chunk and head are
+    kept, ~2 KB per token and head in each layer (on an H200 Gated DeltaNet at batch 4 needed 67 GB at
+    64k tokens). Same numbers either way; short training contexts keep the faster path."""
+    if q.shape[1] >= RECOMPUTE_FROM and needs_backward(q, k, v, beta, g, initial_state):
+        return checkpoint(chunked_core, q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size,
+                          use_reentrant=False)
+    return chunked_core(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Public DeltaNet API
 # ---------------------------------------------------------------------------------------------------
@@ -193,7 +207,7 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
     if q.shape[1] == 1:  # decode step: the recurrence is cheapest
         o, S = recurrent_core(q, k, v, beta, None, scale, initial_state, output_final_state)
     else:
-        o, S = chunked_core(q, k, v, beta, None, scale, initial_state, output_final_state, chunk_size)
+        o, S = lean_chunked_core(q, k, v, beta, None, scale, initial_state, output_final_state, chunk_size)
     return o.to(q.dtype), S
 
 

@@ -11,7 +11,7 @@ import torch
 
 from ._l2norm import l2norm, needs_backward
 from .backend import hopper_gated_backward_broken, resolve
-from .delta_rule import chunked_core, check_inputs, fla_unsupported, recurrent_core
+from .delta_rule import chunked_core, check_inputs, fla_unsupported, lean_chunked_core, recurrent_core
 
 HOPPER_REASON = ("FLA's gated chunk backward raises on Hopper with triton < 3.7.1 unless TileLang is usable "
                  "(FLA issue #640; upgrade triton to >= 3.7.1)")
@@ -62,7 +62,7 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     if q.shape[1] == 1:
         o, S = recurrent_core(q, k, v, beta, g, scale, initial_state, output_final_state)
     else:
-        o, S = chunked_core(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size)
+        o, S = lean_chunked_core(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size)
     return o.to(q.dtype), S
 
 
