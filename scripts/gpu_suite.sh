@@ -18,6 +18,7 @@
 # GPU through CUDA_VISIBLE_DEVICES) need different ones. NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
 #
 # Installs carried wheels from .whl/ (fla-core, flash-linear-attention; see ../shared/scripts/gpu-wheels.sh)
+# and .whl_*/ (scripts/tilelang-wheels.sh)
 # into /tmp/site, reads tiny Shakespeare from $ATTNBENCH_DATA (default .gpu_data/input.txt), keeps
 # bulky run folders in /tmp/attnbench-runs and packs the small result files into OUTDIR/results.tar.gz.
 set -uo pipefail
@@ -30,11 +31,15 @@ RUNS=${ATTNBENCH_RUNS:-/tmp/attnbench-runs}
 mkdir -p "$RUNS"
 export PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0
-if ls .whl/*.whl >/dev/null 2>&1 && [ ! -e /tmp/site/.attnbench-installed ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed"; exit 1; }
-  touch /tmp/site/.attnbench-installed  # a second suite on the same machine skips the install
-fi
+# carried wheel folders (.whl: FLA; .whl_tl1, .whl_tl2: TileLang, scripts/tilelang-wheels.sh), each installed
+# once per machine: a second suite, or a later call on the same warm machine, skips what is there
+for d in .whl .whl_*; do
+  if ls "$d"/*.whl >/dev/null 2>&1 && [ ! -e "/tmp/site/.installed$d" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$d"/*.whl \
+      || { echo "wheel install from $d failed"; exit 1; }
+    touch "/tmp/site/.installed$d"
+  fi
+done
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export ATTNBENCH_DATA=${ATTNBENCH_DATA:-$PWD/.gpu_data/input.txt}
 LOG="$OUTDIR/suite.log"
