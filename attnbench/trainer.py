@@ -198,7 +198,8 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
 
 # Settings that may change between a run and its resumption without changing its results.
 _RESUMABLE = {"train.out_dir", "train.resume", "train.progress", "train.log_interval", "train.max_iters", "train.keep_checkpoints",
-              "train.compile", "train.compile_scope", "train.compile_mode", "train.device", "train.eval_batch_size", "log.wandb_log", "log.wandb_project",
+              "train.compile", "train.compile_scope", "train.compile_mode", "train.device", "train.eval_batch_size",
+              "log.wandb_log", "log.wandb_project",
               "log.wandb_run_name", "model.backend", "data.data_dir",
               "model.vocab_size"}  # vocab_size is derived from the dataset
 
@@ -423,7 +424,8 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
         "ms_per_iter": ms_iter, "tokens_per_s": tokens_per_iter * 1000 / ms_iter if ms_iter else None,
         "train_time_s": train_time, "peak_mem_mb": peak_memory_mb(device), "device": device,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "world_size": dinfo.world_size, "dtype": str(dtype).replace("torch.", ""), "compile": tc.compile and tc.compile_scope, "compile_mode": tc.compile_mode if tc.compile else None,
+        "world_size": dinfo.world_size, "dtype": str(dtype).replace("torch.", ""),
+        "compile": tc.compile and tc.compile_scope, "compile_mode": tc.compile_mode if tc.compile else None,
         "backend": cfg.model.backend,
     }
     if dinfo.is_main:
