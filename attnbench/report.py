@@ -807,11 +807,11 @@ def _maybe_wandb(res: Results) -> None:
         return
     try:
         rows = bakeoff(res)
-        table = wandb.Table(columns=["mixer", "lr", "seeds", "val_loss", "val_loss_sd", "ppl", "bpc", "tokens_per_s",
-                                     "ms_per_iter", "peak_mem_mb"])
+        table = wandb.Table(columns=["mixer", "lr", "seeds", "val_loss", "val_loss_sd", "final_val_loss", "ppl", "bpc",
+                                     "tokens_per_s", "ms_per_iter", "peak_mem_mb"])
         for r in rows:
-            table.add_data(r.mixer, r.lr, r.n, r.val_loss[0], r.val_loss[1], r.ppl[0], r.bpc[0] if r.bpc else None,
-                           r.tokens_per_s, r.ms_per_iter, r.peak_mem_mb)
+            table.add_data(r.mixer, r.lr, r.n, r.val_loss[0], r.val_loss[1], r.final_val_loss[0], r.ppl[0],
+                           r.bpc[0] if r.bpc else None, r.tokens_per_s, r.ms_per_iter, r.peak_mem_mb)
         run = wandb.init(project=cfgs[0].get("wandb_project", "attnbench"), name=f"{res.name}-report",
                          job_type="report", dir=str(res.root))
         run.log({"bakeoff": table})
