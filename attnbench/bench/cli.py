@@ -112,6 +112,9 @@ def latency_options(a: argparse.Namespace, device: str) -> latency.LatencyOption
     o.recompute_steps = _pick(a.recompute_steps, o.recompute_steps)
     if a.cuda_graph == "on" and device != "cuda":
         raise AttnbenchError("--cuda_graph needs --device cuda")
+    if a.bench == "latency" and a.compile and (device != "cuda" or a.cuda_graph == "off"):
+        raise AttnbenchError("--compile compiles the CUDA-graph decode step: it needs --device cuda and CUDA graphs "
+                             "(drop --cuda_graph off, or drop --compile)")
     o.cuda_graph = device == "cuda" and a.cuda_graph != "off"
     o.compile = a.compile and o.cuda_graph
     o.dtype = a.dtype
