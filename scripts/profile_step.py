@@ -1,11 +1,13 @@
 """Where does a training step spend its time? One table per mixer from torch.profiler.
 
-    python scripts/profile_step.py [--mixers a,b] [--steps 5] [--compile] [--out FILE]
+    python scripts/profile_step.py [--mixers a,b] [--variants eager,blocks,blocks:reduce-overhead] [--steps 5] [--out FILE]
 
-Builds each mixer's model from configs/<mixer>.toml (the seed shapes), runs warm-up steps, then
-profiles a few full training steps (forward, backward, AdamW) under bf16 autocast and prints the
-step time and the top operators by self device time, grouped into: matmuls, attention kernels,
-FLA/Triton kernels, elementwise/other, plus the count of kernel launches per step.
+Builds each mixer's model from configs/<mixer>.toml (the seed shapes) and, for each variant (eager, or
+torch.compile with scope blocks|model and an optional mode, as train.compile_scope / compile_mode),
+runs warm-up steps, times 20 full training steps (forward, backward, AdamW; bf16 autocast), then
+profiles a few and prints the top operators by self device time, grouped into: matmuls, attention
+kernels, FLA/Triton kernels, elementwise/other, plus the count of kernel launches per step (kernels
+replayed from a CUDA graph are not seen one by one).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 
 from attnbench import GPT, mixers
 from attnbench.config import load_config
-from attnbench.trainer import make_optimizer
+from attnbench.trainer import compile_model, make_optimizer
 
 
 def step_fn(model, opt, x, y):
@@ -28,13 +30,18 @@ def step_fn(model, opt, x, y):
     opt.zero_grad(set_to_none=True)
 
 
-def profile_mixer(name: str, steps: int, compile_: bool) -> str:
+def profile_mixer(name: str, steps: int, variant: str = "eager") -> str:
     cfg = load_config("configs/shakespeare_char.toml" if name == "softmax" else f"configs/{name}.toml")
     cfg.model.vocab_size = 65
     torch.manual_seed(0)
     model = GPT(cfg.model).cuda()
     opt = make_optimizer(model, cfg, "cuda")
-    run = torch.compile(model) if compile_ else model
+    torch._dynamo.reset()
+    if variant == "eager":
+        run = model
+    else:
+        scope, _, mode = variant.partition(":")
+        run = compile_model(model, scope, mode or "default")
     B, T = cfg.train.batch_size, cfg.model.block_size
     x = torch.randint(0, 65, (B, T), device="cuda")
     y = torch.randint(0, 65, (B, T), device="cuda")
@@ -64,7 +71,7 @@ def profile_mixer(name: str, steps: int, compile_: bool) -> str:
              "elementwise/other")
         groups[g] = groups.get(g, 0.0) + e.self_device_time_total / steps / 1000
     lines = [f"## {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, B={B}, T={T}, "
-             f"compile={compile_}): {ms:.2f} ms/step wall, {total:.2f} ms device time, {launches:.0f} kernels/step"]
+             f"{variant}): {ms:.2f} ms/step wall, {total:.2f} ms device time, {launches:.0f} kernels/step"]
     for g, v in sorted(groups.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {g:20s} {v:7.2f} ms  {100 * v / total:5.1f}%")
     lines.append("  top kernels:")
@@ -77,17 +84,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mixers", default=",".join(mixers.available()))
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--variants", default="eager",
+                    help="comma-separated: eager, blocks, model, blocks:reduce-overhead, model:max-autotune, ...")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     out = []
     for name in a.mixers.split(","):
-        try:
-            text = profile_mixer(name, a.steps, a.compile)
-        except Exception as e:  # keep profiling the others; report the failure
-            text = f"## {name}: failed: {type(e).__name__}: {e}"
-        print(text, flush=True)
-        out.append(text)
+        for variant in a.variants.split(","):
+            try:
+                text = profile_mixer(name, a.steps, variant)
+            except Exception as e:  # keep profiling the others; report the failure
+                text = f"## {name} ({variant}): failed: {type(e).__name__}: {e}"
+            print(text, flush=True)
+            out.append(text)
     if a.out:
         with open(a.out, "a") as f:
             f.write("\n\n".join(out) + "\n")
