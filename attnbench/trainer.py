@@ -23,6 +23,7 @@ from .errors import AttnbenchError
 from .flops import train_flops_per_token
 from .io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from .model import GPT
+from .ops.backend import hopper_gated_backward_broken
 
 SUMMARY, METRICS, CONFIG = "summary.json", "metrics.jsonl", "config.json"
 # Tests set this to SIGKILL the process right after a given step (a crash at the worst moment).
@@ -291,6 +292,8 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
             atomic_write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
 
     raw_model = model
+    if device == "cuda":  # decided eagerly (a small GPU probe where TileLang is installed), not in a trace
+        hopper_gated_backward_broken()
     if tc.compile:
         model = compile_model(model, tc.compile_scope, tc.compile_mode)
     if dinfo.enabled:

@@ -34,29 +34,72 @@ def fla_available() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+_GATED_BROKEN: bool | None = None  # decided once, eagerly (hopper_gated_backward_broken)
+
+
 def hopper_gated_backward_broken() -> bool:
     """FLA 0.6.0 refuses the gated chunk backward on Hopper with 3.4 <= triton < 3.7.1 unless its
-    TileLang backend (package `tilelang` + nvcc) can take the call (FLA_NOTES.md section 0)."""
-    if not torch.cuda.is_available():
-        return False
-    if torch.cuda.get_device_capability() != (9, 0):
-        return False
+    TileLang backend (package `tilelang` + nvcc) can take the call (FLA_NOTES.md section 0).
+
+    Where TileLang is installed, a small gated forward + backward is run once to make sure it takes the
+    call. The answer is kept in a module global, which a torch.compile trace reads (and guards on)
+    rather than re-running the check; a trace that comes first answers from the versions alone and
+    counts an unprobed TileLang as not taking the call (the trainer decides eagerly before compiling).
+    """
+    global _GATED_BROKEN
+    if _GATED_BROKEN is not None:
+        return _GATED_BROKEN
+    static = _gated_backward_static_check()
+    if static != "tilelang":
+        broken = static == "broken"
+    elif torch.compiler.is_compiling():
+        return True
+    else:
+        try:
+            with torch.enable_grad():
+                _probe_gated_backward()
+            broken = False
+        except Exception as e:  # noqa: BLE001
+            log.warning("FLA's TileLang backend did not take the gated chunk backward (%s: %s); the gated "
+                        "mixers use the PyTorch op", type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            broken = True
+    _GATED_BROKEN = broken
+    return broken
+
+
+def _gated_backward_static_check() -> str:
+    """'fine' (not Hopper, or a Triton without the bug), 'broken' (the bug, no usable TileLang), or
+    'tilelang' (the bug, and TileLang with nvcc installed: it may take the call)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        return "fine"
     try:
         import triton
         from packaging.version import Version
     except ImportError:
-        return False
+        return "fine"
     v = Version(triton.__version__.split("+")[0])
     if not (Version("3.4.0") <= v < Version("3.7.1")):
-        return False
+        return "fine"
     try:
         import tilelang  # noqa: F401
         from fla.utils.env import has_usable_nvcc  # type: ignore
 
-        return not has_usable_nvcc()
+        return "tilelang" if has_usable_nvcc() else "broken"
     except Exception:
-        return True
+        return "broken"
+
+
+def _probe_gated_backward() -> None:
+    """One small gated chunk forward + backward through FLA on the GPU (raises if it cannot run)."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    B, T, H, K = 1, 128, 1, 64
+    q, k, v = (torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device="cuda")).requires_grad_()
+    beta = torch.rand(B, T, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    o, _ = chunk_gated_delta_rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
+    o.float().sum().backward()
+    torch.cuda.synchronize()
 
 
 _noticed: set[str] = set()

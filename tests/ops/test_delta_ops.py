@@ -254,3 +254,31 @@ def test_long_context_recomputes_instead_of_storing(family, monkeypatch):
     for name in g_full:
         assert torch.allclose(g_full[name], g_lean[name], rtol=1e-6, atol=1e-7), name
     assert lean * 4 < stored, (lean, stored)
+
+
+def test_gated_backward_check_probes_tilelang_once(monkeypatch, caplog):
+    """Where FLA would refuse the gated backward but TileLang is installed, one small probe decides: a
+    failing probe means the PyTorch op (logged), a passing one FLA; the answer is kept; a compile trace
+    that comes before any eager decision answers 'broken' without probing."""
+    from attnbench.ops import backend as be
+
+    calls = []
+    monkeypatch.setattr(be, "_gated_backward_static_check", lambda: "tilelang")
+    for fails, expected in ((True, True), (False, False)):
+        monkeypatch.setattr(be, "_GATED_BROKEN", None)
+        caplog.clear()
+
+        def probe(fails=fails):
+            calls.append(torch.is_grad_enabled())
+            if fails:
+                raise RuntimeError("tilelang: no kernel for this shape")
+
+        monkeypatch.setattr(be, "_probe_gated_backward", probe)
+        with torch.no_grad(), caplog.at_level("WARNING", logger="attnbench.ops"):
+            assert be.hopper_gated_backward_broken() is expected
+            assert be.hopper_gated_backward_broken() is expected  # kept, not probed again
+        assert ("did not take the gated chunk backward" in caplog.text) == fails
+    assert calls == [True, True]  # probed once per decision, with autograd on even under no_grad
+    monkeypatch.setattr(be, "_GATED_BROKEN", None)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert be.hopper_gated_backward_broken() is True and be._GATED_BROKEN is None
