@@ -10,6 +10,7 @@ Output, in DIR/report/ (or --out):
   loss_vs_step.png          training and validation loss against steps
   loss_vs_time.png          the same against training wall time
   ppl_vs_flops.png          validation perplexity against cumulative training FLOPs (log-log)
+  val_vs_train.png          validation loss against training loss at each evaluation (the generalisation gap)
   lr_sensitivity.png        best validation loss against learning rate (when several were swept)
   decode_latency.png        decode ms/token against prompt length (latency benchmark)
   memory_vs_context.png     peak training memory against context length (memory benchmark)
@@ -533,6 +534,57 @@ def fig_loss(res: Results, out: Path, x: str) -> Path:
     return path
 
 
+def train_loss_at(train_rows: list[dict], step: int, window: int) -> float | None:
+    """Mean logged training loss over the steps in (step - window, step]; None if none were logged."""
+    xs = [row["loss"] for row in train_rows if step - window < row.get("step", -1) <= step and "loss" in row]
+    return sum(xs) / len(xs) if xs else None
+
+
+def generalisation_points(r: RunResult) -> list[tuple[float, float]]:
+    """(training loss, validation loss) at each evaluation after the first, the training loss averaged
+    over the eval interval's second half (the logged losses are noisy minibatch values)."""
+    interval = int(r.config.get("train", {}).get("eval_interval", 0) or 0)
+    pts = []
+    for row in r.eval_rows:
+        step = row.get("step", 0)
+        if step <= 0:
+            continue
+        tl = train_loss_at(r.train_rows, step, max(1, interval // 2))
+        if tl is not None:
+            pts.append((tl, row["val_loss"]))
+    return pts
+
+
+def fig_generalisation(res: Results, out: Path) -> Path | None:
+    """Validation loss against training loss: at the same fit, a higher curve generalises less."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    handles, lo, hi = {}, math.inf, -math.inf
+    for mixer, rs in _curve_runs(res).items():
+        for r in rs:
+            pts = generalisation_points(r)
+            if len(pts) < 2:
+                continue
+            xs, ys = zip(*pts)
+            (line,) = ax.plot(xs, ys, color=mixer_color(mixer), marker="o", ms=3, lw=1.2)
+            ax.annotate("", xy=pts[-1], xytext=pts[-2],
+                        arrowprops=dict(arrowstyle="->", color=mixer_color(mixer), lw=1.2))
+            handles.setdefault(mixer, line)
+            lo, hi = min(lo, *xs, *ys), max(hi, *xs, *ys)
+    if not handles:
+        plt.close(fig)
+        return None
+    ax.plot([lo, hi], [lo, hi], color="0.6", lw=0.8, ls="--", label="val = train")
+    ax.invert_xaxis()  # training proceeds left to right
+    ax.set_xlabel("training loss (nats/token, mean over the last half of each eval interval; dropout on)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("generalisation: validation vs training loss (arrow: last evaluation)")
+    _legend(ax, handles)
+    path = out / "val_vs_train.png"
+    _save(fig, path)
+    return path
+
+
 def fig_flops(res: Results, out: Path) -> tuple[Path | None, set[str]]:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -726,6 +778,11 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Path:
         md += ["## Bake-off", "", table, ""] + [f"- {n}" for n in foot] + [""]
         figs.append(("Loss against steps", fig_loss(res, out, "step"), ""))
         figs.append(("Loss against wall time", fig_loss(res, out, "time"), ""))
+        p = fig_generalisation(res, out)
+        if p is not None:
+            figs.append(("Validation against training loss", p,
+                         "Each point is an evaluation; at the same training loss, a higher point generalises less; "
+                         "a curve turning up is overfitting."))
         p, how = fig_flops(res, out)
         figs.append(("Perplexity against training compute", p,
                      f"FLOPs per token from {', '.join(sorted(how))}; cumulative FLOPs = tokens seen x FLOPs per token."))

@@ -13,7 +13,7 @@ from attnbench import sweep as sw
 from attnbench.cli import main
 from conftest import tiny_run_config
 
-FIGS = ["loss_vs_step.png", "loss_vs_time.png", "ppl_vs_flops.png", "lr_sensitivity.png"]
+FIGS = ["loss_vs_step.png", "loss_vs_time.png", "val_vs_train.png", "ppl_vs_flops.png", "lr_sensitivity.png"]
 BENCH_FIGS = ["decode_latency.png", "memory_vs_context.png", "throughput_vs_context.png"]
 
 
@@ -199,3 +199,14 @@ def test_bakeoff_table_goes_to_wandb_when_runs_logged_there(results, tmp_path, m
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(f.suffix == ".wandb" and f.stat().st_size > 0 for f in runs[0].iterdir())
     assert (out / "report" / "report.md").is_file()
+
+
+def test_generalisation_points_pair_each_evaluation_with_recent_training_loss():
+    """val_vs_train.png's points: the mean training loss over the second half of each eval interval."""
+    r = rp.RunResult.__new__(rp.RunResult)
+    r.config = {"train": {"eval_interval": 10}}
+    r.train_rows = [{"step": s, "loss": 3.0 - 0.1 * s} for s in range(1, 21)]
+    r.eval_rows = [{"step": 0, "val_loss": 4.0}, {"step": 10, "val_loss": 2.5}, {"step": 20, "val_loss": 2.0}]
+    pts = rp.generalisation_points(r)
+    # steps 6..10 -> mean loss 3.0 - 0.8 = 2.2; steps 16..20 -> 1.2; the step-0 evaluation has no training loss
+    assert [(round(a, 6), b) for a, b in pts] == [(2.2, 2.5), (1.2, 2.0)]
