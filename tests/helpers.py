@@ -42,3 +42,11 @@ class OpLog(TorchDispatchMode):
         outs = out if isinstance(out, (tuple, list)) else [out]
         self.calls.append((name, tuple(tuple(o.shape) for o in outs if isinstance(o, torch.Tensor))))
         return out
+
+
+def out_and_grads(fn, inputs: list[torch.Tensor], do: torch.Tensor, **kw) -> tuple[torch.Tensor, tuple]:
+    """fn(*inputs) and the gradients of sum(o * do) with respect to every input (fresh leaf copies)."""
+    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    o = fn(*xs, **kw)
+    grads = torch.autograd.grad((o * do).sum(), xs)
+    return o.detach(), grads

@@ -201,7 +201,7 @@ class DeltaArgs(MixerArgs):
 class DeltaMixer(Mixer):
     """Base of the delta-family mixers: the fused input projection and convolution, state, output.
 
-    A subclass calls `_build(...)` in __init__ with its widths; its forward calls `_project` (in_proj,
+    A subclass sets `head_k` and calls `_build(...)` in __init__ with its widths; its forward calls `_project` (in_proj,
     the q|k|v convolution, SiLU), its op, then `_finish` (norm, gate, o_proj, state update).
     """
 
@@ -267,9 +267,11 @@ class DeltaMixer(Mixer):
             state.pos += T
         return y, state
 
-    def _new_state(self, batch: int, K: int, V: int, device, dtype: torch.dtype) -> DeltaState:
+    def init_state(self, batch: int, max_len: int, device, dtype: torch.dtype) -> DeltaState:
+        """A zero recurrent matrix [B, H, head_k, head_v] (float32; float64 for float64 models) and a
+        zero convolution tail; both independent of max_len."""
         sdt = torch.float64 if dtype == torch.float64 else torch.float32
-        S = torch.zeros(batch, self.n_heads, K, V, device=device, dtype=sdt)
+        S = torch.zeros(batch, self.n_heads, self.head_k, self.head_v, device=device, dtype=sdt)
         if self.conv1d is None:
             return DeltaState(S)
         return DeltaState(S, torch.zeros(batch, sum(self.qkv_dims), self.conv_size - 1, device=device, dtype=dtype))

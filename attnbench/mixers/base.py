@@ -75,7 +75,7 @@ class Mixer(nn.Module):
         """An empty state for `batch` sequences of up to `max_len` tokens."""
         raise NotImplementedError
 
-    # Analytic accounting (the parameter-matching / FLOP issue fills these in per mixer).
+    # Analytic accounting, implemented by every mixer (attnbench.params and attnbench.flops use them).
     @classmethod
     def flops_per_token(cls, cfg: Any, T: int) -> float:
         """Forward FLOPs per token of this mixer (projections included) at context length T."""

@@ -70,9 +70,6 @@ class DeltaNet(DeltaMixer):
                           chunk_size=self.args.chunk_size)
         return self._finish(x, o, ex, state, S, tail)
 
-    def init_state(self, batch: int, max_len: int, device, dtype) -> DeltaState:
-        return self._new_state(batch, self.head_k, self.head_v, device, dtype)
-
     @classmethod
     def flops_per_token(cls, cfg: Any, T: int) -> float:
         """Forward FLOPs per token (multiply-add = 2) over a length-T sequence: the projections

@@ -15,7 +15,7 @@ import torch
 from attnbench.errors import AttnbenchError
 from attnbench.ops.backend import fla_available
 from attnbench.ops.nsa import nsa, nsa_select_blocks, nsa_torch
-from helpers import fla_selection, rel_err
+from helpers import fla_selection, out_and_grads, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -32,13 +32,6 @@ def make_inputs(T, hq=HQ, h=H, seed=0, dtype=torch.bfloat16):
     v = torch.randn(B, T, h, D, generator=g, device="cuda").to(dtype)
     gates = [torch.sigmoid(torch.randn(B, T, hq, generator=g, device="cuda")).to(dtype) for _ in range(3)]
     return [q, k, v, *gates]
-
-
-def out_and_grads(fn, inputs, do, **kw):
-    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
-    o = fn(*xs, **kw)
-    grads = torch.autograd.grad((o * do).sum(), xs)
-    return o.detach(), grads
 
 
 def as_sets(block_indices: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from attnbench.errors import AttnbenchError, ConfigError
 from attnbench.ops.nsa import (NSADecodePlan, fla_supported, nsa, nsa_block_means, nsa_decode, nsa_reference,
                                nsa_select_blocks, nsa_torch, validate_nsa_args)
-from helpers import OpLog, rel_err
+from helpers import OpLog, out_and_grads, rel_err
 
 BS, D, W = 16, 16, 32
 
@@ -24,13 +24,6 @@ def make_inputs(B, T, H, G, dtype=torch.float64, seed=0):
     v = torch.randn(B, T, H, D, generator=g, dtype=dtype)
     gates = [torch.sigmoid(torch.randn(B, T, H * G, generator=g, dtype=dtype)) for _ in range(3)]
     return [q, k, v, *gates]
-
-
-def out_and_grads(fn, inputs, do, **kw):
-    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
-    o = fn(*xs, **kw)
-    grads = torch.autograd.grad((o * do).sum(), xs)
-    return o.detach(), grads
 
 
 NAMES = ["o", "dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa"]
