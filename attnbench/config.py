@@ -92,6 +92,9 @@ class TrainConfig:
     # torch.compile's mode: "reduce-overhead" adds CUDA graphs (fewer launches for these launch-bound
     # models), "max-autotune" tunes kernels too (slow to compile)
     compile_mode: str = "default"
+    # capture the whole step (forward, backward, clipping, AdamW) in one CUDA graph after two eager steps
+    # and replay it: one launch per step for these launch-bound models (attnbench/graphed_step.py)
+    cuda_graph: bool = False
     progress: bool = True
     keep_checkpoints: int = 2
     resume: bool = False  # continue the run in out_dir from its latest checkpoint
@@ -345,6 +348,13 @@ def validate(cfg: RunConfig) -> None:
                               ("train.compile_mode", t.compile_mode, COMPILE_MODES)]:
         if val not in allowed:
             raise ConfigError(f"{key}={val!r} is not one of {allowed}{_suggest(val, list(allowed))}")
+    if t.cuda_graph and t.dtype == "float16":
+        raise ConfigError("train.cuda_graph=true cannot capture float16's loss scaling (its overflow check reads the GPU "
+                          "from the host every step); use train.dtype='bfloat16' (or 'auto') or train.cuda_graph=false")
+    if t.cuda_graph and t.compile and t.compile_mode in ("reduce-overhead", "max-autotune"):
+        raise ConfigError(f"train.cuda_graph=true already captures the step; train.compile_mode={t.compile_mode!r} would "
+                          "capture CUDA graphs inside it. Use compile_mode='default' or "
+                          "'max-autotune-no-cudagraphs' with cuda_graph, or cuda_graph=false")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if o.learning_rate <= 0 or o.min_lr < 0 or o.min_lr > o.learning_rate:

@@ -121,7 +121,7 @@ _AXIS_KEYS = {"model.mixer": "mixers", "optim.learning_rate": "learning_rates", 
 # (another data folder, progress bars, logging) keeps the runs. Each is one the trainer lets a run
 # resume with (trainer._RESUMABLE), plus out_dir (the folder itself).
 ID_EXCLUDE = {"train.out_dir", "train.progress", "train.resume", "train.keep_checkpoints", "train.eval_batch_size",
-              "train.log_interval", "train.compile", "train.compile_scope", "train.compile_mode", "data.data_dir", "log.wandb_log", "log.wandb_project",
+              "train.log_interval", "train.compile", "train.compile_scope", "train.compile_mode", "train.cuda_graph", "data.data_dir", "log.wandb_log", "log.wandb_project",
               "log.wandb_run_name"}
 
 

@@ -21,6 +21,7 @@ from .config import RunConfig, load_config
 from .data import BatchSampler, Corpus, val_windows
 from .errors import AttnbenchError
 from .flops import train_flops_per_token
+from .graphed_step import GraphedStep, make_graph_safe, set_lr
 from .io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from .model import GPT
 from .ops.backend import hopper_gated_backward_broken
@@ -210,7 +211,7 @@ def compile_model(model: nn.Module, scope: str = "blocks", mode: str = "default"
 
 # Settings that may change between a run and its resumption without changing its results.
 _RESUMABLE = {"train.out_dir", "train.resume", "train.progress", "train.log_interval", "train.max_iters", "train.keep_checkpoints",
-              "train.compile", "train.compile_scope", "train.compile_mode", "train.device", "train.eval_batch_size",
+              "train.compile", "train.compile_scope", "train.compile_mode", "train.cuda_graph", "train.device", "train.eval_batch_size",
               "log.wandb_log", "log.wandb_project",
               "log.wandb_run_name", "model.backend", "data.data_dir",
               "model.vocab_size"}  # vocab_size is derived from the dataset
@@ -249,6 +250,11 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
         raise AttnbenchError(f"train.gradient_accumulation_steps={tc.gradient_accumulation_steps} must be a multiple of "
                              f"the number of processes ({dinfo.world_size})")
     micro_steps = tc.gradient_accumulation_steps // dinfo.world_size
+    if tc.cuda_graph and device != "cuda":
+        raise AttnbenchError("train.cuda_graph=true needs a CUDA GPU (this run is on the CPU); set train.cuda_graph=false")
+    if tc.cuda_graph and dinfo.enabled:
+        raise AttnbenchError("train.cuda_graph=true is not supported under torchrun (DDP's all-reduce hooks are not "
+                             "captured here); set train.cuda_graph=false for multi-process runs")
     run_dir, ckpt_path = prepare_run_dir(cfg)
     if ckpt_path is None and (run_dir / SUMMARY).exists():  # resumed a finished run: nothing to do
         return json.loads((run_dir / SUMMARY).read_text())
@@ -263,8 +269,9 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     dev = f"cuda:{dinfo.local_rank}" if device == "cuda" else "cpu"
     dtype = resolve_dtype(cfg, device)
-    autocast = (torch.autocast(device_type="cuda", dtype=dtype) if device == "cuda" and dtype != torch.float32
-                else contextlib.nullcontext())
+    # a captured step must not keep autocast's cache of cast weights (they would be freed after capture)
+    autocast = (torch.autocast(device_type="cuda", dtype=dtype, cache_enabled=not tc.cuda_graph)
+                if device == "cuda" and dtype != torch.float32 else contextlib.nullcontext())
     torch.manual_seed(tc.seed)  # same initial weights on every rank
     model = GPT(cfg.model).to(dev)
     optimizer = make_optimizer(model, cfg, device)
@@ -284,6 +291,8 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
         start_iter, best_val = int(st["step"]), float(st["best_val_loss"])
         tokens_seen, train_time = int(st["tokens"]), float(st["train_time_s"])
         last_val = st.get("last_val_loss")
+    if tc.cuda_graph:  # after loading: load_state_dict restores the saved group settings
+        make_graph_safe(optimizer, dev)
     if dinfo.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / CONFIG)
@@ -339,6 +348,27 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
     model.train()
     bad = torch.zeros((), dtype=torch.bool, device=dev)  # any non-finite loss since the last check
     loss_acc = torch.zeros((), device=dev)
+
+    def step(xs: torch.Tensor, ys: torch.Tensor) -> None:
+        """One optimizer step over micro-batches xs[m], ys[m]; results land in the parameters, the optimizer
+        state, loss_acc and bad (in place: a CUDA graph replays this on the same tensors)."""
+        for m in range(micro_steps):
+            sync = m == micro_steps - 1
+            ctx = model.no_sync() if dinfo.enabled and not sync else contextlib.nullcontext()
+            with ctx, autocast:
+                _, loss = model(xs[m], ys[m])
+                loss = loss / micro_steps
+            scaler.scale(loss).backward()
+            loss_acc.add_(loss.detach())
+        bad.logical_or_(~torch.isfinite(loss_acc))
+        if cfg.optim.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+
+    train_step = GraphedStep(step, lambda: optimizer.zero_grad(set_to_none=True), enabled=tc.cuda_graph,
+                             label=f"{cfg.model.mixer} training step")
     t_interval, it_interval, step_times = time.perf_counter(), 0, []
     last_good = start_iter
     it = start_iter
@@ -356,24 +386,11 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
                     last_good = it
                     t_interval = time.perf_counter()
                 lr = lr_at(it, cfg)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                for m, (x, y) in enumerate(sampler.next_step(micro_steps, dinfo.world_size, dinfo.rank)):
-                    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                    sync = m == micro_steps - 1
-                    ctx = model.no_sync() if dinfo.enabled and not sync else contextlib.nullcontext()
-                    with ctx, autocast:
-                        _, loss = model(x, y)
-                        loss = loss / micro_steps
-                    scaler.scale(loss).backward()
-                    loss_acc += loss.detach()
-                bad |= ~torch.isfinite(loss_acc)
-                if cfg.optim.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                set_lr(optimizer, lr)
+                batch = list(sampler.next_step(micro_steps, dinfo.world_size, dinfo.rank))
+                xs = torch.stack([x for x, _ in batch]).to(dev, non_blocking=True)
+                ys = torch.stack([y for _, y in batch]).to(dev, non_blocking=True)
+                train_step(xs, ys)
                 it += 1
                 tokens_seen += tokens_per_iter
                 if it == _KILL_AT_STEP:  # test hook: die like `kill -9` would, mid-run
@@ -437,6 +454,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
         "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "world_size": dinfo.world_size, "dtype": str(dtype).replace("torch.", ""),
         "compile": tc.compile and tc.compile_scope, "compile_mode": tc.compile_mode if tc.compile else None,
+        "cuda_graph": train_step.captured, "cuda_graph_reason": train_step.reason if tc.cuda_graph else None,
         "backend": cfg.model.backend,
     }
     if dinfo.is_main:

@@ -1,13 +1,15 @@
 """Where does a training step spend its time? One table per mixer from torch.profiler.
 
-    python scripts/profile_step.py [--mixers a,b] [--variants eager,blocks,blocks:reduce-overhead] [--steps 5] [--out FILE]
+    python scripts/profile_step.py [--mixers a,b] [--variants eager,graph,blocks,blocks+graph] [--steps 5] [--out FILE]
 
 Builds each mixer's model from configs/<mixer>.toml (the seed shapes) and, for each variant (eager, or
-torch.compile with scope blocks|model and an optional mode, as train.compile_scope / compile_mode),
-runs warm-up steps, times 20 full training steps (forward, backward, AdamW; bf16 autocast), then
-profiles a few and prints the top operators by self device time, grouped into: matmuls, attention
-kernels, FLA/Triton kernels, elementwise/other, plus the count of kernel launches per step (kernels
-replayed from a CUDA graph are not seen one by one).
+torch.compile with scope blocks|model and an optional mode, as train.compile_scope / compile_mode, e.g.
+blocks:reduce-overhead; a "+graph" suffix, or "graph" alone for eager, captures the whole step in one CUDA
+graph as train.cuda_graph does), runs warm-up steps, times 20 full training steps (forward, backward,
+AdamW; bf16 autocast), then profiles a few and prints the top operators by self device time, grouped
+into: matmuls, attention kernels, FLA/Triton kernels, elementwise/other, plus the count of kernel
+launches per step. A graph's kernels are profiled from one eager step (a replay is one launch), so
+for "+graph" variants the wall time is the replayed step's and the breakdown is the eager step's.
 """
 from __future__ import annotations
 
@@ -18,16 +20,18 @@ import torch
 
 from attnbench import GPT, mixers
 from attnbench.config import load_config
+from attnbench.graphed_step import GraphedStep, make_graph_safe
 from attnbench.trainer import compile_model, make_optimizer
 
 
-def step_fn(model, opt, x, y):
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+def step_fn(model, opt, x, y, zero_grad=True, autocast_cache=True):
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=autocast_cache):
         _, loss = model(x, y)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    opt.zero_grad(set_to_none=True)
+    if zero_grad:
+        opt.zero_grad(set_to_none=True)
 
 
 def profile_mixer(name: str, steps: int, variant: str = "eager") -> str:
@@ -37,27 +41,35 @@ def profile_mixer(name: str, steps: int, variant: str = "eager") -> str:
     model = GPT(cfg.model).cuda()
     opt = make_optimizer(model, cfg, "cuda")
     torch._dynamo.reset()
-    if variant == "eager":
+    base, graphed = (variant[:-len("+graph")], True) if variant.endswith("+graph") else (variant, variant == "graph")
+    if base in ("eager", "graph"):
         run = model
     else:
-        scope, _, mode = variant.partition(":")
+        scope, _, mode = base.partition(":")
         run = compile_model(model, scope, mode or "default")
+    if graphed:
+        make_graph_safe(opt, "cuda")
+    step = GraphedStep(lambda a, b: step_fn(run, opt, a, b, zero_grad=False, autocast_cache=not graphed),
+                       lambda: opt.zero_grad(set_to_none=True), enabled=graphed, label=f"{name} {variant}")
     B, T = cfg.train.batch_size, cfg.model.block_size
     x = torch.randint(0, 65, (B, T), device="cuda")
     y = torch.randint(0, 65, (B, T), device="cuda")
     for _ in range(5):
-        step_fn(run, opt, x, y)
+        step(x, y)
+    if graphed and not step.captured:
+        raise RuntimeError(f"the step was not captured: {step.reason}")
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(20):
-        step_fn(run, opt, x, y)
+        step(x, y)
     torch.cuda.synchronize()
     ms = (time.perf_counter() - t) / 20 * 1000
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            step_fn(run, opt, x, y)
+            # a replay is one launch: profile the same step run eagerly on the same tensors instead
+            step.step(x, y) if graphed else step(x, y)
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in events) / steps / 1000
@@ -85,7 +97,7 @@ def main() -> None:
     ap.add_argument("--mixers", default=",".join(mixers.available()))
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--variants", default="eager",
-                    help="comma-separated: eager, blocks, model, blocks:reduce-overhead, model:max-autotune, ...")
+                    help="comma-separated: eager, graph, blocks, blocks+graph, model, blocks:reduce-overhead, ...")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     out = []

@@ -40,9 +40,6 @@ def _latency_opts(p: argparse.ArgumentParser, with_batch: bool = True) -> None:
     g.add_argument("--recompute_steps", type=int, default=None,
                    help="timed tokens of the seed's uncached decoding (each re-runs the whole context) for "
                         "comparison; 0 skips it (default 3)")
-    g.add_argument("--cuda_graph", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
-                   help="capture the decode step in a CUDA graph (auto: on for CUDA; a mixer whose step is not "
-                        "graph-safe gets cuda_graph=false and the reason)")
 
 
 def _memory_opts(p: argparse.ArgumentParser, with_batch: bool = True) -> None:
@@ -71,6 +68,13 @@ def _throughput_opts(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the model (in `bench all` also the CUDA-graph decode step of latency)")
 
 
+def _cuda_graph_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cuda_graph", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="CUDA graphs (auto: on for CUDA): latency captures the decode step (a mixer whose step is "
+                        "not graph-safe gets cuda_graph=false and the reason); throughput captures the whole "
+                        "training step as train.cuda_graph does")
+
+
 def _compile_opt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step captured in the CUDA graph (compiles once per mixer "
@@ -83,9 +87,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                                    "and appends one JSON row per measurement to --json FILE.")
     bsub = p.add_subparsers(dest="bench", required=True)
     for name, adders, helptext in (
-            ("latency", [_latency_opts, _compile_opt], "prefill time and decode time per token from the mixer's state"),
+            ("latency", [_latency_opts, _cuda_graph_opt, _compile_opt], "prefill time and decode time per token from the mixer's state"),
             ("memory", [_memory_opts], "peak memory of a training step per context, up to out of memory"),
-            ("throughput", [_throughput_opts], "training tokens/s per context; crossovers vs softmax"),
+            ("throughput", [_throughput_opts, _cuda_graph_opt], "training tokens/s per context; crossovers vs softmax"),
             ("all", [], "latency, throughput and memory (in that order) with their defaults (no --batch)")):
         q = bsub.add_parser(name, help=helptext, description=helptext)
         _common(q)
@@ -93,6 +97,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
             _latency_opts(q, with_batch=False)
             _memory_opts(q, with_batch=False)
             _throughput_opts(q)
+            _cuda_graph_opt(q)
         for add in adders:
             add(q)
         q.set_defaults(func=run_cli)
@@ -142,6 +147,9 @@ def throughput_options(a: argparse.Namespace, device: str) -> throughput.Through
     o.steps = _pick(a.steps, o.steps)
     o.warmup_steps = _pick(a.warmup_steps, o.warmup_steps)
     o.compile, o.dtype = a.compile, a.dtype
+    if a.cuda_graph == "on" and device != "cuda":
+        raise AttnbenchError("--cuda_graph needs --device cuda")
+    o.cuda_graph = device == "cuda" and a.cuda_graph != "off"
     return o
 
 

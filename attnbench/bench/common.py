@@ -454,12 +454,14 @@ def random_batch(vocab: int, batch: int, T: int, device: str, seed: int = 0) -> 
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               prec: Precision, device: str) -> None:
+               prec: Precision, device: str, zero_grad: bool = True, autocast_cache: bool = True) -> None:
     """One full training step as the trainer takes it: forward + loss, backward, gradient clipping at 1.0,
-    AdamW step (no loss scaling: bf16 needs none)."""
-    with prec.context(device):
+    AdamW step (no loss scaling: bf16 needs none). A CUDA-graph step (graphed_step.GraphedStep) passes
+    zero_grad=False (it resets gradients itself) and autocast_cache=False."""
+    with prec.context(device, cache_enabled=autocast_cache):
         _, loss = model(x, y)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    opt.zero_grad(set_to_none=True)
+    if zero_grad:
+        opt.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
 """Training throughput: tokens per second of full training steps (forward, backward, AdamW step) per
 context length T at a fixed number of tokens per batch (batch = tokens_per_batch // T), bf16 autocast
-on the GPU as in training, float32 on the CPU. Then, for every mixer other than softmax, the context
+on the GPU as in training, float32 on the CPU; on CUDA the step is captured in a CUDA graph by default
+(as train.cuda_graph does: these small models are launch-bound, and a replay removes the launches). Then, for every mixer other than softmax, the context
 length at which it overtakes softmax: interpolated between the two measured contexts where the ratio
 of their throughputs crosses 1 (linear in log T and log ratio), None when it never does in range.
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..graphed_step import GraphedStep, make_graph_safe
 from ..ops.backend import record_backends
 from .common import (BenchShape, RowWriter, backend_summary, base_row, bench_config, build_model, doubling, is_oom,
                      make_optimizer, measured, precision, print_table, random_batch, time_calls,
@@ -27,6 +29,7 @@ class ThroughputOptions:
     steps: int = 5
     warmup_steps: int = 2
     compile: bool = False
+    cuda_graph: bool = False  # capture the training step (graphed_step.GraphedStep); CUDA only
     dtype: str = "auto"
     baseline: str = "softmax"
 
@@ -35,7 +38,7 @@ class ThroughputOptions:
         if device == "cuda":
             # up to 64k: at ~10M parameters the linear mixers are launch-bound and overtake flash
             # attention only beyond 16k tokens (H200: DeltaNet 364k tokens/s vs softmax 1.02M at 16k)
-            return cls(contexts=doubling(256, 65536), tokens_per_batch=64 * 1024)
+            return cls(contexts=doubling(256, 65536), tokens_per_batch=64 * 1024, cuda_graph=True)
         return cls(contexts=doubling(64, 512), tokens_per_batch=2048, steps=2, warmup_steps=1)
 
 
@@ -61,28 +64,36 @@ def run(shapes: list[BenchShape], device: str, opts: ThroughputOptions, writer: 
         cfg = bench_config(shape.cfg, 0)
         model = prec.prepare(build_model(cfg, device)).train()
         opt = make_optimizer(model, device)
+        if opts.cuda_graph:
+            make_graph_safe(opt, device)
         fwd = torch.compile(model) if opts.compile else model
         base = base_row("throughput", shape, cfg, model.num_params(), device, prec)
         for T in opts.contexts:
             B = max(1, opts.tokens_per_batch // T)
             common = dict(context=T, batch=B, tokens_per_batch=B * T, compiled=opts.compile)
+            step = GraphedStep(lambda a, b: train_step(fwd, opt, a, b, prec, device, zero_grad=False,
+                                                       autocast_cache=not opts.cuda_graph),
+                               lambda: opt.zero_grad(set_to_none=True), enabled=opts.cuda_graph,
+                               warmup_steps=max(1, opts.warmup_steps), label=f"throughput {shape.mixer} T={T}")
             try:
                 x, y = random_batch(cfg.vocab_size, B, T, device, seed=T)
                 with record_backends() as ops:
-                    train_step(fwd, opt, x, y, prec, device)
-                for _ in range(opts.warmup_steps - 1):
-                    train_step(fwd, opt, x, y, prec, device)
-                ms = time_calls(lambda: train_step(fwd, opt, x, y, prec, device), opts.steps, device)
+                    step(x, y)
+                # the rest of the warm-up, then (CUDA graph) the capture and its first replay: all untimed
+                for _ in range(max(1, opts.warmup_steps) - 1 + int(opts.cuda_graph)):
+                    step(x, y)
+                ms = time_calls(lambda: step(x, y), opts.steps, device)
                 tps = [B * T / (m / 1e3) for m in ms]
                 row = measured(base, "train_tokens_per_s", "tokens/s", tps, **common,
-                               step_ms=sorted(ms)[len(ms) // 2], backend=backend_summary(ops), backend_ops=dict(ops))
+                               step_ms=sorted(ms)[len(ms) // 2], backend=backend_summary(ops), backend_ops=dict(ops),
+                               cuda_graph=step.captured, cuda_graph_reason=step.reason if opts.cuda_graph else None)
             except Exception as e:  # noqa: BLE001 - OOM (or a failing mixer) is a row, not a crash
                 oom = is_oom(e)
                 log.error("throughput %s T=%d: %s", shape.mixer, T, e, exc_info=not oom)
                 row = measured(base, "train_tokens_per_s", "tokens/s", None, **common)
                 row.update(oom=oom, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
             opt.zero_grad(set_to_none=True)
-            x = y = None
+            x = y = step = None  # frees this context's graph and its memory pool
             if device == "cuda":
                 torch.cuda.empty_cache()
             writer.emit(row)

@@ -1,6 +1,6 @@
-"""Training on a CUDA GPU: regional compilation (train.compile_scope = "blocks", the default) and
-compile_mode "reduce-overhead" (CUDA graphs) follow the eager run's losses for every mixer, FLA kernels
-included (bf16 autocast: within 2e-2 over the first steps)."""
+"""Training on a CUDA GPU: regional compilation (train.compile_scope = "blocks", the default),
+compile_mode "reduce-overhead" (CUDA graphs) and the whole-step CUDA graph (train.cuda_graph) follow the
+eager run's losses for every mixer, FLA kernels included (bf16 autocast: within 2e-2 over the first steps)."""
 from __future__ import annotations
 
 import pytest
@@ -40,3 +40,27 @@ def test_compiled_blocks_train_like_eager(mixer, mode, tiny_data, tmp_path):
     diff = max(abs(a - b) for a, b in zip(losses[True], losses[False]))
     print(f"{mixer} compile_mode={mode}: max |loss diff| {diff:.2e}")
     assert diff < 2e-2, (losses[True], losses[False])
+
+
+@pytest.mark.parametrize("mixer", mixers.available())
+def test_cuda_graph_step_trains_like_eager(mixer, tiny_data, tmp_path):
+    """train.cuda_graph: the whole step (FLA or PyTorch-op backward, clipping, fused AdamW with a device
+    learning rate) is captured and replayed, and follows the eager run's losses (dropout off, so both
+    runs see the same numbers; bf16 autocast: within 2e-2)."""
+    losses, summaries = {}, {}
+    for graphed in (False, True):
+        over = {"model.mixer": mixer, "model.n_embd": 128, "model.n_head": 2, "train.device": "cuda",
+                "train.max_iters": 12, "train.eval_interval": 6, "train.cuda_graph": graphed}
+        for k, v in SMALL_ARGS.get(mixer, {}).items():
+            over[f"model.mixer_args.{k}"] = v
+        out = tmp_path / f"{graphed}"
+        summaries[graphed] = attnbench.train(tiny_run_config(tiny_data, out, **over))
+        losses[graphed] = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert summaries[True]["cuda_graph"] is True, summaries[True]["cuda_graph_reason"]
+    assert summaries[False]["cuda_graph"] is False
+    assert len(losses[True]) == len(losses[False]) == 12
+    diff = max(abs(a - b) for a, b in zip(losses[True], losses[False]))
+    print(f"{mixer} cuda_graph: max |loss diff| {diff:.2e}; val {summaries[True]['final_val_loss']:.4f} "
+          f"vs {summaries[False]['final_val_loss']:.4f}")
+    assert diff < 2e-2, (losses[True], losses[False])
+    assert abs(summaries[True]["final_val_loss"] - summaries[False]["final_val_loss"]) < 2e-2
