@@ -285,14 +285,14 @@ def _throughput_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _decode_at(rows: list[dict], mixer: str, mode: str, ctx: int = DECODE_CONTEXT) -> tuple[float, int] | None:
-    """(median ms/token, prompt length) at ctx, else at the nearest measured length."""
+def _decode_at(rows: list[dict], mixer: str, mode: str, ctx: int = DECODE_CONTEXT) -> tuple[float, int, bool] | None:
+    """(median ms/token, prompt length, torch.compile'd) at ctx, else at the nearest measured length."""
     rs = [r for r in _bench(rows, "latency", "decode_ms_per_token", mixer)
           if r.get("mode", "eager") == mode and r.get("value") is not None and r.get("context")]
     if not rs:
         return None
     r = min(rs, key=lambda r: (abs(math.log(r["context"] / ctx)), r["context"]))
-    return float(r["value"]), int(r["context"])
+    return float(r["value"]), int(r["context"]), bool(r.get("compiled"))
 
 
 def _oom_threshold(rows: list[dict], mixer: str) -> str | None:
@@ -327,8 +327,8 @@ class BakeoffRow:
     speed_note: str  # how the benchmark measured (tokens per batch, compiled or not)
     peak_mem_mb: float | None
     oom: str | None
-    decode_ms: tuple[float, int] | None
-    decode_graph_ms: tuple[float, int] | None
+    decode_ms: tuple[float, int, bool] | None  # (ms/token, prompt length, compiled)
+    decode_graph_ms: tuple[float, int, bool] | None
     n_params: int | None
 
 
@@ -350,9 +350,11 @@ def bakeoff(res: Results) -> list[BakeoffRow]:
         bt = [r for r in tp_rows if r.get("mixer") == mixer and r.get("context") == T]
         note = ""
         if bt:
-            tpb, comp = bt[-1].get("tokens_per_batch"), bt[-1].get("compiled")
-            note = (f"{tpb:,} tokens per batch" if tpb else "") + ("" if comp is None else
-                                                                  f"{', ' if tpb else ''}torch.compile {'on' if comp else 'off'}")
+            tpb, comp, graph = (bt[-1].get(k) for k in ("tokens_per_batch", "compiled", "cuda_graph"))
+            parts = ([f"{tpb:,} tokens per batch"] if tpb else []) + \
+                ([] if comp is None else [f"torch.compile {'on' if comp else 'off'}"]) + \
+                ([] if graph is None else [f"step {'captured in a CUDA graph' if graph else 'not graph-captured'}"])
+            note = ", ".join(parts)
             tc = rs[0].config["train"]
             tokens_per_iter = tc.get("batch_size", 0) * T * tc.get("gradient_accumulation_steps", 1)
             tok_per_s = float(bt[-1]["value"])
@@ -416,6 +418,11 @@ def bakeoff_markdown(rows: list[BakeoffRow]) -> tuple[str, list[str]]:
     if has_decode:
         notes.append(f"decode ms/token: latency benchmark, eager decode from the cached state after a "
                      f"{DECODE_CONTEXT}-token prompt (batch 1); '(@N)' where that length was not measured.")
+    if has_graph:
+        comp = {r.decode_graph_ms[2] for r in rows if r.decode_graph_ms}
+        notes.append("decode (CUDA graph): the same decode step captured once and replayed" +
+                     (", torch.compile'd inside the graph" if comp == {True} else
+                      ", some mixers torch.compile'd inside the graph" if comp == {True, False} else "") + ".")
     return "\n".join(lines), notes
 
 

@@ -245,6 +245,7 @@ def train(config: str | Path | dict | RunConfig | None = None, overrides: list[s
 
 
 def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
+    t_process = time.perf_counter()  # rows log process_s: wall seconds since this process began the run
     tc = cfg.train
     if tc.gradient_accumulation_steps % dinfo.world_size:
         raise AttnbenchError(f"train.gradient_accumulation_steps={tc.gradient_accumulation_steps} must be a multiple of "
@@ -337,7 +338,9 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
         vl = evaluate(model, val_x, val_y, tc.eval_batch_size, dev, autocast, dinfo)
         best_val, last_val = min(best_val, vl), vl
         row = {"step": step, "val_loss": vl, "val_ppl": math.exp(vl), "val_bpc": corpus.bits_per_char(vl),
-               "tokens": tokens_seen, "flops": tokens_seen * flops_per_token, "train_time_s": train_time, "peak_mem_mb": peak_memory_mb(device)}
+               "tokens": tokens_seen, "flops": tokens_seen * flops_per_token, "train_time_s": train_time,
+               "process_s": time.perf_counter() - t_process,
+               "peak_mem_mb": peak_memory_mb(device)}
         log(row)
         if bar is not None:
             bar.set_postfix_str(f"val {vl:.4f}")
@@ -408,7 +411,8 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
                     step_times.append((it_interval, dt))
                     row = {"step": it, "loss": lossf, "lr": lr, "tokens": tokens_seen, "flops": tokens_seen * flops_per_token,
                            "tokens_per_s": tokens_per_iter * it_interval / dt, "ms_per_iter": 1000 * dt / it_interval,
-                           "train_time_s": train_time, "peak_mem_mb": peak_memory_mb(device)}
+                           "train_time_s": train_time, "process_s": time.perf_counter() - t_process,
+                           "peak_mem_mb": peak_memory_mb(device)}
                     log(row)
                     if bar is not None:
                         bar.update(it_interval)

@@ -54,6 +54,8 @@ def fake_bench(folder: Path, block: int = 32, tokens_per_iter: int = 256) -> Non
     for T, ms in ((64, 0.5), (256, 0.7), (1024, 1.25)):
         rows.append({**base, "bench": "latency", "metric": "decode_ms_per_token", "mode": "eager", "context": T,
                      "value": ms, "median": ms, "min": ms * 0.9, "max": ms * 1.2, "oom": False})
+    rows.append({**base, "bench": "latency", "metric": "decode_ms_per_token", "mode": "cuda_graph", "context": 1024,
+                 "value": 0.21, "median": 0.21, "min": 0.2, "max": 0.25, "oom": False, "cuda_graph": True, "compiled": True})
     for T, mb, oom in ((128, 300.0, False), (256, 320.0, False), (512, None, True)):
         rows.append({**base, "bench": "memory", "metric": "peak_memory_mb", "unit": "MiB", "context": T, "value": mb,
                      "median": mb, "min": mb, "max": mb, "oom": oom})
@@ -62,7 +64,7 @@ def fake_bench(folder: Path, block: int = 32, tokens_per_iter: int = 256) -> Non
     for T, tps in ((block, 12800.0), (2 * block, 11000.0)):
         rows.append({**base, "bench": "throughput", "metric": "train_tokens_per_s", "unit": "tokens/s", "context": T,
                      "value": tps, "median": tps, "min": tps * 0.95, "max": tps * 1.05, "oom": False,
-                     "tokens_per_batch": tokens_per_iter})
+                     "tokens_per_batch": tokens_per_iter, "compiled": False, "cuda_graph": True})
     (folder / "bench").mkdir(exist_ok=True)
     (folder / "bench" / "softmax.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -126,6 +128,9 @@ def test_report_from_results_folder_alone(results, tmp_path):
     # speed from the throughput benchmark at the training context (12800 tokens/s, 256 tokens/iteration)
     assert row[6] == "12,800" and row[7] == "20.0"
     assert "OOM at 512" in row and "1.25" in row  # OOM threshold, decode ms/token at 1k
+    # how the speed was measured is said beside the table
+    assert "256 tokens per batch, torch.compile off, step captured in a CUDA graph" in md
+    assert row[-1] == "0.21" and "torch.compile'd inside the graph" in md  # graph decode column and how
     prow = table_row(md, "Parameters", "softmax")
     assert prow[1:4] == ["2", "32", "2"] and prow[6].startswith("27,")
 

@@ -51,6 +51,9 @@ def test_training_lowers_loss_and_writes_run(tiny_data, tmp_path):
     assert s["flops"] == s["tokens"] * s["train_flops_per_token"] and s["train_flops_per_token"] > 0
     assert all(r["flops"] == r["tokens"] * s["train_flops_per_token"] for r in rows)
     assert all({"step", "loss", "lr", "tokens_per_s", "peak_mem_mb"} <= r.keys() for r in rows if "loss" in r)
+    # process_s: wall time since the process began the run (startup, evaluations and checkpoints included)
+    ps = [r["process_s"] for r in rows]
+    assert ps == sorted(ps) and all(r["process_s"] >= r["train_time_s"] for r in rows)
     assert ck.latest_checkpoint(out) is not None
 
 
