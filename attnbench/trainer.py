@@ -91,9 +91,20 @@ def peak_memory_mb(device: str) -> float:
 @torch.no_grad()
 def evaluate(model: nn.Module, val_x: torch.Tensor, val_y: torch.Tensor, batch: int, device: str,
              autocast, dist_info: distributed.Dist) -> float:
-    """Mean cross-entropy over every fixed validation window (sharded over ranks, then summed)."""
+    """Mean cross-entropy over every fixed validation window (sharded over ranks, then summed).
+
+    Runs torch.compile'd code eagerly: an evaluation is a few forward passes, while compiling the
+    eval-mode graph (no dropout, no autograd) cost as much as compiling the training step."""
     was_training = model.training
     model.eval()
+    with torch.compiler.set_stance("force_eager"):
+        total = _eval_sums(model, val_x, val_y, batch, device, autocast, dist_info)
+    model.train(was_training)
+    return (total[0] / total[1]).item()
+
+
+def _eval_sums(model: nn.Module, val_x: torch.Tensor, val_y: torch.Tensor, batch: int, device: str,
+               autocast, dist_info: distributed.Dist) -> torch.Tensor:
     total = torch.zeros(2, dtype=torch.float64, device=device)
     idx = torch.arange(dist_info.rank, len(val_x), dist_info.world_size)
     for i in range(0, len(idx), batch):
@@ -108,8 +119,7 @@ def evaluate(model: nn.Module, val_x: torch.Tensor, val_y: torch.Tensor, batch: 
         total[0] += loss[:n].sum().double()
         total[1] += y[:n].numel()
     distributed.all_reduce_sum(total, dist_info)
-    model.train(was_training)
-    return (total[0] / total[1]).item()
+    return total
 
 
 def _rng_state(device: str) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@
 #   train:CONFIG[:k=v,...]   one training run (solo on the visible GPU)
 #   train_parallel:CFG[+k=v...],CFG...   several at once in the background; `wait` joins them
 #   torchrun:CONFIG[:k=v,...]  one training run under torchrun across every visible GPU (DDP, NCCL)
-#   profile                  scripts/profile_step.py (eager, whole-step CUDA graph, compiled blocks, both; $PROFILE_OPTS)
+#   profile                  scripts/profile_step.py (eager, whole-step CUDA graph, compiled blocks in the graph; $PROFILE_OPTS)
 #   bench | bench:SUB        attnbench bench all|SUB --device cuda (extra options in $BENCH_OPTS; stop
 #                            after $GPU_BENCH_TIMEOUT s, default 540)
 #   sweep:FILE | run:PRESET  attnbench sweep FILE / attnbench run --preset PRESET (extra options in
@@ -103,7 +103,7 @@ PY
       grep -v "^step .*val loss" "$RUNS/$name.log" | tail -5 | tee -a "$LOG"
       ;;
     profile)
-      python3 scripts/profile_step.py --out "$OUTDIR/profile.txt" ${PROFILE_OPTS:---variants eager,graph,blocks,blocks+graph} 2>&1 | tail -80
+      python3 scripts/profile_step.py --out "$OUTDIR/profile.txt" ${PROFILE_OPTS:---variants eager,graph,blocks+graph} 2>&1 | tail -80
       ;;
     bench|bench:*)
       sub=all; [ "$stage" != bench ] && sub=${stage#bench:}

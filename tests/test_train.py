@@ -240,3 +240,20 @@ def test_bad_compile_scope_or_mode_is_a_config_error():
         load_config("configs/shakespeare_char.toml", ["--compile_scope=block"])
     with pytest.raises(ConfigError, match="train.compile_mode.*reduce-overhead"):
         load_config("configs/shakespeare_char.toml", ["--compile_mode=reduce_overhead"])
+
+
+def test_evaluation_runs_compiled_blocks_eagerly_so_only_the_training_step_compiles(tiny_data, tmp_path):
+    """Evaluations (step 0, every eval_interval, the end) run torch.compile'd blocks eagerly: one graph
+    (the training step's) is compiled, not a second eval-mode one (on the H200 compiling cost the
+    alternatives 1-3 minutes each)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    over = {"train.max_iters": 6, "train.eval_interval": 2, "model.n_layer": 3, "model.dropout": 0.1,
+            "train.compile": True}
+    s = attnbench.train(tiny_run_config(tiny_data, tmp_path / "r", **over))
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs == 1, dict(counters["stats"])
+    assert s["compile"] == "blocks" and len([r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "val_loss" in r]) == 4

@@ -42,15 +42,23 @@ def test_compiled_blocks_train_like_eager(mixer, mode, tiny_data, tmp_path):
     assert diff < 2e-2, (losses[True], losses[False])
 
 
-@pytest.mark.parametrize("mixer", mixers.available())
-def test_cuda_graph_step_trains_like_eager(mixer, tiny_data, tmp_path):
+# every mixer eager inside the graph; torch.compile'd blocks inside the graph for one mixer on SDPA and
+# one on the PyTorch delta op (Inductor kernels captured by the outer graph)
+GRAPH_CASES = [(m, False) for m in mixers.available()] + \
+              [(m, True) for m in ("softmax", "gated_deltanet") if m in mixers.available()]
+
+
+@pytest.mark.parametrize("mixer,compiled", GRAPH_CASES)
+def test_cuda_graph_step_trains_like_eager(mixer, compiled, tiny_data, tmp_path):
     """train.cuda_graph: the whole step (FLA or PyTorch-op backward, clipping, fused AdamW with a device
     learning rate) is captured and replayed, and follows the eager run's losses (dropout off, so both
     runs see the same numbers; bf16 autocast: within 2e-2)."""
     losses, summaries = {}, {}
     for graphed in (False, True):
+        torch._dynamo.reset()
         over = {"model.mixer": mixer, "model.n_embd": 128, "model.n_head": 2, "train.device": "cuda",
-                "train.max_iters": 12, "train.eval_interval": 6, "train.cuda_graph": graphed}
+                "train.max_iters": 12, "train.eval_interval": 6, "train.cuda_graph": graphed,
+                "train.compile": compiled and graphed}
         for k, v in SMALL_ARGS.get(mixer, {}).items():
             over[f"model.mixer_args.{k}"] = v
         out = tmp_path / f"{graphed}"
@@ -60,7 +68,7 @@ def test_cuda_graph_step_trains_like_eager(mixer, tiny_data, tmp_path):
     assert summaries[False]["cuda_graph"] is False
     assert len(losses[True]) == len(losses[False]) == 12
     diff = max(abs(a - b) for a, b in zip(losses[True], losses[False]))
-    print(f"{mixer} cuda_graph: max |loss diff| {diff:.2e}; val {summaries[True]['final_val_loss']:.4f} "
+    print(f"{mixer} cuda_graph (compiled blocks: {compiled}): max |loss diff| {diff:.2e}; val {summaries[True]['final_val_loss']:.4f} "
           f"vs {summaries[False]['final_val_loss']:.4f}")
     assert diff < 2e-2, (losses[True], losses[False])
     assert abs(summaries[True]["final_val_loss"] - summaries[False]["final_val_loss"]) < 2e-2
