@@ -55,16 +55,37 @@ def _recurrent(q, k, v, g, beta, n, scale, initial_state, output_final_state):
     return torch.stack(outs, dim=1), (S if output_final_state else None)
 
 
-def _chunked(q, k, v, g, beta, n, scale, initial_state, output_final_state, chunk_size):
+def _interleave(q: torch.Tensor, g: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DeltaProduct as a delta rule over T*n steps: token t's query sits on its last entry (zeros before:
+    an output read there is discarded), its decay on its first (zeros after: no further decay)."""
     B, T, H, K = q.shape
-    zq = q.new_zeros(B, T, n - 1, H, K)
-    q_il = torch.cat([zq, q.unsqueeze(2)], dim=2).reshape(B, T * n, H, K)
+    q_il = torch.cat([q.new_zeros(B, T, n - 1, H, K), q.unsqueeze(2)], dim=2).reshape(B, T * n, H, K)
     g_il = None
     if g is not None:
-        zg = g.new_zeros(B, T, n - 1, H)
-        g_il = torch.cat([g.unsqueeze(2), zg], dim=2).reshape(B, T * n, H)
+        g_il = torch.cat([g.unsqueeze(2), g.new_zeros(B, T, n - 1, H)], dim=2).reshape(B, T * n, H)
+    return q_il, g_il
+
+
+def _chunked(q, k, v, g, beta, n, scale, initial_state, output_final_state, chunk_size):
+    B, T, H, K = q.shape
+    q_il, g_il = _interleave(q, g, n)
     o, S = lean_chunked_core(q_il, k, v, beta, g_il, scale, initial_state, output_final_state, chunk_size)
     return o.reshape(B, T, n, H, -1)[:, :, n - 1], S
+
+
+@torch.compiler.disable  # FLA's recurrent kernel is not compiler-disabled in FLA 0.6.0 (see gated_delta_rule.py)
+def _fla_decode(q, k, v, g, beta, n, scale, initial_state, output_final_state, qk_l2norm):
+    """One decode step on FLA: its gated delta rule recurrence over the n interleaved entries (l2-norm in
+    the kernel: per entry, as here; a zero query stays zero). g=None is no decay (log-decay 0)."""
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+    B, T, H, _ = q.shape
+    q_il, g_il = _interleave(q, g if g is not None else q.new_zeros(B, T, H, dtype=torch.float32), n)
+    o, S = fused_recurrent_gated_delta_rule(
+        q_il, k, v, g=g_il.float(), beta=beta.to(q.dtype), scale=scale,
+        initial_state=initial_state.float() if initial_state is not None else None,
+        output_final_state=output_final_state, use_qk_l2norm_in_kernel=qk_l2norm)
+    return o.reshape(B, T, n, H, -1)[:, :, n - 1].to(q.dtype), (S.float() if S is not None else None)
 
 
 def gated_delta_product_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
@@ -96,9 +117,10 @@ def gated_delta_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
                         chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated DeltaProduct op: FLA's chunk kernel on CUDA (bf16/fp16, T > 1), PyTorch otherwise.
 
-    With qk_l2norm each of the n keys of a token is normalised on its own. A T == 1 decode step
-    always runs the PyTorch recurrence (FLA has no GDP recurrent kernel). `chunk_size` applies to
-    the PyTorch path only (FLA's is fixed at 64).
+    With qk_l2norm each of the n keys of a token is normalised on its own. FLA has no DeltaProduct
+    recurrent kernel: a T == 1 decode step on the FLA backend runs FLA's gated delta rule recurrence over
+    the token's n interleaved Householder entries (_fla_decode), one launch instead of a PyTorch loop.
+    `chunk_size` applies to the PyTorch path only (FLA's is fixed at 64).
     """
     op = "gated_delta_product"
     _check(op, q, k, v, g, beta, num_householder, initial_state)
@@ -108,7 +130,10 @@ def gated_delta_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
     if g is not None and needs_backward(q, k, v, g, beta, initial_state) and q.is_cuda \
             and hopper_gated_backward_broken():
         reasons.append(HOPPER_REASON)
-    if resolve(backend, q, op, "; ".join(reasons) or None) == "fla" and q.shape[1] > 1:
+    use_fla = resolve(backend, q, op, "; ".join(reasons) or None) == "fla"
+    if use_fla and q.shape[1] == 1 and not needs_backward(q, k, v, g, beta, initial_state):
+        return _fla_decode(q, k, v, g, beta, n, scale, initial_state, output_final_state, qk_l2norm)
+    if use_fla and q.shape[1] > 1:
         from fla.ops.gated_delta_product import chunk_gated_delta_product
 
         o, S = chunk_gated_delta_product(

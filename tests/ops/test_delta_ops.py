@@ -282,3 +282,39 @@ def test_gated_backward_check_probes_tilelang_once(monkeypatch, caplog):
     monkeypatch.setattr(be, "_GATED_BROKEN", None)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert be.hopper_gated_backward_broken() is True and be._GATED_BROKEN is None
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gdp", "dp"])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_deltaproduct_decode_through_a_gated_delta_rule_kernel(gated, n, monkeypatch):
+    """The FLA decode path of Gated DeltaProduct (delta_product._fla_decode) feeds FLA's gated delta rule
+    recurrence the token's n interleaved entries. With that kernel replaced by the float64 gated-delta-rule
+    oracle (same argument contract: g and beta by keyword, l2-norm in the kernel), one step equals the
+    DeltaProduct oracle: outputs and the carried state."""
+    import sys
+    import types
+
+    from attnbench.ops import delta_product as dp
+
+    def fake_fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel):
+        if use_qk_l2norm_in_kernel:
+            q, k = l2norm(q), l2norm(k)
+        return gated_delta_rule_recurrent(q, k, v, g.to(q.dtype), beta, scale, initial_state, output_final_state)
+
+    fake = types.ModuleType("fla.ops.gated_delta_rule")
+    fake.fused_recurrent_gated_delta_rule = fake_fused_recurrent
+    for name in ("fla", "fla.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "fla.ops.gated_delta_rule", fake)
+
+    x = make_inputs("gdp", 1, n=n)
+    x["q"] = x["q"] * 3  # not unit: the kernel normalises
+    if not gated:
+        x.pop("g")
+    g = x.get("g")
+    o, S = dp._fla_decode(x["q"], x["k"], x["v"], g, x["beta"], n, K ** -0.5, x["initial_state"], True, True)
+    ref_o, ref_S = gated_delta_product_recurrent(l2norm(x["q"]), l2norm(x["k"]), x["v"], g, x["beta"], n,
+                                                 initial_state=x["initial_state"], output_final_state=True)
+    assert o.shape == ref_o.shape == (B, 1, H, V)
+    # 1e-6: FLA takes the log-decay in float32 (rounded from float64 here); a wrong interleave is O(1)
+    assert rel_err(o, ref_o) < 1e-6 and rel_err(S, ref_S) < 1e-6
