@@ -20,18 +20,9 @@ import torch
 
 from attnbench import GPT, mixers
 from attnbench.config import load_config
+from attnbench.bench.common import precision, train_step
 from attnbench.graphed_step import GraphedStep, make_graph_safe
 from attnbench.trainer import compile_model, make_optimizer
-
-
-def step_fn(model, opt, x, y, zero_grad=True, autocast_cache=True):
-    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=autocast_cache):
-        _, loss = model(x, y)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    if zero_grad:
-        opt.zero_grad(set_to_none=True)
 
 
 def profile_mixer(name: str, steps: int, variant: str = "eager") -> str:
@@ -49,7 +40,9 @@ def profile_mixer(name: str, steps: int, variant: str = "eager") -> str:
         run = compile_model(model, scope, mode or "default")
     if graphed:
         make_graph_safe(opt, "cuda")
-    step = GraphedStep(lambda a, b: step_fn(run, opt, a, b, zero_grad=False, autocast_cache=not graphed),
+    prec = precision("autocast", "cuda", inference=False)  # fp32 weights, bf16 autocast: as training
+    step = GraphedStep(lambda a, b: train_step(run, opt, a, b, prec, "cuda", zero_grad=False,
+                                               autocast_cache=not graphed),
                        lambda: opt.zero_grad(set_to_none=True), enabled=graphed, label=f"{name} {variant}")
     B, T = cfg.train.batch_size, cfg.model.block_size
     x = torch.randint(0, 65, (B, T), device="cuda")
