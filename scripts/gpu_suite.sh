@@ -9,6 +9,8 @@
 #   train:CONFIG[:k=v,...]   one training run (solo on the visible GPU)
 #   train_parallel:CFG[+k=v...],CFG...   several at once in the background; `wait` joins them
 #   torchrun:CONFIG[:k=v,...]  one training run under torchrun across every visible GPU (DDP, NCCL)
+#   fla_tune                 scripts/fla_tune.py: save FLA's autotuner choices for this GPU to OUTDIR/fla_configs
+#                            (then timed again from an empty Triton cache with them installed)
 #   profile                  scripts/profile_step.py (eager, whole-step CUDA graph, compiled blocks in the graph; $PROFILE_OPTS)
 #   bench | bench:SUB        attnbench bench all|SUB --device cuda (extra options in $BENCH_OPTS; stop
 #                            after $GPU_BENCH_TIMEOUT s, default 540)
@@ -101,6 +103,9 @@ PY
       /usr/bin/time -f "$name wall %e s" python3 -m torch.distributed.run --standalone --nproc_per_node "$n" \
           -m attnbench train "$cfg" --out_dir="$RUNS/$name" --progress=false "${extra[@]}" > "$RUNS/$name.log" 2>&1
       grep -v "^step .*val loss" "$RUNS/$name.log" | tail -5 | tee -a "$LOG"
+      ;;
+    fla_tune)
+      python3 scripts/fla_tune.py "$OUTDIR/fla_configs" 2>&1 | tee -a "$LOG" | tail -20
       ;;
     profile)
       python3 scripts/profile_step.py --out "$OUTDIR/profile.txt" ${PROFILE_OPTS:---variants eager,graph,blocks+graph} 2>&1 | tail -80

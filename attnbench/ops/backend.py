@@ -26,6 +26,12 @@ def fla_available() -> bool:
     """True when the `fla` package imports (it needs Triton; it imports on CPU-only hosts too)."""
     if os.environ.get("ATTNBENCH_NO_FLA") == "1":
         return False
+    from .fla_configs import install
+
+    try:  # saved autotuner choices for this GPU; must precede FLA's import, which defines its kernels
+        install()
+    except Exception as e:  # noqa: BLE001 - an unreadable file means autotuning, as without one
+        log.warning("FLA kernel configurations not used: %s: %s", type(e).__name__, e)
     try:
         import fla  # noqa: F401
         import fla.ops  # noqa: F401

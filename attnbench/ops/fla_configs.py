@@ -1,0 +1,145 @@
+"""Saved choices of FLA's Triton autotuners, one file per GPU model, so runs skip the autotuning.
+
+FLA autotunes a Triton kernel the first time it meets a new key (head counts, head dims, chunk size,
+dtypes; for a few kernels the batch size): it compiles and times every candidate configuration. On an
+H200 that made DeltaNet's first training step take 65 s to 2.5 min (five runs autotuning at once) and
+cost 10-90 s per shape in the GPU tests.
+
+`scripts/fla_tune.py` runs the seed shapes on a GPU and saves what the autotuners chose to
+`attnbench/fla_configs/<GPU name>.json`. Before FLA is first imported (`backend.fla_available`),
+`install()` wraps `triton.autotune` so that each FLA kernel's autotuner starts with the saved choices for
+its keys: Triton then compiles that one configuration and times none. A key not saved autotunes as
+before. The file is used only with the Triton and FLA versions it was tuned with (a kernel's parameters
+can change between versions). ATTNBENCH_FLA_CONFIGS=off disables it.
+
+(FLA 0.6.0 has its own config cache, but its switch, `configure_fla_cache_autotune`, must run before
+FLA's kernels are defined, and importing it defines them; so attnbench keeps its own small file.)
+
+File: {"triton": version, "fla": version, "gpu": name,
+       "kernels": {"<module>.<kernel>": [{"key": [...], "config": {"kwargs", "num_warps", "num_stages",
+                                                                   "num_ctas", "maxnreg"}}]}}
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..io import atomic_write_text
+
+log = logging.getLogger("attnbench.ops")
+
+# where the per-GPU files live; ATTNBENCH_FLA_CONFIG_DIR points elsewhere (scripts/fla_tune.py --check)
+CONFIG_ROOT = Path(os.environ.get("ATTNBENCH_FLA_CONFIG_DIR") or Path(__file__).resolve().parent.parent / "fla_configs")
+_INSTALLED: Path | None = None
+
+
+def gpu_file_name(device_name: str) -> str:
+    """'NVIDIA H200' -> 'NVIDIA_H200.json' (FLA names its per-GPU folders the same way)."""
+    return (re.sub(r"[^0-9A-Za-z]+", "_", device_name).strip("_") or "unknown_gpu") + ".json"
+
+
+def kernel_id(fn: Any) -> str:
+    """'<module>.<name>' of a Triton kernel (kernel names repeat across FLA's op families)."""
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    return f"{fn.__module__}.{fn.__name__}"
+
+
+def _plain(key: Iterable[Any]) -> list:
+    return [list(k) if isinstance(k, tuple) else k for k in key]
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages,
+            "num_ctas": getattr(config, "num_ctas", 1), "maxnreg": getattr(config, "maxnreg", None)}
+
+
+def versions() -> dict[str, str | None]:
+    def v(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"triton": v("triton"), "fla": v("fla-core")}
+
+
+def save(path: Path, tuners: Iterable[Any], device_name: str, vers: dict[str, str | None]) -> int:
+    """Write every cached choice of the given autotuners to `path`, merged with the entries already there
+    for the same versions (a key tuned again is replaced). Returns the number of choices written."""
+    kernels: dict[str, dict[str, dict]] = {}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if (old.get("triton"), old.get("fla")) == (vers["triton"], vers["fla"]):
+            for name, entries in old.get("kernels", {}).items():
+                kernels[name] = {json.dumps(e["key"]): e for e in entries}
+    n = 0
+    for t in tuners:
+        for key, cfg in dict(getattr(t, "cache", {})).items():
+            entry = {"key": _plain(key), "config": config_dict(cfg)}
+            kernels.setdefault(kernel_id(t.fn), {})[json.dumps(entry["key"])] = entry
+            n += 1
+    data = {**vers, "gpu": device_name,
+            "kernels": {name: list(entries.values()) for name, entries in sorted(kernels.items())}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+    return n
+
+
+def load(path: Path, vers: dict[str, str | None]) -> dict[str, dict[tuple, dict]] | None:
+    """{kernel id: {key tuple: config dict}}, or None when the file is for other Triton/FLA versions."""
+    data = json.loads(path.read_text())
+    if (data.get("triton"), data.get("fla")) != (vers["triton"], vers["fla"]):
+        log.info("FLA kernel configurations in %s are for triton %s / fla %s, not %s / %s: autotuning instead",
+                 path, data.get("triton"), data.get("fla"), vers["triton"], vers["fla"])
+        return None
+    return {name: {tuple(tuple(k) if isinstance(k, list) else k for k in e["key"]): e["config"] for e in entries}
+            for name, entries in data.get("kernels", {}).items()}
+
+
+def install(device_name: str | None = None, root: Path = CONFIG_ROOT) -> Path | None:
+    """Before FLA is imported: wrap triton.autotune so FLA's autotuners start with this GPU's saved
+    choices. Returns the file used, or None (no file, other versions, disabled, no GPU)."""
+    global _INSTALLED
+    if _INSTALLED is not None:
+        return _INSTALLED
+    if os.environ.get("ATTNBENCH_FLA_CONFIGS", "on").lower() in ("off", "0", "false"):
+        return None
+    if device_name is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name(0)
+    path = root / gpu_file_name(device_name)
+    if not path.is_file():
+        return None
+    saved = load(path, versions())
+    if not saved:
+        return None
+    import triton
+
+    original = triton.autotune
+
+    def autotune(*args: Any, **kwargs: Any):
+        decorate = original(*args, **kwargs)
+
+        def wrap(fn: Any):
+            tuner = decorate(fn)
+            for key, c in saved.get(kernel_id(fn), {}).items():
+                tuner.cache.setdefault(key, triton.Config(dict(c["kwargs"]), num_warps=c["num_warps"],
+                                                          num_stages=c["num_stages"], num_ctas=c.get("num_ctas", 1),
+                                                          maxnreg=c.get("maxnreg")))
+            return tuner
+
+        return wrap
+
+    triton.autotune = autotune
+    _INSTALLED = path
+    log.info("FLA kernel configurations from %s (%d kernels)", path, len(saved))
+    return path

@@ -1,0 +1,112 @@
+"""Run FLA's autotuning once on this GPU and save what it chose (attnbench/ops/fla_configs.py).
+
+    python scripts/fla_tune.py OUTDIR [--mixers deltanet,nsa,...]
+
+For each FLA-backed mixer at the parameter-matched seed shapes (10.7M): three training steps at the seed
+batch (64 x 256, bf16 autocast, as training runs them), one evaluation forward (128 x 256) and a cached
+decode (a 1024-token prompt, then single tokens, bf16 weights, as `bench latency` runs them). Every
+Triton autotuner of FLA that met a key then holds its choice; they go to OUTDIR/<GPU name>.json, merged
+with what is there. Copy the file to attnbench/fla_configs/ and commit it.
+
+Then the check, in a fresh process with an empty Triton cache and the saved file installed: the same
+work again, printing each mixer's first-step time (now one compilation per kernel, no timing of
+candidates) and how many FLA autotuners still benchmarked (keys not saved).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHECK = "--check" in sys.argv
+if not CHECK:
+    os.environ["ATTNBENCH_FLA_CONFIGS"] = "off"  # tune from scratch: saved choices must not short-circuit it
+
+import torch  # noqa: E402
+
+from attnbench.bench import common, latency  # noqa: E402
+from attnbench.ops import fla_configs  # noqa: E402
+from attnbench.ops.backend import fla_available, hopper_gated_backward_broken  # noqa: E402
+
+FLA_MIXERS = ("deltanet", "gated_deltanet", "gated_deltaproduct", "nsa")
+
+
+def exercise(shape: common.BenchShape) -> tuple[float, float]:
+    """Training steps, an evaluation forward and a cached decode; (first step s, second step s)."""
+    cfg = common.bench_config(shape.cfg, 1024 + 64)
+    train = common.precision("autocast", "cuda", inference=False)
+    model = common.build_model(cfg, "cuda").train()
+    opt = common.make_optimizer(model, "cuda")
+    x, y = common.random_batch(cfg.vocab_size, 64, 256, "cuda")
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        common.train_step(model, opt, x, y, train, "cuda")
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    with torch.no_grad(), train.context("cuda"):
+        model.eval()(common.random_batch(cfg.vocab_size, 128, 256, "cuda")[0])
+    del model, opt
+    infer = common.precision("auto", "cuda", inference=True)
+    model = infer.prepare(common.build_model(cfg, "cuda")).eval()
+    opts = latency.LatencyOptions(prompt_lens=[1024], decode_steps=5, decode_warmup=2, prefill_repeats=1,
+                                  prefill_warmup=1, recompute_steps=0, cuda_graph=False)
+    base = common.base_row("latency", shape, cfg, model.num_params(), "cuda", infer)
+    latency.measure_prompt(model, 1024, opts, "cuda", infer, base)
+    return times[0], times[1]
+
+
+def fla_tuners() -> list:
+    from triton.runtime.autotuner import Autotuner
+
+    out = []
+    for o in gc.get_objects():
+        try:
+            if isinstance(o, Autotuner) and o.cache and getattr(o.base_fn, "__module__", "").startswith("fla"):
+                out.append(o)
+        except ReferenceError:
+            continue
+    return out
+
+
+def check(outdir: Path, mixers: str) -> None:
+    """The same work in a fresh process: saved file installed, Triton's compile cache empty."""
+    env = {**os.environ, "ATTNBENCH_FLA_CONFIGS": "on", "ATTNBENCH_FLA_CONFIG_DIR": str(outdir),
+           "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-check-")}
+    subprocess.run([sys.executable, __file__, str(outdir), "--mixers", mixers, "--check"], env=env, check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("outdir", type=Path)
+    ap.add_argument("--mixers", default=",".join(FLA_MIXERS))
+    ap.add_argument("--check", action="store_true", help="(internal) the run with the saved file installed")
+    a = ap.parse_args()
+    if not torch.cuda.is_available() or not fla_available():
+        sys.exit("fla_tune.py needs a CUDA GPU with the `fla` package (FLA's autotuners run there)")
+    hopper_gated_backward_broken()  # decided before any step, as the trainer does
+    label = "with saved choices" if a.check else "autotuning"
+    for shape in common.resolve_shapes(a.mixers.split(",")):
+        first, second = exercise(shape)
+        print(f"{shape.mixer} ({label}): first training step {first:.1f} s, second {second * 1e3:.1f} ms", flush=True)
+    tuners = fla_tuners()
+    if a.check:
+        benched = [fla_configs.kernel_id(t.fn) for t in tuners if getattr(t, "configs_timings", None)]
+        print(f"check: {len(tuners)} FLA autotuners used, {len(benched)} still timed candidates "
+              f"(keys not saved): {benched}")
+        return
+    path = a.outdir / fla_configs.gpu_file_name(torch.cuda.get_device_name(0))
+    n = fla_configs.save(path, tuners, torch.cuda.get_device_name(0), fla_configs.versions())
+    saved = fla_configs.load(path, fla_configs.versions()) or {}
+    assert sum(len(v) for v in saved.values()) >= n, "the saved file does not read back"
+    print(f"saved {n} choices of {len(tuners)} autotuners to {path}", flush=True)
+    check(a.outdir, a.mixers)
+
+
+if __name__ == "__main__":
+    main()

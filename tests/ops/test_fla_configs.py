@@ -1,0 +1,102 @@
+"""Saved FLA autotuner choices (attnbench/ops/fla_configs.py): the file, its version guard, and the
+wrapped triton.autotune that starts FLA's autotuners with them, installed before FLA is imported.
+Triton is not needed: a stand-in module has the two names the code uses (autotune, Config)."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+
+from attnbench.ops import backend, fla_configs
+
+VERS = {"triton": "3.6.0", "fla": "0.6.0"}
+
+
+def chunk_fwd_kernel_h():  # a "kernel": kernel_id is its module and name
+    pass
+
+
+def other_kernel():
+    pass
+
+
+def _cfg(**kw):
+    return SimpleNamespace(kwargs=kw, num_warps=4, num_stages=2, num_ctas=1, maxnreg=None)
+
+
+def _tuner(fn, cache):
+    return SimpleNamespace(fn=SimpleNamespace(fn=fn), cache=cache)  # Autotuner.fn: the jit wrapper
+
+
+KEY = (6, 64, 64, 64, False, "torch.bfloat16")
+
+
+def test_save_then_load_round_trips_keys_and_configs(tmp_path):
+    path = tmp_path / "NVIDIA_H200.json"
+    assert fla_configs.save(path, [_tuner(chunk_fwd_kernel_h, {KEY: _cfg(BV=32)})], "NVIDIA H200", VERS) == 1
+    kid = f"{__name__}.chunk_fwd_kernel_h"
+    assert fla_configs.load(path, VERS) == {kid: {KEY: {"kwargs": {"BV": 32}, "num_warps": 4, "num_stages": 2,
+                                                        "num_ctas": 1, "maxnreg": None}}}
+    # a later tuning run adds keys and replaces the ones tuned again
+    key2 = (5,) + KEY[1:]
+    fla_configs.save(path, [_tuner(chunk_fwd_kernel_h, {key2: _cfg(BV=64), KEY: _cfg(BV=16)})], "NVIDIA H200", VERS)
+    got = fla_configs.load(path, VERS)[kid]
+    assert set(got) == {KEY, key2} and got[KEY]["kwargs"] == {"BV": 16}
+    # other Triton or FLA versions: not used (a kernel's parameters may differ), and a new save starts over
+    assert fla_configs.load(path, {**VERS, "triton": "3.7.1"}) is None
+    fla_configs.save(path, [], "NVIDIA H200", {**VERS, "fla": "0.6.1"})
+    assert json.loads(path.read_text())["kernels"] == {}
+
+
+def test_file_names_follow_the_gpu():
+    assert fla_configs.gpu_file_name("NVIDIA H200") == "NVIDIA_H200.json"
+    assert fla_configs.gpu_file_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3.json"
+
+
+@pytest.fixture
+def fake_triton(monkeypatch):
+    """A stand-in triton whose autotune returns a tuner with an empty cache, as Triton's does."""
+    mod = types.ModuleType("triton")
+    mod.Config = lambda kwargs, **kw: SimpleNamespace(kwargs=kwargs, **kw)
+    mod.autotune = lambda configs, key, **kw: (lambda fn: SimpleNamespace(fn=fn, cache={}, configs=configs))
+    monkeypatch.setitem(sys.modules, "triton", mod)
+    monkeypatch.setattr(fla_configs, "_INSTALLED", None)
+    monkeypatch.delenv("ATTNBENCH_FLA_CONFIGS", raising=False)
+    monkeypatch.setattr(fla_configs, "versions", lambda: dict(VERS))
+    return mod
+
+
+def test_install_starts_fla_autotuners_with_the_saved_choices(tmp_path, fake_triton):
+    fla_configs.save(tmp_path / "NVIDIA_H200.json", [_tuner(chunk_fwd_kernel_h, {KEY: _cfg(BV=32)})],
+                     "NVIDIA H200", VERS)
+    assert fla_configs.install("NVIDIA H100", root=tmp_path) is None  # another GPU's choices: not used
+    assert fla_configs.install("NVIDIA H200", root=tmp_path) == tmp_path / "NVIDIA_H200.json"
+    # kernels defined after the install (as FLA's are, at its import) start with their saved keys
+    tuned = fake_triton.autotune(configs=["a", "b"], key=["H"])(SimpleNamespace(fn=chunk_fwd_kernel_h))
+    other = fake_triton.autotune(configs=["a", "b"], key=["H"])(other_kernel)
+    assert list(tuned.cache) == [KEY] and tuned.cache[KEY].kwargs == {"BV": 32} and tuned.cache[KEY].num_warps == 4
+    assert other.cache == {}  # nothing saved: Triton autotunes it as before
+
+
+def test_install_can_be_switched_off_and_ignores_other_versions(tmp_path, fake_triton, monkeypatch):
+    fla_configs.save(tmp_path / "NVIDIA_H200.json", [_tuner(chunk_fwd_kernel_h, {KEY: _cfg()})], "NVIDIA H200",
+                     {**VERS, "triton": "3.5.0"})
+    assert fla_configs.install("NVIDIA H200", root=tmp_path) is None
+    fla_configs.save(tmp_path / "NVIDIA_H200.json", [_tuner(chunk_fwd_kernel_h, {KEY: _cfg()})], "NVIDIA H200", VERS)
+    monkeypatch.setenv("ATTNBENCH_FLA_CONFIGS", "off")
+    assert fla_configs.install("NVIDIA H200", root=tmp_path) is None
+
+
+def test_install_runs_before_fla_is_first_imported(monkeypatch):
+    calls = []
+    monkeypatch.delenv("ATTNBENCH_NO_FLA", raising=False)
+    monkeypatch.setattr(fla_configs, "install", lambda: calls.append(1))
+    backend.fla_available.cache_clear()
+    try:
+        backend.fla_available()
+    finally:
+        backend.fla_available.cache_clear()
+    assert calls == [1]
