@@ -15,7 +15,6 @@ candidates) and how many FLA autotuners still benchmarked (keys not saved).
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import subprocess
 import sys
@@ -61,19 +60,6 @@ def exercise(shape: common.BenchShape) -> tuple[float, float]:
     return times[0], times[1]
 
 
-def fla_tuners() -> list:
-    from triton.runtime.autotuner import Autotuner
-
-    out = []
-    for o in gc.get_objects():
-        try:
-            if isinstance(o, Autotuner) and o.cache and getattr(o.base_fn, "__module__", "").startswith("fla"):
-                out.append(o)
-        except ReferenceError:
-            continue
-    return out
-
-
 def check(outdir: Path, mixers: str) -> None:
     """The same work in a fresh process: saved file installed, Triton's compile cache empty."""
     env = {**os.environ, "ATTNBENCH_FLA_CONFIGS": "on", "ATTNBENCH_FLA_CONFIG_DIR": str(outdir),
@@ -94,7 +80,7 @@ def main() -> None:
     for shape in common.resolve_shapes(a.mixers.split(",")):
         first, second = exercise(shape)
         print(f"{shape.mixer} ({label}): first training step {first:.1f} s, second {second * 1e3:.1f} ms", flush=True)
-    tuners = fla_tuners()
+    tuners = fla_configs.live_fla_tuners()
     if a.check:
         benched = [fla_configs.kernel_id(t.fn) for t in tuners if getattr(t, "configs_timings", None)]
         print(f"check: {len(tuners)} FLA autotuners used, {len(benched)} still timed candidates "

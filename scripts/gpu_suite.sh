@@ -59,7 +59,9 @@ PY
       ;;
     tests|tests:*)
       paths=tests; [ "$stage" != tests ] && paths=${stage#tests:}; paths=${paths//,/ }
-      timeout "${GPU_TESTS_TIMEOUT:-540}" python3 -m pytest $paths -m gpu -v -rs --durations=25 -p no:cacheprovider 2>&1 \
+      # SIGINT: pytest still ends its session (prints what ran; saves FLA's autotuner choices where
+      # ATTNBENCH_SAVE_FLA_CONFIGS names a file)
+      timeout -s INT -k 20 "${GPU_TESTS_TIMEOUT:-540}" python3 -m pytest $paths -m gpu -v -rs --durations=25 -p no:cacheprovider 2>&1 \
         | tee "$OUTDIR/gpu_tests.log" | tail -40
       ;;
     train_parallel:*)

@@ -11,6 +11,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+if torch.cuda.is_available():  # saved FLA autotuner choices go in before any test module imports FLA
+    from attnbench.ops.backend import fla_available
+
+    fla_available()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -20,6 +24,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """ATTNBENCH_SAVE_FLA_CONFIGS=FILE: save the choices FLA's autotuners made during the GPU tests, so a
+    later run with the file installed (attnbench/ops/fla_configs.py) compiles one configuration per kernel
+    instead of timing them all (on a fresh H200 that was 10-90 s per test)."""
+    path = os.environ.get("ATTNBENCH_SAVE_FLA_CONFIGS")
+    if path:
+        from attnbench.ops.fla_configs import save_live
+
+        print(f"\nFLA autotuner choices saved to {path}: {save_live(Path(path))}")
 
 
 @pytest.fixture(scope="module")

@@ -91,6 +91,31 @@ def save(path: Path, tuners: Iterable[Any], device_name: str, vers: dict[str, st
     return n
 
 
+def live_fla_tuners() -> list[Any]:
+    """FLA's Triton autotuners in this process that have chosen a configuration for some key."""
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        return []
+    import gc
+    import warnings
+
+    with warnings.catch_warnings():  # isinstance on some live objects (deprecated aliases) warns
+        warnings.simplefilter("ignore")
+        return [o for o in gc.get_objects()
+                if isinstance(o, Autotuner) and getattr(o, "cache", None) and kernel_id(o.fn).startswith("fla.")]
+
+
+def save_live(path: Path) -> int:
+    """Save the choices of every FLA autotuner in this process to `path` (merged); 0 when there are none."""
+    tuners = live_fla_tuners()
+    if not tuners:
+        return 0
+    import torch
+
+    return save(path, tuners, torch.cuda.get_device_name(0), versions())
+
+
 def load(path: Path, vers: dict[str, str | None]) -> dict[str, dict[tuple, dict]] | None:
     """{kernel id: {key tuple: config dict}}, or None when the file is for other Triton/FLA versions."""
     data = json.loads(path.read_text())

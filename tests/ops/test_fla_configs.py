@@ -100,3 +100,30 @@ def test_install_runs_before_fla_is_first_imported(monkeypatch):
     finally:
         backend.fla_available.cache_clear()
     assert calls == [1]
+
+
+def test_the_choices_of_fla_autotuners_alive_in_the_process_are_saved(tmp_path, monkeypatch):
+    """save_live (the GPU tests' session hook, scripts/fla_tune.py) finds FLA's autotuners among the live
+    objects, skips other Triton autotuners and those that chose nothing, and writes their choices."""
+    class Autotuner:  # stand-in for triton.runtime.autotuner.Autotuner
+        def __init__(self, fn, cache):
+            self.fn, self.cache = fn, cache
+
+    runtime = types.ModuleType("triton.runtime")
+    runtime.autotuner = types.ModuleType("triton.runtime.autotuner")
+    runtime.autotuner.Autotuner = Autotuner
+    for name, mod in (("triton", types.ModuleType("triton")), ("triton.runtime", runtime),
+                      ("triton.runtime.autotuner", runtime.autotuner)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    fla_fn = types.FunctionType(chunk_fwd_kernel_h.__code__, {}, "chunk_fwd_kernel_h")
+    fla_fn.__module__ = "fla.ops.common.chunk_delta_h"
+    mine = types.FunctionType(other_kernel.__code__, {}, "other_kernel")
+    keep = [Autotuner(SimpleNamespace(fn=fla_fn), {KEY: _cfg(BV=32)}), Autotuner(SimpleNamespace(fn=mine), {KEY: _cfg()}),
+            Autotuner(SimpleNamespace(fn=fla_fn), {})]
+    assert [fla_configs.kernel_id(t.fn) for t in fla_configs.live_fla_tuners()] == \
+        ["fla.ops.common.chunk_delta_h.chunk_fwd_kernel_h"]
+    monkeypatch.setattr(fla_configs, "versions", lambda: dict(VERS))
+    monkeypatch.setattr("torch.cuda.get_device_name", lambda i=0: "NVIDIA H200")
+    assert fla_configs.save_live(tmp_path / "g.json") == 1
+    assert list(fla_configs.load(tmp_path / "g.json", VERS)) == ["fla.ops.common.chunk_delta_h.chunk_fwd_kernel_h"]
+    del keep
