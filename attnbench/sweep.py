@@ -740,6 +740,14 @@ def run_sweep(sweep: Sweep | str | Path, out: str | Path | None = None, devices:
     if bench:
         check_bench_options(sweep.bench, sweep.path)
     slots = make_slots(resolve_devices(devices or sweep.devices), jobs, nproc)
+    graphed = any(r.config["train"].get("cuda_graph") for r in runs)
+    if graphed and any(not str(sl.device).startswith("cuda") for sl in slots):
+        raise ConfigError(f"{sweep.path}: train.cuda_graph = true needs CUDA GPUs, but the sweep would run on "
+                          f"{', '.join(sorted({str(sl.device) for sl in slots}))}; pass --set train.cuda_graph=false "
+                          f"(or, for `attnbench run`, --preset quick on a CPU)")
+    if graphed and nproc > 1:
+        raise ConfigError(f"{sweep.path}: train.cuda_graph = true does not run under torchrun (--nproc_per_node "
+                          f"{nproc}); pass --set train.cuda_graph=false")
     with _folder_lock(out):
         return _execute(sweep, out, runs, slots, bench, report, dry_run, status_interval)
 

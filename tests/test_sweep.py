@@ -219,6 +219,22 @@ def test_presets_parse_and_plan(tmp_path):
             sw.check_bench_options(s.bench, s.path)
 
 
+def test_cuda_graph_sweep_on_the_cpu_fails_before_any_file(tmp_path):
+    """The seed preset captures its steps in CUDA graphs: on a CPU the sweep refuses before writing anything
+    (not five runs failing one after another), and says how to go on."""
+    from attnbench.data import prepare_text
+    from conftest import _synthetic_text
+
+    src = tmp_path / "input.txt"
+    src.write_text(_synthetic_text(5000))
+    prepare_text(src, "shakespeare_char", tokenizer="char", data_dir=tmp_path / "data", verbose=False)
+    out = tmp_path / "seed"
+    with pytest.raises(ConfigError, match=r"train.cuda_graph = true needs CUDA GPUs.*cpu.*--set train.cuda_graph=false"):
+        sw.run_sweep(sw.load_sweep(ROOT / "configs" / "sweeps" / "seed.toml"), out=out, devices="cpu",
+                     data_dir=str(tmp_path / "data"))
+    assert not out.exists()
+
+
 def test_ctrl_c_stops_children_cleanly_and_keeps_checkpoints(tiny_data, tmp_path):
     cfg = write_sweep(tmp_path, tiny_data, f"""
 base_config = "base.toml"
