@@ -308,8 +308,9 @@ def _oom_threshold(rows: list[dict], mixer: str) -> str | None:
     mem = [r for r in _bench(rows, "memory", "peak_memory_mb", mixer) if r.get("context")]
     if not mem:
         return None
+    # no summary row: the benchmark stopped before its search ended (interrupted), so say so
     ooms = sorted(r["context"] for r in mem if r.get("oom"))
-    return f"OOM at {ooms[0]:,}" if ooms else f"none up to {max(r['context'] for r in mem):,}"
+    return (f"OOM at {ooms[0]:,}" if ooms else f"none up to {max(r['context'] for r in mem):,}") + " (search unfinished)"
 
 
 @dataclass

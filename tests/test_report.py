@@ -215,3 +215,16 @@ def test_generalisation_points_pair_each_evaluation_with_recent_training_loss():
     pts = rp.generalisation_points(r)
     # steps 6..10 -> mean loss 3.0 - 0.8 = 2.2; steps 16..20 -> 1.2; the step-0 evaluation has no training loss
     assert [(round(a, 6), b) for a, b in pts] == [(2.2, 2.5), (1.2, 2.0)]
+
+
+def test_an_unfinished_memory_search_is_labelled_so(results, tmp_path):
+    """Memory rows without the benchmark's summary row (the search was interrupted) give the furthest
+    context reached, marked unfinished, not a threshold."""
+    out = copy_results(results, tmp_path / "copy")
+    fake_bench(out)
+    path = out / "bench" / "softmax.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows
+                            if r["metric"] != "oom_threshold" and not r.get("oom")))
+    md = rp.build_report(out).read_text()
+    assert "none up to 256 (search unfinished)" in table_row(md, "Bake-off", "softmax")
