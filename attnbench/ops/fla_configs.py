@@ -82,7 +82,13 @@ def save(path: Path, tuners: Iterable[Any], device_name: str, vers: dict[str, st
     for t in tuners:
         for key, cfg in dict(getattr(t, "cache", {})).items():
             entry = {"key": _plain(key), "config": config_dict(cfg)}
-            kernels.setdefault(kernel_id(t.fn), {})[json.dumps(entry["key"])] = entry
+            try:
+                text = json.dumps(entry["key"])
+                json.dumps(entry["config"])
+            except TypeError:  # a key or setting JSON cannot hold would not match when read back
+                log.info("not saved (not JSON): %s %r", kernel_id(t.fn), key)
+                continue
+            kernels.setdefault(kernel_id(t.fn), {})[text] = entry
             n += 1
     data = {**vers, "gpu": device_name,
             "kernels": {name: list(entries.values()) for name, entries in sorted(kernels.items())}}
