@@ -125,12 +125,15 @@ def chunked_core(q, k, v, beta, g, scale, initial_state, output_final_state, chu
 
     S = initial_state.to(dt) if initial_state is not None else q.new_zeros(B, H, K, V)
     starts, v_new = [], []
-    k_out_t = k_out.transpose(-1, -2)
+    # per-chunk views by unbind, not x[:, :, n]: the backward of N selects writes N full-size gradient
+    # tensors (quadratic in T); unbind's backward is one stack
+    Us, Ws, Ks = U.unbind(2), W.unbind(2), k_out.transpose(-1, -2).unbind(2)
+    Ds = decay.unbind(2) if decay is not None else None
     for n in range(N):  # only the state recurrence is sequential
         starts.append(S)
-        vn = U[:, :, n] - W[:, :, n] @ S
+        vn = Us[n] - Ws[n] @ S
         v_new.append(vn)
-        S = (S if decay is None else S * decay[:, :, n]) + k_out_t[:, :, n] @ vn
+        S = (S if Ds is None else S * Ds[n]) + Ks[n] @ vn
     o = q_in @ torch.stack(starts, dim=2) + P @ torch.stack(v_new, dim=2)  # [B, H, N, C, V]
     o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
     return o, (S if output_final_state else None)

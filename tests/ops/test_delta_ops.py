@@ -318,3 +318,25 @@ def test_deltaproduct_decode_through_a_gated_delta_rule_kernel(gated, n, monkeyp
     assert o.shape == ref_o.shape == (B, 1, H, V)
     # 1e-6: FLA takes the log-decay in float32 (rounded from float64 here); a wrong interleave is O(1)
     assert rel_err(o, ref_o) < 1e-6 and rel_err(S, ref_S) < 1e-6
+
+
+def test_chunked_backward_allocates_linearly_in_the_number_of_chunks():
+    """The backward of the chunk recurrence allocates O(T): with 8x the chunks, about 8x the bytes. (Indexing
+    the stacked chunk tensors inside the loop made each chunk's backward write a full-size gradient: 31x
+    here, and the PyTorch op's training throughput fell 18x from T = 256 to 64k on an H200.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    from attnbench.ops import delta_rule as dr
+
+    def backward_bytes(T):
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, T, 2, 16, generator=g, requires_grad=True) for _ in range(3))
+        gate = F.logsigmoid(torch.randn(1, T, 2, generator=g)).requires_grad_()
+        beta = torch.rand(1, T, 2, generator=g, requires_grad=True)
+        o, _ = dr.chunked_core(q, k, v, beta, gate, 0.25, None, False, 16)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
+            o.sum().backward()
+        return sum(max(0, e.cpu_memory_usage) for e in p.events())
+
+    ratio = backward_bytes(16 * 64) / backward_bytes(16 * 8)
+    assert ratio < 12, ratio
