@@ -342,6 +342,8 @@ def test_cli_errors_are_clean(capsys):
     assert "did you mean 'softmax'" in capsys.readouterr().err
     assert main(["bench", "latency", "--device", "cpu", "--cuda_graph", "--mixers", "softmax", "--no_match"]) == 2
     assert "--cuda_graph needs --device cuda" in capsys.readouterr().err
+    assert main(["bench", "throughput", "--device", "cpu", "--cuda_graph", "on", "--mixers", "softmax", "--no_match"]) == 2
+    assert "--cuda_graph needs --device cuda" in capsys.readouterr().err
     assert main(["bench", "latency", "--device", "cpu", "--compile", "--mixers", "softmax", "--no_match"]) == 2
     assert "--compile compiles the CUDA-graph decode step" in capsys.readouterr().err
     assert main(["bench", "memory", "--device", "cpu", "--set", "n_layr=2", "--no_match"]) == 2

@@ -107,6 +107,13 @@ def _pick(v, default):
     return default if v is None else v
 
 
+def _use_cuda_graph(a: argparse.Namespace, device: str) -> bool:
+    """--cuda_graph auto|on|off -> whether to capture (on without CUDA is an error)."""
+    if a.cuda_graph == "on" and device != "cuda":
+        raise AttnbenchError("--cuda_graph needs --device cuda")
+    return device == "cuda" and a.cuda_graph != "off"
+
+
 def latency_options(a: argparse.Namespace, device: str) -> latency.LatencyOptions:
     o = latency.LatencyOptions.defaults(device)
     o.prompt_lens = parse_int_list(a.prompt_lens) or o.prompt_lens
@@ -115,12 +122,10 @@ def latency_options(a: argparse.Namespace, device: str) -> latency.LatencyOption
     o.decode_warmup = _pick(a.decode_warmup, o.decode_warmup)
     o.prefill_repeats = _pick(a.prefill_repeats, o.prefill_repeats)
     o.recompute_steps = _pick(a.recompute_steps, o.recompute_steps)
-    if a.cuda_graph == "on" and device != "cuda":
-        raise AttnbenchError("--cuda_graph needs --device cuda")
+    o.cuda_graph = _use_cuda_graph(a, device)
     if a.bench == "latency" and a.compile and (device != "cuda" or a.cuda_graph == "off"):
         raise AttnbenchError("--compile compiles the CUDA-graph decode step: it needs --device cuda and CUDA graphs "
                              "(drop --cuda_graph off, or drop --compile)")
-    o.cuda_graph = device == "cuda" and a.cuda_graph != "off"
     o.compile = a.compile and o.cuda_graph
     o.dtype = a.dtype
     return o
@@ -147,9 +152,7 @@ def throughput_options(a: argparse.Namespace, device: str) -> throughput.Through
     o.steps = _pick(a.steps, o.steps)
     o.warmup_steps = _pick(a.warmup_steps, o.warmup_steps)
     o.compile, o.dtype = a.compile, a.dtype
-    if a.cuda_graph == "on" and device != "cuda":
-        raise AttnbenchError("--cuda_graph needs --device cuda")
-    o.cuda_graph = device == "cuda" and a.cuda_graph != "off"
+    o.cuda_graph = _use_cuda_graph(a, device)
     return o
 
 

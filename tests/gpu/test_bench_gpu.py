@@ -78,6 +78,8 @@ def test_cli_on_cuda_writes_rows(tmp_path):
     for r in rows:
         if r["bench"] == "latency" and r["metric"] == "decode_ms_per_token":
             assert r["mixer_tokens_per_decode_step"] == 1
+        if r["bench"] == "throughput" and r["metric"] == "train_tokens_per_s":
+            assert r["cuda_graph"] is True, r["cuda_graph_reason"]  # the default on CUDA: steps replayed
         if r["bench"] == "memory" and r["metric"] == "peak_memory_mb":
             assert not r["oom"] and r["value"] > 0
 
