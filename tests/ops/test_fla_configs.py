@@ -130,3 +130,18 @@ def test_the_choices_of_fla_autotuners_alive_in_the_process_are_saved(tmp_path, 
     assert fla_configs.save_live(tmp_path / "g.json") == 1
     assert list(fla_configs.load(tmp_path / "g.json", VERS)) == ["fla.ops.common.chunk_delta_h.chunk_fwd_kernel_h"]
     del keep
+
+
+def test_the_test_session_saves_fla_choices_where_asked(tmp_path, monkeypatch):
+    """tests/conftest.py's session hook: with ATTNBENCH_SAVE_FLA_CONFIGS=FILE the session ends by saving
+    FLA's autotuner choices there; without it, nothing is saved."""
+    import conftest
+
+    saved = []
+    monkeypatch.setattr(fla_configs, "save_live", lambda path: saved.append(path) or 3)
+    monkeypatch.delenv("ATTNBENCH_SAVE_FLA_CONFIGS", raising=False)
+    conftest.pytest_sessionfinish(None, 0)
+    assert saved == []
+    monkeypatch.setenv("ATTNBENCH_SAVE_FLA_CONFIGS", str(tmp_path / "g.json"))
+    conftest.pytest_sessionfinish(None, 0)
+    assert saved == [tmp_path / "g.json"]
