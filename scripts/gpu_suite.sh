@@ -12,6 +12,9 @@
 #   fla_tune                 scripts/fla_tune.py: save FLA's autotuner choices for this GPU to OUTDIR/fla_configs
 #                            (then timed again from an empty Triton cache with them installed)
 #   profile                  scripts/profile_step.py (eager, whole-step CUDA graph, compiled blocks in the graph; $PROFILE_OPTS)
+#   profile_decode           scripts/profile_decode.py to OUTDIR/profile_decode.txt: decode ms/token from the CUDA graph,
+#                            plain and torch.compile'd, after a 1024-token prompt, and the eager step's kernels
+#                            ($PROFILE_DECODE_OPTS, e.g. "--mixers softmax,deltanet --prompt_len 4096")
 #   bench | bench:SUB        attnbench bench all|SUB --device cuda (extra options in $BENCH_OPTS; stop
 #                            after $GPU_BENCH_TIMEOUT s, default 540)
 #   sweep:FILE | run:PRESET  attnbench sweep FILE / attnbench run --preset PRESET (extra options in
@@ -111,6 +114,10 @@ PY
       ;;
     profile)
       python3 scripts/profile_step.py --out "$OUTDIR/profile.txt" ${PROFILE_OPTS:---variants eager,graph,blocks+graph} 2>&1 | tail -80
+      ;;
+    profile_decode)
+      # printed: each mixer's timings and counts (the kernel tables are in the file)
+      python3 scripts/profile_decode.py --out "$OUTDIR/profile_decode.txt" ${PROFILE_DECODE_OPTS:-} 2>&1 | grep -v '^    ' | tail -80
       ;;
     bench|bench:*)
       sub=all; [ "$stage" != bench ] && sub=${stage#bench:}

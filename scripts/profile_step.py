@@ -25,6 +25,15 @@ from attnbench.graphed_step import GraphedStep, make_graph_safe
 from attnbench.trainer import compile_model, make_optimizer
 
 
+def kernel_group(name: str) -> str:
+    """The kind of a kernel (or aten op) by its name: matmul, attention(sdpa), fla/triton, elementwise/other."""
+    k = name.lower()
+    return ("matmul" if any(s in k for s in ("gemm", "matmul", "mm", "cutlass", "sm90_xmma", "nvjet")) else
+            "attention(sdpa)" if any(s in k for s in ("flash", "fmha", "attention")) else
+            "fla/triton" if any(s in k for s in ("chunk", "fused_recurrent", "triton", "parallel_nsa", "causal_conv")) else
+            "elementwise/other")
+
+
 def profile_mixer(name: str, steps: int, variant: str = "eager") -> str:
     cfg = load_config("configs/shakespeare_char.toml" if name == "softmax" else f"configs/{name}.toml")
     cfg.model.vocab_size = 65
@@ -69,11 +78,7 @@ def profile_mixer(name: str, steps: int, variant: str = "eager") -> str:
     launches = sum(e.count for e in events) / steps
     groups: dict[str, float] = {}
     for e in events:
-        k = e.key.lower()
-        g = ("matmul" if any(s in k for s in ("gemm", "matmul", "mm", "cutlass", "sm90_xmma", "nvjet")) else
-             "attention(sdpa)" if any(s in k for s in ("flash", "fmha", "attention")) else
-             "fla/triton" if any(s in k for s in ("chunk", "fused_recurrent", "triton", "parallel_nsa", "causal_conv")) else
-             "elementwise/other")
+        g = kernel_group(e.key)
         groups[g] = groups.get(g, 0.0) + e.self_device_time_total / steps / 1000
     lines = [f"## {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, B={B}, T={T}, "
              f"{variant}): {ms:.2f} ms/step wall, {total:.2f} ms device time, {launches:.0f} kernels/step"]

@@ -305,14 +305,30 @@ def _capture_verify_time(model: torch.nn.Module, cache: Any, tok: torch.Tensor, 
 # ------------------------------------------------------------------ one prompt length
 
 
+def random_prompt(vocab: int, batch: int, P: int, device: str) -> torch.Tensor:
+    """The benchmark's prompt of P tokens (seeded by P, so every mixer sees the same one)."""
+    g = torch.Generator().manual_seed(P)
+    return torch.randint(0, vocab, (batch, P), generator=g).to(device)
+
+
+def greedy_step(model: torch.nn.Module, cache: Any, tok: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One decode step from `cache`: reads `tok` [B, 1] and writes the greedy next token back into it on
+    the device (no host sync), so the same call can be repeated, timed or captured in a CUDA graph."""
+
+    def step() -> torch.Tensor:
+        out = model(tok, cache=cache)[0]
+        tok.copy_(out[:, -1].argmax(-1, keepdim=True))
+        return out
+
+    return step
+
+
 def measure_prompt(model: torch.nn.Module, P: int, opts: LatencyOptions, device: str, prec: Precision,
                    base: dict, rows: list[dict] | None = None) -> list[dict]:
     """Rows for one prompt length: prefill, eager decode, and (CUDA, --cuda_graph) graph decode.
     Rows are appended to `rows` as they are measured, so a caller keeps them if a later stage raises."""
     B = opts.batch
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(P)
-    prompt = torch.randint(0, vocab, (B, P), generator=g).to(device)
+    prompt = random_prompt(model.config.vocab_size, B, P, device)
     max_len = P + opts.decode_budget()
     common = dict(context=P, prompt_len=P, batch=B)
     rows = [] if rows is None else rows
@@ -339,11 +355,7 @@ def measure_prompt(model: torch.nn.Module, P: int, opts: LatencyOptions, device:
         tok = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]: the static input of every decode step
         del holder["logits"], logits
 
-        def step() -> torch.Tensor:
-            out = model(tok, cache=cache)[0]
-            tok.copy_(out[:, -1].argmax(-1, keepdim=True))
-            return out
-
+        step = greedy_step(model, cache, tok)
         with record_backends() as dec_ops, count_mixer_tokens(model) as seen:
             for _ in range(HOOK_STEPS):
                 step()
@@ -403,7 +415,7 @@ def run(shapes: list[BenchShape], device: str, opts: LatencyOptions, writer: Row
     for shape in shapes:
         cfg = bench_config(shape.cfg, max(opts.prompt_lens) + opts.decode_budget())
         prec = precision(opts.dtype, device, inference=True)
-        model, base = _build(shape, cfg, device, prec)
+        model, base = build_bench_model(shape, cfg, device, prec)
         for P in opts.prompt_lens:
             rows: list[dict] = []
             try:
@@ -415,7 +427,7 @@ def run(shapes: list[BenchShape], device: str, opts: LatencyOptions, writer: Row
                                 shape.mixer, P, e)
                     prec = precision("autocast", device, inference=True)
                     del model
-                    model, base = _build(shape, cfg, device, prec)
+                    model, base = build_bench_model(shape, cfg, device, prec)
                     rows = []
                     try:
                         measure_prompt(model, P, opts, device, prec, base, rows)
@@ -434,7 +446,8 @@ def run(shapes: list[BenchShape], device: str, opts: LatencyOptions, writer: Row
     return out
 
 
-def _build(shape: BenchShape, cfg, device: str, prec: Precision) -> tuple[torch.nn.Module, dict]:
+def build_bench_model(shape: BenchShape, cfg, device: str, prec: Precision) -> tuple[torch.nn.Module, dict]:
+    """The eval-mode model in the precision's weights dtype, and the fields of its rows."""
     model = prec.prepare(build_model(cfg, device)).eval()
     return model, base_row("latency", shape, cfg, model.num_params(), device, prec)
 
