@@ -24,7 +24,7 @@ from .flops import train_flops_per_token
 from .graphed_step import GraphedStep, make_graph_safe, set_lr
 from .io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from .model import GPT
-from .ops.backend import hopper_gated_backward_broken
+from .ops.backend import gated_backward_route, record_backends
 
 SUMMARY, METRICS, CONFIG = "summary.json", "metrics.jsonl", "config.json"
 # Tests set this to SIGKILL the process right after a given step (a crash at the worst moment).
@@ -313,7 +313,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
 
     raw_model = model
     if device == "cuda":  # decided eagerly (a small GPU probe where TileLang is installed), not in a trace
-        hopper_gated_backward_broken()
+        gated_backward_route()
     if tc.compile:
         model = compile_model(model, tc.compile_scope, tc.compile_mode)
     if dinfo.enabled:
@@ -386,7 +386,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
     last_good = start_iter
     it = start_iter
     interrupted = False
-    with _stop_on_sigterm():
+    with _stop_on_sigterm(), record_backends() as op_backends:  # which kernels ran: for the summary
         try:
             while it < tc.max_iters:
                 if it % tc.eval_interval == 0 and not (ckpt_path is not None and it == start_iter):
@@ -469,7 +469,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
         "world_size": dinfo.world_size, "dtype": str(dtype).replace("torch.", ""),
         "compile": tc.compile and tc.compile_scope, "compile_mode": tc.compile_mode if tc.compile else None,
         "cuda_graph": train_step.captured, "cuda_graph_reason": train_step.reason if tc.cuda_graph else None,
-        "backend": cfg.model.backend,
+        "backend": cfg.model.backend, "op_backends": dict(sorted(op_backends.items())),
     }
     if dinfo.is_main:
         atomic_write_json(run_dir / SUMMARY, summary)

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from attnbench.bench import common, latency  # noqa: E402
 from attnbench.ops import fla_configs  # noqa: E402
-from attnbench.ops.backend import fla_available, hopper_gated_backward_broken  # noqa: E402
+from attnbench.ops.backend import fla_available, gated_backward_route  # noqa: E402
 
 FLA_MIXERS = ("deltanet", "gated_deltanet", "gated_deltaproduct", "nsa")
 
@@ -75,7 +75,7 @@ def main() -> None:
     a = ap.parse_args()
     if not torch.cuda.is_available() or not fla_available():
         sys.exit("fla_tune.py needs a CUDA GPU with the `fla` package (FLA's autotuners run there)")
-    hopper_gated_backward_broken()  # decided before any step, as the trainer does
+    print("gated backward route:", gated_backward_route())  # decided before any step, as the trainer does
     label = "with saved choices" if a.check else "autotuning"
     for shape in common.resolve_shapes(a.mixers.split(",")):
         first, second = exercise(shape)

@@ -56,8 +56,9 @@ for stage in "${STAGES[@]}"; do
       python3 - <<'PY' 2>&1 | tee -a "$LOG"
 import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name(), "x", torch.cuda.device_count())
-from attnbench.ops.backend import fla_available, hopper_gated_backward_broken
-print("fla importable:", fla_available(), "| gated FLA backward refused on this GPU/triton:", hopper_gated_backward_broken())
+from attnbench.ops.backend import fla_available, gated_backward_route, _gated_backward_static_check
+print("fla importable:", fla_available(), "| FLA's own gated backward on this GPU/triton:", _gated_backward_static_check(),
+      "| gated backward route:", gated_backward_route())
 PY
       ;;
     tests|tests:*)

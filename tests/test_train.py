@@ -57,6 +57,16 @@ def test_training_lowers_loss_and_writes_run(tiny_data, tmp_path):
     assert ck.latest_checkpoint(out) is not None
 
 
+@pytest.mark.parametrize("mixer,op", [("gated_deltanet", "gated_delta_rule"), ("softmax", None)])
+def test_summary_says_which_op_backends_trained(tiny_data, tmp_path, mixer, op):
+    """The summary names the kernels behind its figures: here (CPU) the delta ops' PyTorch backend."""
+    s = attnbench.train(tiny_run_config(tiny_data, tmp_path / "run", **{"model.mixer": mixer, "train.max_iters": 2}))
+    if op is None:  # softmax calls no dispatched op (PyTorch SDPA)
+        assert s["op_backends"] == {}
+    else:
+        assert s["op_backends"][op] == "torch" and set(s["op_backends"].values()) == {"torch"}
+
+
 def test_resume_after_kill_is_bit_for_bit(tiny_data, tmp_path):
     """20 iterations straight == 10, SIGKILL at 15, resume from the step-10 checkpoint to 20."""
     cfg = tiny_run_config(tiny_data, tmp_path / "straight", **{"model.dropout": 0.1})

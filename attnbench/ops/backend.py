@@ -40,37 +40,60 @@ def fla_available() -> bool:
     return True
 
 
-_GATED_BROKEN: bool | None = None  # decided once, eagerly (hopper_gated_backward_broken)
+_GATED_ROUTE: str | None = None  # decided once, eagerly (gated_backward_route)
+TORCH_DQKWG = "fla+torch-dqkwg"  # FLA's gated backward with its chunk_bwd_dqkwg step in PyTorch
+
+
+def gated_backward_route() -> str:
+    """How FLA's gated chunk backward (Gated DeltaNet, Gated DeltaProduct) runs on this machine:
+
+    'fla'        its Triton kernels (not Hopper, or a Triton without the bug);
+    'tilelang'   FLA's TileLang backend takes the refused step;
+    'fla+torch-dqkwg'  FLA's kernels, except the one step FLA 0.6.0 refuses on Hopper with
+                 3.4 <= triton < 3.7.1 (chunk_bwd_dqkwg, FLA #640), which attnbench computes in PyTorch
+                 (ops/fla_gated_bwd.py);
+    'torch'      none of these: the gated ops' backward runs attnbench's PyTorch op.
+
+    Where TileLang is installed, a small gated forward + backward is run once to make sure it takes the
+    call. The answer is kept in a module global, which a torch.compile trace reads (and guards on) rather
+    than deciding again; a trace that comes first gets 'torch' and keeps nothing (the trainer decides
+    eagerly before compiling).
+    """
+    global _GATED_ROUTE
+    if _GATED_ROUTE is not None:
+        return _GATED_ROUTE
+    static = _gated_backward_static_check()
+    if static == "fine":
+        route = "fla"
+    elif torch.compiler.is_compiling():
+        return "torch"
+    else:
+        route = "torch"
+        if static == "tilelang":
+            try:
+                with torch.enable_grad():
+                    _probe_gated_backward()
+                route = "tilelang"
+            except Exception as e:  # noqa: BLE001
+                log.warning("FLA's TileLang backend did not take the gated chunk backward (%s: %s)",
+                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        if route == "torch" and fla_available():
+            from .fla_gated_bwd import install
+
+            if install():
+                route = TORCH_DQKWG
+                log.warning("FLA's gated chunk backward: this Triton miscompiles its chunk_bwd_dqkwg step on "
+                            "Hopper (FLA #640), so attnbench computes that step in PyTorch; the rest runs on "
+                            "FLA's kernels (backend label %s)", TORCH_DQKWG)
+        if route == "torch":
+            log.warning("FLA's gated chunk backward is unavailable here; the gated mixers train on the PyTorch op")
+    _GATED_ROUTE = route
+    return route
 
 
 def hopper_gated_backward_broken() -> bool:
-    """FLA 0.6.0 refuses the gated chunk backward on Hopper with 3.4 <= triton < 3.7.1 unless its
-    TileLang backend (package `tilelang` + nvcc) can take the call (FLA_NOTES.md section 0).
-
-    Where TileLang is installed, a small gated forward + backward is run once to make sure it takes the
-    call. The answer is kept in a module global, which a torch.compile trace reads (and guards on)
-    rather than re-running the check; a trace that comes first answers from the versions alone and
-    counts an unprobed TileLang as not taking the call (the trainer decides eagerly before compiling).
-    """
-    global _GATED_BROKEN
-    if _GATED_BROKEN is not None:
-        return _GATED_BROKEN
-    static = _gated_backward_static_check()
-    if static != "tilelang":
-        broken = static == "broken"
-    elif torch.compiler.is_compiling():
-        return True
-    else:
-        try:
-            with torch.enable_grad():
-                _probe_gated_backward()
-            broken = False
-        except Exception as e:  # noqa: BLE001
-            log.warning("FLA's TileLang backend did not take the gated chunk backward (%s: %s); the gated "
-                        "mixers use the PyTorch op", type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
-            broken = True
-    _GATED_BROKEN = broken
-    return broken
+    """True when no route runs FLA's gated chunk backward here (gated_backward_route() == 'torch')."""
+    return gated_backward_route() == "torch"
 
 
 def _gated_backward_static_check() -> str:
@@ -137,16 +160,24 @@ def record_backends() -> Iterator[dict[str, str]]:
         _recorders.remove(seen)
 
 
-def resolve(backend: str, x: torch.Tensor, op: str, unsupported: str | None = None) -> str:
+def resolve(backend: str, x: torch.Tensor, op: str, unsupported: str | None = None,
+            fla_label: str = "fla") -> str:
     """Return 'fla' or 'torch' for this call.
 
     `unsupported` is None when FLA can run this call, otherwise the reason it cannot
-    (e.g. "float32 inputs"); the caller works that out from the op's constraints.
+    (e.g. "float32 inputs"); the caller works that out from the op's constraints. `fla_label` is what
+    record_backends keeps when FLA is chosen (TORCH_DQKWG: FLA with attnbench's PyTorch dqkwg step).
     """
     choice = _resolve(backend, x, op, unsupported)
-    for seen in _recorders:
-        seen[op] = choice if seen.get(op, choice) == choice else "fla+torch"
+    record(op, TORCH_DQKWG if choice == "fla" and fla_label == TORCH_DQKWG else choice)
     return choice
+
+
+def record(op: str, label: str) -> None:
+    """Add `label` ('fla', 'torch', or '+'-joined kinds) to what the open record_backends blocks saw of op."""
+    for seen in _recorders:
+        kinds = set(seen[op].split("+")) if op in seen else set()
+        seen[op] = "+".join(sorted(kinds | set(label.split("+"))))
 
 
 def _resolve(backend: str, x: torch.Tensor, op: str, unsupported: str | None) -> str:

@@ -13,9 +13,9 @@ import torch
 
 from ..errors import AttnbenchError
 from ._l2norm import compute_dtype, l2norm, needs_backward
-from .backend import hopper_gated_backward_broken, resolve
+from .backend import resolve
 from .delta_rule import check_state, fla_unsupported, lean_chunked_core
-from .gated_delta_rule import HOPPER_REASON
+from .gated_delta_rule import gated_backward_check
 
 
 def _check(op: str, q, k, v, g, beta, n, initial_state) -> None:
@@ -126,11 +126,10 @@ def gated_delta_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
     _check(op, q, k, v, g, beta, num_householder, initial_state)
     n = num_householder
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    reasons = fla_unsupported(q, k, v, chunk_size=None)
-    if g is not None and needs_backward(q, k, v, g, beta, initial_state) and q.is_cuda \
-            and hopper_gated_backward_broken():
-        reasons.append(HOPPER_REASON)
-    use_fla = resolve(backend, q, op, "; ".join(reasons) or None) == "fla"
+    refused, label = gated_backward_check(g is not None and needs_backward(q, k, v, g, beta, initial_state),
+                                          q.is_cuda)
+    reasons = fla_unsupported(q, k, v, chunk_size=None) + refused
+    use_fla = resolve(backend, q, op, "; ".join(reasons) or None, fla_label=label) == "fla"
     if use_fla and q.shape[1] == 1 and not needs_backward(q, k, v, g, beta, initial_state):
         return _fla_decode(q, k, v, g, beta, n, scale, initial_state, output_final_state, qk_l2norm)
     if use_fla and q.shape[1] > 1:

@@ -10,11 +10,23 @@ from __future__ import annotations
 import torch
 
 from ._l2norm import l2norm, needs_backward
-from .backend import hopper_gated_backward_broken, resolve
+from .backend import TORCH_DQKWG, gated_backward_route, resolve
 from .delta_rule import chunked_core, check_inputs, fla_unsupported, lean_chunked_core, recurrent_core
 
-HOPPER_REASON = ("FLA's gated chunk backward raises on Hopper with triton < 3.7.1 unless TileLang is usable "
-                 "(FLA issue #640; upgrade triton to >= 3.7.1)")
+HOPPER_REASON = ("FLA's gated chunk backward raises on Hopper with triton < 3.7.1 (FLA issue #640) and "
+                 "neither TileLang nor attnbench's replacement of the refused step is usable here; upgrade "
+                 "triton to >= 3.7.1")
+
+
+def gated_backward_check(backward: bool, cuda: bool) -> tuple[list[str], str]:
+    """For a gated FLA call: why FLA cannot take it ([] when it can) and the backend label to record
+    (TORCH_DQKWG when its backward runs with attnbench's PyTorch dqkwg step, ops/fla_gated_bwd.py)."""
+    if not (backward and cuda):
+        return [], "fla"
+    route = gated_backward_route()
+    if route == "torch":
+        return [HOPPER_REASON], "fla"
+    return [], TORCH_DQKWG if route == TORCH_DQKWG else "fla"
 
 
 def gated_delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
@@ -45,16 +57,17 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
                      chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated DeltaNet op: FLA's kernels on CUDA (bf16/fp16), the PyTorch form otherwise.
 
-    On Hopper with a Triton whose gated backward FLA refuses, calls that need a backward run the
-    PyTorch form under backend='auto' (logged once) and are an error under backend='fla'.
+    On Hopper with a Triton whose gated backward FLA refuses, calls that need a backward run FLA's
+    kernels with attnbench's PyTorch version of the refused step (backend.gated_backward_route); where
+    that cannot be installed either, the PyTorch form under backend='auto' (logged once), an error under
+    backend='fla'.
     """
     check_inputs("gated_delta_rule", q, k, v, beta, g, initial_state)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    reasons = fla_unsupported(q, k, v, chunk_size)
     backward = needs_backward(q, k, v, g, beta, initial_state)
-    if backward and q.is_cuda and hopper_gated_backward_broken():
-        reasons.append(HOPPER_REASON)
-    if resolve(backend, q, "gated_delta_rule", "; ".join(reasons) or None) == "fla":
+    refused, label = gated_backward_check(backward, q.is_cuda)
+    reasons = fla_unsupported(q, k, v, chunk_size) + refused
+    if resolve(backend, q, "gated_delta_rule", "; ".join(reasons) or None, fla_label=label) == "fla":
         return _fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, qk_l2norm,
                                      chunk_size, backward)
     if qk_l2norm:

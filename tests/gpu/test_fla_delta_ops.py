@@ -1,7 +1,9 @@
 """FLA's Triton kernels for the delta family vs the float64 token-by-token oracles, on a CUDA GPU.
 
 bf16 inputs, relative RMS error <= 1e-2 for outputs, final states and gradients. On Hopper with a
-Triton whose gated backward FLA refuses, the gated backward tests skip and the fallback is tested.
+Triton whose gated backward FLA refuses, the gated backward runs with attnbench's PyTorch version of the
+refused step (ops/fla_gated_bwd.py), so the gated gradient tests check that replacement inside FLA's
+backward; where even that is unavailable they skip and the fallback to the PyTorch op is tested.
 """
 from __future__ import annotations
 
@@ -117,6 +119,22 @@ def test_auto_falls_back_on_hopper(family):
     # 'auto' must take the PyTorch path (FLA's backward would raise) and give correct gradients
     got = forward_backward(family, x, oracle=False, backend="auto")
     assert_matches(got, forward_backward(family, x, oracle=True), f"{family} auto-fallback")
+
+
+def test_gated_backward_route_on_this_machine():
+    """Say which route the gated gradient tests above ran on; where FLA refuses its own step and TileLang is
+    absent it is attnbench's replacement, and a gated call records that in its backend label."""
+    from attnbench.ops import backend as be
+
+    route = be.gated_backward_route()
+    print("gated backward route:", route)
+    if be._gated_backward_static_check() == "broken":
+        assert route == be.TORCH_DQKWG
+    if route == "torch":
+        pytest.skip("no route runs FLA's gated backward here")
+    with be.record_backends() as seen:
+        forward_backward("gdn", make("gdn", 64), oracle=False, backend="fla")
+    assert seen["gated_delta_rule"] == (be.TORCH_DQKWG if route == be.TORCH_DQKWG else "fla")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

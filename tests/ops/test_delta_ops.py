@@ -2,6 +2,8 @@
 states, gradients), state continuation, decode steps, batch independence, dispatcher errors."""
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -258,14 +260,15 @@ def test_long_context_recomputes_instead_of_storing(family, monkeypatch):
 
 def test_gated_backward_check_probes_tilelang_once(monkeypatch, caplog):
     """Where FLA would refuse the gated backward but TileLang is installed, one small probe decides: a
-    failing probe means the PyTorch op (logged), a passing one FLA; the answer is kept; a compile trace
-    that comes before any eager decision answers 'broken' without probing."""
+    failing probe means the next route (here none: the PyTorch op, logged), a passing one TileLang; the
+    answer is kept; a compile trace that comes before any eager decision answers 'torch' without probing."""
     from attnbench.ops import backend as be
 
     calls = []
     monkeypatch.setattr(be, "_gated_backward_static_check", lambda: "tilelang")
-    for fails, expected in ((True, True), (False, False)):
-        monkeypatch.setattr(be, "_GATED_BROKEN", None)
+    monkeypatch.setattr(be, "fla_available", lambda: False)
+    for fails, expected in ((True, "torch"), (False, "tilelang")):
+        monkeypatch.setattr(be, "_GATED_ROUTE", None)
         caplog.clear()
 
         def probe(fails=fails):
@@ -275,13 +278,38 @@ def test_gated_backward_check_probes_tilelang_once(monkeypatch, caplog):
 
         monkeypatch.setattr(be, "_probe_gated_backward", probe)
         with torch.no_grad(), caplog.at_level("WARNING", logger="attnbench.ops"):
-            assert be.hopper_gated_backward_broken() is expected
-            assert be.hopper_gated_backward_broken() is expected  # kept, not probed again
+            assert be.gated_backward_route() == expected
+            assert be.hopper_gated_backward_broken() is (expected == "torch")  # kept, not probed again
         assert ("did not take the gated chunk backward" in caplog.text) == fails
     assert calls == [True, True]  # probed once per decision, with autograd on even under no_grad
-    monkeypatch.setattr(be, "_GATED_BROKEN", None)
+    monkeypatch.setattr(be, "_GATED_ROUTE", None)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert be.hopper_gated_backward_broken() is True and be._GATED_BROKEN is None
+    assert be.hopper_gated_backward_broken() is True and be._GATED_ROUTE is None
+
+
+@pytest.mark.parametrize("installs", [True, False])
+def test_gated_backward_route_replaces_the_refused_step(monkeypatch, caplog, installs):
+    """Hopper with an affected Triton and no TileLang: FLA's gated backward runs with attnbench's PyTorch
+    dqkwg step when the replacement installs (the route and the recorded backend label say so), else the
+    gated ops fall back to the PyTorch op."""
+    from attnbench.ops import backend as be
+    from attnbench.ops import fla_gated_bwd
+
+    monkeypatch.setattr(be, "_gated_backward_static_check", lambda: "broken")
+    monkeypatch.setattr(be, "fla_available", lambda: True)
+    monkeypatch.setattr(be, "_GATED_ROUTE", None)
+    monkeypatch.setattr(fla_gated_bwd, "install", lambda: installs)
+    with caplog.at_level("WARNING", logger="attnbench.ops"):
+        route = be.gated_backward_route()
+    assert route == (be.TORCH_DQKWG if installs else "torch")
+    assert be.hopper_gated_backward_broken() is (not installs)
+    assert ("computes that step in PyTorch" in caplog.text) == installs
+    cuda_like = types.SimpleNamespace(is_cuda=True)
+    with be.record_backends() as seen:
+        assert be.resolve("auto", cuda_like, "gated_delta_rule", fla_label=be.TORCH_DQKWG) == "fla"
+        assert be.resolve("auto", cuda_like, "gated_delta_rule") == "fla"  # a forward-only call
+        be.resolve("torch", cuda_like, "delta_rule")
+    assert seen == {"gated_delta_rule": "fla+torch-dqkwg", "delta_rule": "torch"}
 
 
 @pytest.mark.parametrize("gated", [True, False], ids=["gdp", "dp"])
@@ -292,7 +320,6 @@ def test_deltaproduct_decode_through_a_gated_delta_rule_kernel(gated, n, monkeyp
     oracle (same argument contract: g and beta by keyword, l2-norm in the kernel), one step equals the
     DeltaProduct oracle: outputs and the carried state."""
     import sys
-    import types
 
     from attnbench.ops import delta_product as dp
 
