@@ -88,8 +88,8 @@ def dqkwg(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, h
         dg = dg.reshape(B, N * C, H)
         dg[:, T - 1] += dg_last[:, -1]
 
-    def unchunk(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return x.reshape(B, N * C, H, x.shape[-1])[:, :T].to(dtype)
+    def unchunk(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # contiguous, as FLA's (its l2norm_bwd views)
+        return x.reshape(B, N * C, H, x.shape[-1])[:, :T].to(dtype).contiguous()
 
     return unchunk(dq, q.dtype), unchunk(dk, k.dtype), unchunk(dw, w.dtype), dg[:, :T].float().contiguous()
 
