@@ -1,6 +1,8 @@
 """Run FLA's autotuning once on this GPU and save what it chose (attnbench/ops/fla_configs.py).
 
     python scripts/fla_tune.py OUTDIR [--mixers deltanet,nsa,...]
+    python scripts/fla_tune.py attnbench/fla_configs --merge FILE   # no GPU: add FILE's choices (e.g. a
+                                     # GPU test session's, ATTNBENCH_SAVE_FLA_CONFIGS) to OUTDIR/<its GPU>.json
 
 For each FLA-backed mixer at the parameter-matched seed shapes (10.7M): three training steps at the seed
 batch (64 x 256, bf16 autocast, as training runs them), one evaluation forward (128 x 256) and a cached
@@ -72,7 +74,14 @@ def main() -> None:
     ap.add_argument("outdir", type=Path)
     ap.add_argument("--mixers", default=",".join(FLA_MIXERS))
     ap.add_argument("--check", action="store_true", help="(internal) the run with the saved file installed")
+    ap.add_argument("--merge", type=Path, metavar="FILE", help="add FILE's saved choices to OUTDIR/<its GPU>.json")
     a = ap.parse_args()
+    if a.merge:
+        import json
+
+        dst = a.outdir / fla_configs.gpu_file_name(json.loads(a.merge.read_text())["gpu"])
+        print(f"merged {fla_configs.merge(dst, a.merge)} choices from {a.merge} into {dst}")
+        return
     if not torch.cuda.is_available() or not fla_available():
         sys.exit("fla_tune.py needs a CUDA GPU with the `fla` package (FLA's autotuners run there)")
     print("gated backward route:", gated_backward_route())  # decided before any step, as the trainer does

@@ -72,29 +72,50 @@ def versions() -> dict[str, str | None]:
 def save(path: Path, tuners: Iterable[Any], device_name: str, vers: dict[str, str | None]) -> int:
     """Write every cached choice of the given autotuners to `path`, merged with the entries already there
     for the same versions (a key tuned again is replaced). Returns the number of choices written."""
-    kernels: dict[str, dict[str, dict]] = {}
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if (old.get("triton"), old.get("fla")) == (vers["triton"], vers["fla"]):
-            for name, entries in old.get("kernels", {}).items():
-                kernels[name] = {json.dumps(e["key"]): e for e in entries}
-    n = 0
+    entries = []
     for t in tuners:
         for key, cfg in dict(getattr(t, "cache", {})).items():
             entry = {"key": _plain(key), "config": config_dict(cfg)}
             try:
-                text = json.dumps(entry["key"])
-                json.dumps(entry["config"])
+                json.dumps(entry)
             except TypeError:  # a key or setting JSON cannot hold would not match when read back
                 log.info("not saved (not JSON): %s %r", kernel_id(t.fn), key)
                 continue
-            kernels.setdefault(kernel_id(t.fn), {})[text] = entry
-            n += 1
+            entries.append((kernel_id(t.fn), entry))
+    _write_merged(path, entries, device_name, vers)
+    return len(entries)
+
+
+def merge(dst: Path, src: Path) -> int:
+    """Add the choices saved in `src` (e.g. a GPU test session's file) to `dst`; both must be for the same
+    Triton and FLA versions. Returns the number of choices taken from src."""
+    data = json.loads(src.read_text())
+    vers = {"triton": data.get("triton"), "fla": data.get("fla")}
+    if dst.is_file():
+        old = json.loads(dst.read_text())
+        if (old.get("triton"), old.get("fla")) != (vers["triton"], vers["fla"]):
+            raise ValueError(f"{src} is for triton {vers['triton']} / fla {vers['fla']}, {dst} for triton "
+                             f"{old.get('triton')} / fla {old.get('fla')}: they cannot be merged")
+    entries = [(name, e) for name, es in data.get("kernels", {}).items() for e in es]
+    _write_merged(dst, entries, data.get("gpu"), vers)
+    return len(entries)
+
+
+def _write_merged(path: Path, entries: list[tuple[str, dict]], device_name: str | None,
+                  vers: dict[str, str | None]) -> None:
+    """Write `entries` ((kernel id, {key, config})) to path over what it holds for the same versions."""
+    kernels: dict[str, dict[str, dict]] = {}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if (old.get("triton"), old.get("fla")) == (vers["triton"], vers["fla"]):
+            for name, old_entries in old.get("kernels", {}).items():
+                kernels[name] = {json.dumps(e["key"]): e for e in old_entries}
+    for name, entry in entries:
+        kernels.setdefault(name, {})[json.dumps(entry["key"])] = entry
     data = {**vers, "gpu": device_name,
-            "kernels": {name: list(entries.values()) for name, entries in sorted(kernels.items())}}
+            "kernels": {name: list(es.values()) for name, es in sorted(kernels.items())}}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
-    return n
 
 
 def live_fla_tuners() -> list[Any]:

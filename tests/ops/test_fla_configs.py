@@ -54,6 +54,22 @@ def test_save_then_load_round_trips_keys_and_configs(tmp_path):
     assert json.loads(path.read_text())["kernels"] == {}
 
 
+def test_merge_adds_another_files_choices_of_the_same_versions(tmp_path):
+    """A GPU test session's file (other shapes) merged into the tuned one: union by kernel and key."""
+    dst, src = tmp_path / "NVIDIA_H200.json", tmp_path / "tests.json"
+    key2 = (5,) + KEY[1:]
+    fla_configs.save(dst, [_tuner(chunk_fwd_kernel_h, {KEY: _cfg(BV=32)})], "NVIDIA H200", VERS)
+    fla_configs.save(src, [_tuner(chunk_fwd_kernel_h, {key2: _cfg(BV=64)}), _tuner(other_kernel, {KEY: _cfg()})],
+                     "NVIDIA H200", VERS)
+    assert fla_configs.merge(dst, src) == 2
+    got = fla_configs.load(dst, VERS)
+    assert set(got[f"{__name__}.chunk_fwd_kernel_h"]) == {KEY, key2} and set(got[f"{__name__}.other_kernel"]) == {KEY}
+    other = tmp_path / "old.json"
+    fla_configs.save(other, [_tuner(other_kernel, {KEY: _cfg()})], "NVIDIA H200", {**VERS, "fla": "0.5.0"})
+    with pytest.raises(ValueError, match="cannot be merged"):
+        fla_configs.merge(dst, other)
+
+
 def test_file_names_follow_the_gpu():
     assert fla_configs.gpu_file_name("NVIDIA H200") == "NVIDIA_H200.json"
     assert fla_configs.gpu_file_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3.json"
