@@ -10,8 +10,13 @@ decode (a 1024-token prompt, then single tokens, bf16 weights, as `bench latency
 Triton autotuner of FLA that met a key then holds its choice; they go to OUTDIR/<GPU name>.json, merged
 with what is there. Copy the file to attnbench/fla_configs/ and commit it.
 
-Then the check, in a fresh process with an empty Triton cache and the saved file installed: the same
-work again, printing each mixer's first-step time (now one compilation per kernel, no timing of
+With `--preset seed` (default) it then runs that preset's benchmarks (its [bench.options], the shapes its
+sweep trains) in this process for each FLA mixer, so the keys they meet (prompt lengths, contexts, the
+memory search's sizes: some FLA autotuners key on token-count buckets) are saved too: a preset run then
+spends its benchmark phase measuring, not autotuning (H200, session 4: ~6-15 s per new context length).
+
+Then, unless --no_check, the check, in a fresh process with an empty Triton cache and the saved file
+installed: the same training-shape work again, printing each mixer's first-step time (now one compilation per kernel, no timing of
 candidates) and how many FLA autotuners still benchmarked (keys not saved).
 """
 from __future__ import annotations
@@ -62,6 +67,26 @@ def exercise(shape: common.BenchShape) -> tuple[float, float]:
     return times[0], times[1]
 
 
+def exercise_preset_benchmarks(sweep_file: Path, mixers: list[str], scratch: Path, device: str = "cuda") -> None:
+    """Run a sweep's benchmark commands (its [bench.options], its trained shapes) in this process, for the
+    given mixers; their rows go to files in `scratch`."""
+    from attnbench import cli, sweep
+
+    sw = sweep.load_sweep(sweep_file)
+    if not sw.bench.enabled:
+        return
+    for run in sweep.plan(sw, scratch, load_data=False):
+        if run.mixer not in mixers:
+            continue
+        model = dict(run.config["model"])
+        model["vocab_size"] = model.get("vocab_size") or 65  # shakespeare_char's (the data is not read here)
+        for task in sweep.bench_tasks(sw.bench):
+            cmd = sweep.bench_command(model, task, device, scratch / f"{run.mixer}-{task}.jsonl", sw.bench)
+            t = time.perf_counter()
+            cli.main(cmd[cmd.index("bench"):])
+            print(f"{run.mixer}: {sw.name} bench {task} in {time.perf_counter() - t:.1f} s", flush=True)
+
+
 def check(outdir: Path, mixers: str) -> None:
     """The same work in a fresh process: saved file installed, Triton's compile cache empty."""
     env = {**os.environ, "ATTNBENCH_FLA_CONFIGS": "on", "ATTNBENCH_FLA_CONFIG_DIR": str(outdir),
@@ -74,6 +99,8 @@ def main() -> None:
     ap.add_argument("outdir", type=Path)
     ap.add_argument("--mixers", default=",".join(FLA_MIXERS))
     ap.add_argument("--check", action="store_true", help="(internal) the run with the saved file installed")
+    ap.add_argument("--preset", default="seed", help="also run this preset's benchmarks ('' for none)")
+    ap.add_argument("--no_check", action="store_true", help="skip the re-timing from an empty Triton cache")
     ap.add_argument("--merge", type=Path, metavar="FILE", help="add FILE's saved choices to OUTDIR/<its GPU>.json")
     a = ap.parse_args()
     if a.merge:
@@ -89,6 +116,11 @@ def main() -> None:
     for shape in common.resolve_shapes(a.mixers.split(",")):
         first, second = exercise(shape)
         print(f"{shape.mixer} ({label}): first training step {first:.1f} s, second {second * 1e3:.1f} ms", flush=True)
+    if a.preset and not a.check:
+        from attnbench.run import preset_path
+
+        exercise_preset_benchmarks(preset_path(a.preset), a.mixers.split(","),
+                                   Path(tempfile.mkdtemp(prefix="fla-tune-bench-")))
     tuners = fla_configs.live_fla_tuners()
     if a.check:
         benched = [fla_configs.kernel_id(t.fn) for t in tuners if getattr(t, "configs_timings", None)]
@@ -100,7 +132,8 @@ def main() -> None:
     saved = fla_configs.load(path, fla_configs.versions()) or {}
     assert sum(len(v) for v in saved.values()) >= n, "the saved file does not read back"
     print(f"saved {n} choices of {len(tuners)} autotuners to {path}", flush=True)
-    check(a.outdir, a.mixers)
+    if not a.no_check:
+        check(a.outdir, a.mixers)
 
 
 if __name__ == "__main__":

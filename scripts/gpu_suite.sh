@@ -9,8 +9,9 @@
 #   train:CONFIG[:k=v,...]   one training run (solo on the visible GPU)
 #   train_parallel:CFG[+k=v...],CFG...   several at once in the background; `wait` joins them
 #   torchrun:CONFIG[:k=v,...]  one training run under torchrun across every visible GPU (DDP, NCCL)
-#   fla_tune                 scripts/fla_tune.py: save FLA's autotuner choices for this GPU to OUTDIR/fla_configs
-#                            (then timed again from an empty Triton cache with them installed)
+#   fla_tune                 scripts/fla_tune.py: save FLA's autotuner choices for this GPU to OUTDIR/fla_configs,
+#                            at the seed shapes and the seed preset's benchmarks (then timed again from an empty
+#                            Triton cache with them installed, unless FLA_TUNE_OPTS=--no_check)
 #   profile                  scripts/profile_step.py (eager, whole-step CUDA graph, compiled blocks in the graph; $PROFILE_OPTS)
 #   profile_decode           scripts/profile_decode.py to OUTDIR/profile_decode.txt: decode ms/token from the CUDA graph,
 #                            plain and torch.compile'd, after a 1024-token prompt, and the eager step's kernels
@@ -111,7 +112,7 @@ PY
       grep -v "^step .*val loss" "$RUNS/$name.log" | tail -5 | tee -a "$LOG"
       ;;
     fla_tune)
-      python3 scripts/fla_tune.py "$OUTDIR/fla_configs" 2>&1 | tee -a "$LOG" | tail -20
+      python3 scripts/fla_tune.py "$OUTDIR/fla_configs" ${FLA_TUNE_OPTS:-} 2>&1 | tee -a "$LOG" | tail -20
       ;;
     profile)
       python3 scripts/profile_step.py --out "$OUTDIR/profile.txt" ${PROFILE_OPTS:---variants eager,graph,blocks+graph} 2>&1 | tail -80

@@ -1,0 +1,40 @@
+"""scripts/fla_tune.py on the CPU: the part that runs a sweep's benchmarks in its own process (so FLA's
+autotuners meet, and save, the keys a preset's benchmark phase needs). Its GPU parts run on a GPU only."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from attnbench.io import read_jsonl
+from test_sweep import write_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_exercise_preset_benchmarks_runs_the_sweeps_bench_commands_in_process(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNBENCH_FLA_CONFIGS", "on")  # the script sets it 'off' on import; restored after
+    spec = importlib.util.spec_from_file_location("fla_tune", ROOT / "scripts" / "fla_tune.py")
+    fla_tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fla_tune)
+    cfg = write_sweep(tmp_path, tiny_data, """
+name = "tiny"
+base_config = "base.toml"
+mixers = ["softmax", "deltanet"]
+[bench]
+enabled = true
+benches = ["latency", "throughput"]
+[bench.options]
+prompt_lens = [8]
+decode_steps = 2
+recompute_steps = 0
+contexts = [16]
+tokens_per_batch = 32
+""")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    fla_tune.exercise_preset_benchmarks(cfg, ["deltanet"], scratch, device="cpu")
+    assert sorted(p.name for p in scratch.iterdir()) == ["deltanet-latency.jsonl", "deltanet-throughput.jsonl"]
+    for p in scratch.iterdir():
+        rows = read_jsonl(p)
+        assert rows and {r["mixer"] for r in rows} == {"deltanet"}
+        assert all(r["shape"]["n_embd"] == 32 for r in rows)  # the sweep's trained shape, not a default one
