@@ -811,7 +811,10 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Path:
             if p is None:
                 notes.append(f"no {what} benchmark rows: the '{title.lower()}' figure is omitted.")
             else:
-                figs.append((title, p, _bench_caption(res.bench, what)))
+                cap = _bench_caption(res.bench, what)
+                if what == "throughput":
+                    cap += crossover_text(res.bench)
+                figs.append((title, p, cap))
     if figs:
         md += ["## Figures", ""]
         for title, p, cap in figs:
@@ -859,6 +862,23 @@ def _bench_caption(rows: list[dict], what: str) -> str:
     dts = sorted({str(r.get("dtype")) for r in rs if r.get("dtype")})
     cap = f"Measured on {', '.join(devs)}" + (f" ({', '.join(dts)})" if dts else "")
     return cap + "; points are medians, bars min..max of the repeats."
+
+
+def crossover_text(rows: list[dict], baseline: str = "softmax") -> str:
+    """Where each mixer's training throughput overtakes the baseline's, from the rows' medians per context
+    (log-log interpolation between the two measured contexts around it; bench.throughput.crossover)."""
+    from .bench.throughput import crossover
+
+    curves: dict[str, dict[int, float]] = {}
+    for r in _throughput_rows(rows):
+        curves.setdefault(r["mixer"], {})[int(r["context"])] = float(r.get("median") or r["value"])
+    if baseline not in curves:
+        return ""
+    parts = []
+    for m in sorted(set(curves) - {baseline}):
+        T, how = crossover(curves[baseline], curves[m])
+        parts.append(f"{m} at ~{T:,.0f} tokens ({how})" if T is not None else f"{m} does not: {how}")
+    return f"\n\nOvertakes {baseline}: " + "; ".join(parts) + "." if parts else ""
 
 
 def _maybe_wandb(res: Results) -> None:

@@ -228,3 +228,17 @@ def test_an_unfinished_memory_search_is_labelled_so(results, tmp_path):
                             if r["metric"] != "oom_threshold" and not r.get("oom")))
     md = rp.build_report(out).read_text()
     assert "none up to 256 (search unfinished)" in table_row(md, "Bake-off", "softmax")
+
+
+def test_throughput_caption_names_where_each_mixer_overtakes_softmax():
+    def row(m, T, v):
+        return {"bench": "throughput", "metric": "train_tokens_per_s", "unit": "tokens/s", "mixer": m,
+                "context": T, "value": v, "median": v}
+
+    rows = [row("softmax", 1024, 100.0), row("softmax", 4096, 40.0), row("deltanet", 1024, 50.0),
+            row("deltanet", 4096, 80.0), row("nsa", 1024, 10.0), row("nsa", 4096, 20.0)]
+    text = rp.crossover_text(rows)
+    # deltanet's ratio goes 0.5 -> 2.0: log-log interpolation crosses at the geometric midpoint, 2048
+    assert "deltanet at ~2,048 tokens (interpolated between 1024 and 4096)" in text
+    assert "nsa does not: slower at every measured context (up to 4096)" in text
+    assert rp.crossover_text([row("deltanet", 1024, 5.0)]) == ""  # no softmax rows: nothing to say
