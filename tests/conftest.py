@@ -11,6 +11,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+if not torch.cuda.is_available():  # Triton kernels (where triton is installed) run under its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 if torch.cuda.is_available():  # saved FLA autotuner choices go in before any test module imports FLA
     from attnbench.ops.backend import fla_available
 

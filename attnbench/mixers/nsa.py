@@ -229,7 +229,7 @@ class NativeSparseAttention(Mixer):
         # running block mean: each of the block's tokens adds its key / BS once (BS a power of two: exact)
         st.kv_means.index_add_(3, st.pos_t // a.block_size, kv.to(st.kv_means.dtype), alpha=1.0 / a.block_size)
         o = nsa_decode(q, st.kv, st.kv_means, st.pos_t, gates, a.block_size, a.block_counts, a.window_size,
-                       plan=st.plan)
+                       plan=st.plan, backend=self.cfg.backend)
         st.pos += 1
         st.pos_t += 1
         return self.o_proj(o.reshape(B, 1, HQ * D))

@@ -150,14 +150,25 @@ _recorders: list[dict[str, str]] = []
 
 @contextlib.contextmanager
 def record_backends() -> Iterator[dict[str, str]]:
-    """Collect {op: 'fla' | 'torch' | 'fla+torch'} for every op call resolved inside the block, so a
-    benchmark row can say which backend produced its figure."""
+    """Collect {op: label} for every op call resolved inside the block ('fla', 'torch', 'triton' (attnbench's
+    own kernel), '+'-joined when calls differed), so a benchmark row can say which backend produced it."""
     seen: dict[str, str] = {}
     _recorders.append(seen)
     try:
         yield seen
     finally:
         _recorders.remove(seen)
+
+
+@contextlib.contextmanager
+def unrecorded() -> Iterator[None]:
+    """Op calls inside the block are not recorded (e.g. a check that runs a reference implementation)."""
+    saved = _recorders[:]
+    _recorders.clear()
+    try:
+        yield
+    finally:
+        _recorders[:] = saved
 
 
 def resolve(backend: str, x: torch.Tensor, op: str, unsupported: str | None = None,

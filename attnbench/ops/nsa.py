@@ -22,18 +22,23 @@ Three implementations: `nsa_reference` (literal loops, the oracle), `nsa_torch` 
 masks) and `nsa` (dispatcher: FLA's `parallel_nsa` + `parallel_attn` on CUDA, else `nsa_torch`).
 For decoding, `nsa_decode` computes one query against a preallocated cache with the position as a
 device tensor (static shapes, no host sync: CUDA-graph safe), from block means the caller keeps
-(`nsa_block_means` fills them for a prefill).
+(`nsa_block_means` fills them for a prefill). On CUDA it runs as one Triton kernel per call
+(ops/nsa_decode_triton.py) once that kernel has matched the PyTorch step for the shape.
 """
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .backend import resolve
+from . import nsa_decode_triton
+from .backend import check_backend, record, resolve, unrecorded
+
+log = logging.getLogger("attnbench.ops")
 
 __all__ = ["nsa", "nsa_torch", "nsa_reference", "nsa_select_blocks", "nsa_decode", "NSADecodePlan",
            "nsa_block_means", "validate_nsa_args", "fla_supported"]
@@ -367,7 +372,8 @@ class NSADecodePlan:
 
 def nsa_decode(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor, pos: torch.Tensor, gates: torch.Tensor,
                block_size: int, block_counts: int, window_size: int, scale: float | None = None,
-               block_indices: torch.Tensor | None = None, plan: NSADecodePlan | None = None) -> torch.Tensor:
+               block_indices: torch.Tensor | None = None, plan: NSADecodePlan | None = None,
+               backend: str = "auto") -> torch.Tensor:
     """NSA of one query per sequence at position `pos` against a preallocated cache: equals
     `nsa_torch(q, k[:, :pos+1], v[:, :pos+1], *gates.unbind(-1), ...)` up to rounding, where k, v are
     the cached keys and values.
@@ -384,6 +390,9 @@ def nsa_decode(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor, pos: t
     graph and replayed at every position (pass a `plan` built beforehand). The selected and window
     branches gather their S * BS and W keys, so a step costs O(L / BS) (compressed branch and top-k over
     the block means) plus O(S * BS + W), not O(L).
+
+    backend 'auto' (or 'fla': FLA has no NSA decode kernel) takes attnbench's Triton kernel for CUDA
+    tensors without a block_indices override (_triton_decode); 'torch' always the PyTorch step below.
     """
     B, _, HQ, D = q.shape
     _, _, H, L, _ = kv.shape
@@ -396,6 +405,11 @@ def nsa_decode(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor, pos: t
                           f"{tuple(gates.shape)}")
     G = HQ // H
     scale = D ** -0.5 if scale is None else scale
+    check_backend(backend)
+    if backend != "torch" and block_indices is None and q.is_cuda:
+        o = _triton_decode(q, kv, kv_means, pos, gates, block_size, block_counts, window_size, scale, plan)
+        if o is not None:
+            return o
     cdt = torch.promote_types(q.dtype, torch.float32)
     if plan is None or plan.dtype != cdt:  # (a plan made here is graph-safe too, only more kernels)
         plan = NSADecodePlan.build(L, BS, block_counts, W, q.device, cdt)
@@ -443,6 +457,50 @@ def nsa_decode(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor, pos: t
         p = torch.softmax(s.view(BH, G, nb, seg), -1) * g[..., 1:1 + nb, None]
         o = torch.baddbmm(o, p.view(BH, G, nb * seg), vg)
     return o.view(B, 1, HQ, D).to(q.dtype)
+
+
+_TRITON_DECODE_OK: dict[tuple, bool] = {}  # shape key -> the kernel matched the PyTorch step
+
+
+@torch.compiler.disable  # a Triton launch and a host-side check: outside any torch.compile trace
+def _triton_decode(q, kv, kv_means, pos, gates, block_size, block_counts, window_size, scale, plan):
+    """The Triton kernel's result, or None where the PyTorch step must run. The first call per shape
+    (eagerly, not while a CUDA graph is being captured) runs both and compares them: a kernel that fails
+    or differs (relative error > 1e-2 with float32 maths on both sides; bf16 outputs round at ~4e-3) is
+    logged and not used for that shape."""
+    if not nsa_decode_triton.available() or block_size & (block_size - 1):
+        return None
+    key = (tuple(q.shape), tuple(kv.shape), kv.dtype, kv_means.dtype, q.dtype, block_size, block_counts,
+           window_size, float(scale))
+    ok = _TRITON_DECODE_OK.get(key)
+    if ok is None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return None  # no check inside a capture: the PyTorch step, decided on an eager call
+        args = (q, kv, kv_means, pos, gates, block_size, block_counts, window_size, scale)
+        try:
+            got = nsa_decode_triton.nsa_decode_triton(*args)
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+            try:
+                with unrecorded():  # the reference is not what the caller's figures come from
+                    ref = nsa_decode(*args[:-1], scale=scale, plan=plan, backend="torch")
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+            err = ((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+            ok = err <= 1e-2
+            if not ok:
+                log.warning("NSA decode: the Triton kernel differs from the PyTorch step (relative error %.2e) "
+                            "for shape %s; using the PyTorch step", err, key)
+        except Exception as e:  # noqa: BLE001 - any failure means the PyTorch step, said once
+            ok = False
+            log.warning("NSA decode: the Triton kernel failed (%s: %s); using the PyTorch step",
+                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        _TRITON_DECODE_OK[key] = ok
+    if not ok:
+        return None
+    record("nsa_decode", "triton")
+    return nsa_decode_triton.nsa_decode_triton(q, kv, kv_means, pos, gates, block_size, block_counts,
+                                               window_size, scale)
 
 
 # ----------------------------------------------------------------------------------------------------

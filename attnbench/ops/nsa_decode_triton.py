@@ -1,0 +1,182 @@
+"""NSA's one-token decode step as one Triton kernel per layer (the maths of ops/nsa.py::nsa_decode).
+
+At batch 1 a decode step is launch-bound: the PyTorch `nsa_decode` issues 23 compute ops per layer
+(counted eagerly; projections aside: matmuls for the compressed branch, a softmax, the importance sum,
+the forced-block scatter, top-k, index arithmetic, a gather, the selected/window softmax and matmuls).
+Here one program per (sequence, KV head) does all of it for the G query heads of the group:
+
+1. compressed branch: two passes over the complete blocks' means (row max and sum, then the
+   probabilities, their matmul with the value means and the importance of each block summed over the
+   group, stored to a scratch row);
+2. selection: `block_counts` rounds of argmax over the importance row, the forced blocks (first,
+   previous, own) ranked on top as in nsa_decode, each chosen block's keys attended with an online
+   softmax as it is chosen;
+3. the sliding window over the last `window_size` positions;
+4. the gated sum of the three branches.
+
+Float32 throughout (the cache may be bf16). Static shapes and the position read on the device: the
+step is CUDA-graph safe. `nsa_decode` calls it for CUDA tensors (backend 'auto') after checking, once
+per shape, that it matches the PyTorch step; tests run it under Triton's interpreter on the CPU.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+
+NEG = float(torch.finfo(torch.float32).min)  # nsa_decode's masked-logit fill (finite: no NaN rows)
+RANK = 2.0 ** 20  # forced blocks' scores: above any importance (<= G), exact in float32
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _scores(q, kt, USE_DOT: tl.constexpr):
+        """q [BG, BD] @ kt^T with kt [BN, BD] -> [BG, BN], float32."""
+        if USE_DOT:
+            return tl.dot(q, tl.trans(kt), input_precision="ieee")
+        return tl.sum(q[:, None, :] * kt[None, :, :], 2)
+
+    @triton.jit
+    def _mix(p, v, USE_DOT: tl.constexpr):
+        """p [BG, BN] @ v [BN, BD] -> [BG, BD], float32."""
+        if USE_DOT:
+            return tl.dot(p, v, input_precision="ieee")
+        return tl.sum(p[:, :, None] * v[None, :, :], 1)
+
+    @triton.jit
+    def _nsa_decode_kernel(q_ptr, gate_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, imp_ptr, o_ptr, pos_ptr,
+                           L, NB, scale,
+                           G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BS: tl.constexpr, S: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
+                           BLOCK_NB: tl.constexpr, DOT_NB: tl.constexpr, DOT_BS: tl.constexpr,
+                           DOT_W: tl.constexpr):
+        bh = tl.program_id(0).to(tl.int64)
+        pos = tl.load(pos_ptr)
+        og, od = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
+        mg, md = og < G, od < D
+        q = tl.load(q_ptr + (bh * G + og[:, None]) * D + od[None, :], mask=mg[:, None] & md[None, :],
+                    other=0.0).to(tl.float32)
+        gp = gate_ptr + (bh * G + og) * 3
+        g_cmp = tl.load(gp, mask=mg, other=0.0).to(tl.float32)
+        g_slc = tl.load(gp + 1, mask=mg, other=0.0).to(tl.float32)
+        g_swa = tl.load(gp + 2, mask=mg, other=0.0).to(tl.float32)
+        kc, vc = k_ptr + bh * L * D, v_ptr + bh * L * D
+        kmc, vmc = km_ptr + bh * NB * D, vm_ptr + bh * NB * D
+        n_complete = (pos + 1) // BS  # blocks 0..n_complete-1 are complete (visible)
+        ic = pos // BS
+
+        # 1. compressed branch: softmax over all NB block means, incomplete ones at the NEG fill
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        lsum = tl.zeros([BLOCK_G], tl.float32)
+        for c0 in range(0, NB, BLOCK_NB):
+            oc = c0 + tl.arange(0, BLOCK_NB)
+            mc = oc < NB
+            km = tl.load(kmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
+            s = _scores(q, km.to(tl.float32), DOT_NB) * scale
+            s = tl.where((oc < n_complete)[None, :], s, NEG)
+            s = tl.where(mc[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            lsum = lsum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+            m = m_new
+        acc_c = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for c0 in range(0, NB, BLOCK_NB):
+            oc = c0 + tl.arange(0, BLOCK_NB)
+            mc = oc < NB
+            km = tl.load(kmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
+            vm = tl.load(vmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
+            s = _scores(q, km.to(tl.float32), DOT_NB) * scale
+            s = tl.where((oc < n_complete)[None, :], s, NEG)
+            s = tl.where(mc[None, :], s, float("-inf"))
+            p = tl.where(mg[:, None], tl.exp(s - m[:, None]) / lsum[:, None], 0.0)
+            acc_c += _mix(p, vm.to(tl.float32), DOT_NB)
+            # importance for the selection, incomplete blocks at NEG, forced blocks ranked on top
+            imp = tl.sum(p, 0) + tl.where(oc < n_complete, 0.0, NEG)
+            imp = tl.where(oc == 0, tl.maximum(imp, RANK), imp)
+            imp = tl.where(oc == tl.maximum(ic - 1, 0), tl.maximum(imp, RANK + 1), imp)
+            imp = tl.where(oc == ic, tl.maximum(imp, RANK + 2), imp)
+            tl.store(imp_ptr + bh * NB + oc, imp, mask=mc)
+        tl.debug_barrier()
+
+        # 2. selection: block_counts rounds of argmax; each chosen block attended as it is chosen
+        ob = tl.arange(0, BS)
+        m_s = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_s = tl.zeros([BLOCK_G], tl.float32)
+        acc_s = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for _ in tl.static_range(S):
+            best_v = tl.full([1], float("-inf"), tl.float32)
+            best_i = tl.zeros([1], tl.int64)
+            for c0 in range(0, NB, BLOCK_NB):
+                oc = c0 + tl.arange(0, BLOCK_NB)
+                imp = tl.load(imp_ptr + bh * NB + oc, mask=oc < NB, other=float("-inf"))
+                tile_v = tl.max(imp, 0)
+                tile_i = c0 + tl.argmax(imp, 0)
+                better = tile_v > best_v
+                best_i = tl.where(better, tile_i, best_i)
+                best_v = tl.where(better, tile_v, best_v)
+            tl.debug_barrier()
+            valid = best_v > float("-inf")  # fewer blocks than block_counts: nothing left to choose
+            tl.store(imp_ptr + bh * NB + best_i, tl.full([1], float("-inf"), tl.float32), mask=valid)
+            tl.debug_barrier()
+            ids = tl.sum(best_i, 0) * BS + ob
+            keep = (ids <= pos) & tl.sum(valid.to(tl.int32), 0).to(tl.int1)
+            kb = tl.load(kc + ids[:, None] * D + od[None, :], mask=keep[:, None] & md[None, :], other=0.0)
+            vb = tl.load(vc + ids[:, None] * D + od[None, :], mask=keep[:, None] & md[None, :], other=0.0)
+            s = tl.where(keep[None, :], _scores(q, kb.to(tl.float32), DOT_BS) * scale, NEG)
+            m_new = tl.maximum(m_s, tl.max(s, 1))
+            alpha = tl.exp(m_s - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_s = l_s * alpha + tl.sum(p, 1)
+            acc_s = acc_s * alpha[:, None] + _mix(p, vb.to(tl.float32), DOT_BS)
+            m_s = m_new
+        out = g_slc[:, None] * acc_s / l_s[:, None]
+        out += (g_cmp * (n_complete > 0).to(tl.float32))[:, None] * acc_c
+
+        # 3. sliding window: positions pos-W+1 .. pos
+        if W > 0:
+            ow = tl.arange(0, BLOCK_W)
+            ids = pos - (W - 1) + ow
+            keep = (ids >= 0) & (ow < W)
+            kw = tl.load(kc + ids[:, None] * D + od[None, :], mask=keep[:, None] & md[None, :], other=0.0)
+            vw = tl.load(vc + ids[:, None] * D + od[None, :], mask=keep[:, None] & md[None, :], other=0.0)
+            s = tl.where(keep[None, :], _scores(q, kw.to(tl.float32), DOT_W) * scale, NEG)
+            mw = tl.max(s, 1)
+            p = tl.exp(s - mw[:, None])
+            out += g_swa[:, None] * _mix(p, vw.to(tl.float32), DOT_W) / tl.sum(p, 1)[:, None]
+        tl.store(o_ptr + (bh * G + og[:, None]) * D + od[None, :], out, mask=mg[:, None] & md[None, :])
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, 1 << (max(n, 1) - 1).bit_length())
+
+
+def nsa_decode_triton(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor, pos: torch.Tensor,
+                      gates: torch.Tensor, block_size: int, block_counts: int, window_size: int,
+                      scale: float) -> torch.Tensor:
+    """nsa_decode's result (its layouts; no block_indices override) from one kernel launch per call."""
+    B, _, HQ, D = q.shape
+    _, _, H, L, _ = kv.shape
+    G, NB = HQ // H, kv_means.shape[3]
+    if not (kv.is_contiguous() and kv_means.is_contiguous()):
+        raise ValueError("nsa_decode_triton needs contiguous kv and kv_means (the cache buffers)")
+    qh = q.reshape(B * H, G, D).contiguous()
+    g = gates.reshape(B * H, G, 3).contiguous()
+    o = torch.empty(B * H, G, D, dtype=q.dtype, device=q.device)
+    imp = torch.empty(B * H, NB, dtype=torch.float32, device=q.device)
+    BG, BD = _pow2(G), _pow2(D)
+    BNB = min(_pow2(NB, 16), 128)
+    BW = _pow2(window_size, 16) if window_size > 0 else 16
+    dot = BG >= 16 and BD >= 16  # tl.dot wants every dimension >= 16
+    _nsa_decode_kernel[(B * H,)](
+        qh, g, kv[0], kv[1], kv_means[0], kv_means[1], imp, o, pos, L, NB, float(scale),
+        G=G, D=D, BLOCK_G=BG, BLOCK_D=BD, BS=block_size, S=block_counts, W=window_size, BLOCK_W=BW,
+        BLOCK_NB=BNB, DOT_NB=dot, DOT_BS=dot and block_size >= 16, DOT_W=dot, num_warps=4)
+    return o.view(B, 1, HQ, D)

@@ -1,0 +1,55 @@
+"""NSA's Triton decode kernel on a CUDA GPU: equal to the PyTorch step at the seed's shapes, taken by the
+decode dispatcher (recorded as 'triton'), and replayable from a CUDA graph."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnbench.ops import nsa as nsa_ops
+from attnbench.ops import nsa_decode_triton as ndt
+from attnbench.ops.backend import record_backends
+from attnbench.ops.nsa import nsa_block_means, nsa_decode
+from helpers import rel_err
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.skipif(not ndt.available(), reason="needs triton")]
+
+
+def seed_cache(L: int, T: int, G: int = 16, D: int = 64, bs: int = 32):
+    torch.manual_seed(0)
+    kv = torch.zeros(2, 1, 1, L, D, dtype=torch.bfloat16, device="cuda")
+    kv[:, :, :, :T] = torch.randn(2, 1, 1, T, D, device="cuda").bfloat16()
+    means = torch.stack([nsa_block_means(kv[i].transpose(1, 2), bs) for i in range(2)]).transpose(2, 3).contiguous()
+    return kv, means
+
+
+@pytest.mark.parametrize("L,T", [(1100, 1024), (16448, 16384)])
+def test_kernel_equals_the_pytorch_step_on_the_gpu(L, T):
+    kv, means = seed_cache(L, T)
+    for t in (0, 31, 32, T // 2, T - 1):
+        q = torch.randn(1, 1, 16, 64, device="cuda").bfloat16()
+        gates = torch.rand(1, 1, 16, 3, device="cuda").bfloat16()
+        pos = torch.tensor([t], device="cuda")
+        ref = nsa_decode(q.double(), kv.double(), means.double(), pos, gates.double(), 32, 4, 64, backend="torch")
+        got = ndt.nsa_decode_triton(q, kv, means, pos, gates, 32, 4, 64, 64 ** -0.5)
+        print(f"L={L} t={t}: {rel_err(got, ref):.2e}")
+        assert rel_err(got, ref) < 1e-2
+
+
+def test_dispatcher_takes_the_kernel_and_a_graph_replays_it(monkeypatch):
+    monkeypatch.setattr(nsa_ops, "_TRITON_DECODE_OK", {})
+    kv, means = seed_cache(1100, 1024)
+    q = torch.randn(1, 1, 16, 64, device="cuda").bfloat16()
+    gates = torch.rand(1, 1, 16, 3, device="cuda").bfloat16()
+    pos = torch.tensor([700], device="cuda")
+    with record_backends() as seen:
+        eager = nsa_decode(q, kv, means, pos, gates, 32, 4, 64)
+    assert seen == {"nsa_decode": "triton"} and list(nsa_ops._TRITON_DECODE_OK.values()) == [True]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = nsa_decode(q, kv, means, pos, gates, 32, 4, 64)
+    pos.fill_(1000)
+    graph.replay()
+    ref = nsa_decode(q, kv, means, pos, gates, 32, 4, 64, backend="torch")
+    assert rel_err(out, ref) < 1e-2 and not torch.equal(out, eager)  # the replay read the new position

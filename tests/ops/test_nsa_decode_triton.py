@@ -1,0 +1,87 @@
+"""NSA's Triton decode kernel (ops/nsa_decode_triton.py) against the PyTorch step, on the CPU under
+Triton's interpreter (conftest sets TRITON_INTERPRET=1 without a GPU; needs the `triton` package: the
+`dev` extra installs it on Linux x86-64). On a GPU the same comparison runs at the first call per shape
+(nsa._triton_decode), and tests/gpu covers the kernel there."""
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from attnbench.ops import nsa as nsa_ops
+from attnbench.ops import nsa_decode_triton as ndt
+from attnbench.ops.nsa import nsa_block_means, nsa_decode
+from helpers import rel_err
+from ops.test_nsa_ops import BS, cache_of, gates_at, make_inputs
+
+pytestmark = [pytest.mark.skipif(not ndt.available(), reason="needs the triton package (its interpreter)"),
+              pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
+                                 reason="CPU tests under Triton's interpreter (tests/gpu runs the kernel on a GPU)"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # the interpreter's numpy scalars
+
+
+@pytest.fixture
+def interpreted():
+    return ndt
+
+
+@pytest.mark.parametrize("H,G,S,W,L", [
+    (2, 2, 4, 32, 100),   # window shorter than the later positions, longer than the early ones
+    (1, 4, 2, 32, 107),   # S = 2: own and previous block only; L not a multiple of BS
+    (2, 2, 4, 0, 100),    # no window branch
+    (1, 2, 8, 5, 120),    # S * BS > L: fewer blocks than block_counts early on; tiny window
+    (1, 16, 4, 64, 300),  # 16 query heads per KV head (the seed's NSA): tl.dot on every product
+])
+def test_kernel_equals_the_pytorch_step(interpreted, H, G, S, W, L):
+    T = 100
+    q, k, v, *gates = make_inputs(2, T, H, G, seed=S + W)
+    kv, means = cache_of(k.float(), v.float(), L, fill=7.0)
+    D = q.shape[-1]
+    for t in (0, 1, BS - 1, BS, 2 * BS + 3, T - 1):  # block boundaries, no complete block yet, the end
+        args = (torch.tensor([t]), gates_at(gates, t), BS, S, W)
+        ref = nsa_decode(q[:, t:t + 1], kv.double(), means.double(), *args)  # float64 PyTorch step
+        got = interpreted.nsa_decode_triton(q[:, t:t + 1].float(), kv, means.float(), args[0], args[1].float(),
+                                            BS, S, W, D ** -0.5)
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        assert rel_err(got, ref) < 1e-5, t
+
+
+def test_kernel_at_the_seed_shape_with_a_bf16_cache_over_several_tiles(interpreted):
+    """G = 16, D = 64, BS = 32, S = 4, W = 64 (configs/nsa.toml), a bf16 cache of 5000 positions: 157 block
+    means, two tiles of the compressed pass; bf16 out, float32 inside."""
+    torch.manual_seed(0)
+    B, H, G, D, bs, S, W, L, T = 1, 1, 16, 64, 32, 4, 64, 5000, 4200
+    kv = torch.zeros(2, B, H, L, D, dtype=torch.bfloat16)
+    kv[:, :, :, :T] = torch.randn(2, B, H, T, D).bfloat16()
+    means = torch.stack([nsa_block_means(kv[i].transpose(1, 2), bs) for i in range(2)]).transpose(2, 3).contiguous()
+    for t in (5, 32, 700, T - 1):
+        q, gates = torch.randn(B, 1, H * G, D).bfloat16(), torch.rand(B, 1, H * G, 3).bfloat16()
+        ref = nsa_decode(q.double(), kv.double(), means.double(), torch.tensor([t]), gates.double(), bs, S, W)
+        got = interpreted.nsa_decode_triton(q, kv, means, torch.tensor([t]), gates, bs, S, W, D ** -0.5)
+        assert got.dtype == torch.bfloat16 and rel_err(got, ref) < 1e-2, t  # bf16 rounding of the output
+
+
+def test_first_call_per_shape_checks_the_kernel_and_falls_back_on_a_mismatch(interpreted, monkeypatch, caplog):
+    """nsa._triton_decode: the first call per shape runs both steps; a kernel that matches is used (and
+    recorded as 'triton'), one that differs is logged and the PyTorch step runs for that shape."""
+    from attnbench.ops.backend import record_backends
+
+    monkeypatch.setattr(nsa_ops, "_TRITON_DECODE_OK", {})
+    q, k, v, *gates = make_inputs(1, 40, 1, 2, seed=3)
+    kv, means = cache_of(k.float(), v.float(), 48)
+    args = (q[:, 39:40].float(), kv, means.float(), torch.tensor([39]), gates_at(gates, 39).float(), BS, 4, 8,
+            q.shape[-1] ** -0.5, None)
+    with record_backends() as seen:
+        o = nsa_ops._triton_decode(*args)
+    assert o is not None and seen == {"nsa_decode": "triton"} and list(nsa_ops._TRITON_DECODE_OK.values()) == [True]
+
+    monkeypatch.setattr(nsa_ops, "_TRITON_DECODE_OK", {})
+    monkeypatch.setattr(interpreted, "nsa_decode_triton", lambda *a: torch.zeros_like(a[0]))
+    with caplog.at_level(logging.WARNING, logger="attnbench.ops"):
+        assert nsa_ops._triton_decode(*args) is None
+        assert nsa_ops._triton_decode(*args) is None  # decided once per shape
+    assert caplog.text.count("differs from the PyTorch step") == 1
+    # backend='torch' never takes the kernel; nor does a CPU tensor
+    assert nsa_decode(*args[:5], BS, 4, 8, backend="torch").shape == args[0].shape
