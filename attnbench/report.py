@@ -720,6 +720,36 @@ def fig_throughput(rows: list[dict], out: Path) -> Path | None:
 # ------------------------------------------------------------------------------------- report.md
 
 
+def kernel_lines(res: Results) -> list[str]:
+    """Per mixer, which backend ran each dispatched op: in training (the runs' summaries, `op_backends`)
+    and in each benchmark (the rows' `backend_ops`). 'fla+torch-dqkwg': FLA with attnbench's PyTorch step
+    of the gated backward; 'triton': attnbench's own kernel; a mixer with no dispatched op (softmax:
+    PyTorch SDPA) has no line."""
+    def merged(dicts) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for d in dicts:
+            for op, label in (d or {}).items():
+                out.setdefault(op, set()).update(str(label).split("+"))
+        return out
+
+    def text(ops: dict[str, set[str]]) -> str:
+        return ", ".join(f"{op} {'+'.join(sorted(v))}" for op, v in sorted(ops.items()))
+
+    lines = []
+    for mixer, lrs in by_mixer(res.runs).items():
+        parts = []
+        train = merged(r.summary.get("op_backends") for runs in lrs.values() for r in runs)
+        if train:
+            parts.append(f"training: {text(train)}")
+        for bench in ("latency", "throughput", "memory"):
+            ops = merged(r.get("backend_ops") for r in _bench(res.bench, bench, mixer=mixer))
+            if ops:
+                parts.append(f"{bench}: {text(ops)}")
+        if parts:
+            lines.append(f"{mixer}: " + "; ".join(parts))
+    return lines
+
+
 def _param_table(res: Results) -> str:
     head = "| mixer | layers | width | heads | head dim | mixer args | parameters | vs budget |\n|---|---|---|---|---|---|---|---|"
     lines = [head]
@@ -784,6 +814,9 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Path:
         rows = bakeoff(res)
         table, foot = bakeoff_markdown(rows)
         md += ["## Bake-off", "", table, ""] + [f"- {n}" for n in foot] + [""]
+        kernels = kernel_lines(res)
+        if kernels:
+            md += ["## Kernels behind the figures", ""] + [f"- {k}" for k in kernels] + [""]
         figs.append(("Loss against steps", fig_loss(res, out, "step"), ""))
         figs.append(("Loss against wall time", fig_loss(res, out, "time"), ""))
         p = fig_generalisation(res, out)

@@ -11,6 +11,7 @@ import pytest
 from attnbench import report as rp
 from attnbench import sweep as sw
 from attnbench.cli import main
+from attnbench.io import read_jsonl
 from conftest import tiny_run_config
 
 FIGS = ["loss_vs_step.png", "loss_vs_time.png", "val_vs_train.png", "ppl_vs_flops.png", "lr_sensitivity.png"]
@@ -242,3 +243,22 @@ def test_throughput_caption_names_where_each_mixer_overtakes_softmax():
     assert "deltanet at ~2,048 tokens (interpolated between 1024 and 4096)" in text
     assert "nsa does not: slower at every measured context (up to 4096)" in text
     assert rp.crossover_text([row("deltanet", 1024, 5.0)]) == ""  # no softmax rows: nothing to say
+
+
+def test_report_names_the_kernels_behind_training_and_each_benchmark(results, tmp_path):
+    out = copy_results(results, tmp_path / "copy")
+    assert "## Kernels behind the figures" not in rp.build_report(out).read_text()  # softmax: nothing dispatched
+    for f in (out / "runs").glob("*/summary.json"):
+        s = json.loads(f.read_text())
+        s["op_backends"] = {"gated_delta_rule": "fla+torch-dqkwg", "causal_conv1d": "fla"}
+        f.write_text(json.dumps(s))
+    fake_bench(out)
+    rows = read_jsonl(out / "bench" / "softmax.jsonl")
+    for r in rows:
+        if r["bench"] == "latency":
+            r["backend_ops"] = {"nsa_decode": "triton"}
+    (out / "bench" / "softmax.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = rp.build_report(out).read_text()
+    line = md.split("## Kernels behind the figures", 1)[1].strip().splitlines()[0]
+    assert line == ("- softmax: training: causal_conv1d fla, gated_delta_rule fla+torch-dqkwg; "
+                    "latency: nsa_decode triton")
