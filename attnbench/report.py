@@ -6,7 +6,9 @@ exists only the runs it plans are reported (others in runs/ are listed as not pa
 Nothing else is needed: no checkpoints, no dataset, no GPU; the mixers need not even be installed.
 
 Output, in DIR/report/ (or --out):
-  report.md                 parameter table, bake-off table, figures, skipped runs, notes
+  report.md                 parameter table, bake-off table, the kernels behind the figures (which backend ran
+                            each op, in training and in each benchmark), figures (the throughput one says where
+                            each mixer overtakes softmax), skipped runs, notes
   loss_vs_step.png          training and validation loss against steps
   loss_vs_time.png          the same against training wall time
   ppl_vs_flops.png          validation perplexity against cumulative training FLOPs (log-log)
