@@ -37,6 +37,8 @@ def available() -> bool:
 
 
 if triton is not None:
+    _NEG = tl.constexpr(NEG)  # Triton kernels read only constexpr globals
+    _RANK = tl.constexpr(RANK)
 
     @triton.jit
     def _scores(q, kt, USE_DOT: tl.constexpr):
@@ -82,7 +84,7 @@ if triton is not None:
             mc = oc < NB
             km = tl.load(kmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
             s = _scores(q, km.to(tl.float32), DOT_NB) * scale
-            s = tl.where((oc < n_complete)[None, :], s, NEG)
+            s = tl.where((oc < n_complete)[None, :], s, _NEG)
             s = tl.where(mc[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             lsum = lsum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
@@ -94,15 +96,15 @@ if triton is not None:
             km = tl.load(kmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
             vm = tl.load(vmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
             s = _scores(q, km.to(tl.float32), DOT_NB) * scale
-            s = tl.where((oc < n_complete)[None, :], s, NEG)
+            s = tl.where((oc < n_complete)[None, :], s, _NEG)
             s = tl.where(mc[None, :], s, float("-inf"))
             p = tl.where(mg[:, None], tl.exp(s - m[:, None]) / lsum[:, None], 0.0)
             acc_c += _mix(p, vm.to(tl.float32), DOT_NB)
             # importance for the selection, incomplete blocks at NEG, forced blocks ranked on top
-            imp = tl.sum(p, 0) + tl.where(oc < n_complete, 0.0, NEG)
-            imp = tl.where(oc == 0, tl.maximum(imp, RANK), imp)
-            imp = tl.where(oc == tl.maximum(ic - 1, 0), tl.maximum(imp, RANK + 1), imp)
-            imp = tl.where(oc == ic, tl.maximum(imp, RANK + 2), imp)
+            imp = tl.sum(p, 0) + tl.where(oc < n_complete, 0.0, _NEG)
+            imp = tl.where(oc == 0, tl.maximum(imp, _RANK), imp)
+            imp = tl.where(oc == tl.maximum(ic - 1, 0), tl.maximum(imp, _RANK + 1), imp)
+            imp = tl.where(oc == ic, tl.maximum(imp, _RANK + 2), imp)
             tl.store(imp_ptr + bh * NB + oc, imp, mask=mc)
         tl.debug_barrier()
 
@@ -130,7 +132,7 @@ if triton is not None:
             keep = (ids <= pos) & tl.sum(valid.to(tl.int32), 0).to(tl.int1)
             kb = tl.load(kc + ids[:, None] * D + od[None, :], mask=keep[:, None] & md[None, :], other=0.0)
             vb = tl.load(vc + ids[:, None] * D + od[None, :], mask=keep[:, None] & md[None, :], other=0.0)
-            s = tl.where(keep[None, :], _scores(q, kb.to(tl.float32), DOT_BS) * scale, NEG)
+            s = tl.where(keep[None, :], _scores(q, kb.to(tl.float32), DOT_BS) * scale, _NEG)
             m_new = tl.maximum(m_s, tl.max(s, 1))
             alpha = tl.exp(m_s - m_new)
             p = tl.exp(s - m_new[:, None])
@@ -147,7 +149,7 @@ if triton is not None:
             keep = (ids >= 0) & (ow < W)
             kw = tl.load(kc + ids[:, None] * D + od[None, :], mask=keep[:, None] & md[None, :], other=0.0)
             vw = tl.load(vc + ids[:, None] * D + od[None, :], mask=keep[:, None] & md[None, :], other=0.0)
-            s = tl.where(keep[None, :], _scores(q, kw.to(tl.float32), DOT_W) * scale, NEG)
+            s = tl.where(keep[None, :], _scores(q, kw.to(tl.float32), DOT_W) * scale, _NEG)
             mw = tl.max(s, 1)
             p = tl.exp(s - mw[:, None])
             out += g_swa[:, None] * _mix(p, vw.to(tl.float32), DOT_W) / tl.sum(p, 1)[:, None]

@@ -85,3 +85,36 @@ def test_first_call_per_shape_checks_the_kernel_and_falls_back_on_a_mismatch(int
     assert caplog.text.count("differs from the PyTorch step") == 1
     # backend='torch' never takes the kernel; nor does a CPU tensor
     assert nsa_decode(*args[:5], BS, 4, 8, backend="torch").shape == args[0].shape
+
+
+COMPILE_FOR_HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from attnbench.ops import nsa_decode_triton as m
+sig = dict(q_ptr="*bf16", gate_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", km_ptr="*fp32", vm_ptr="*fp32",
+           imp_ptr="*fp32", o_ptr="*bf16", pos_ptr="*i64", L="i32", NB="i32", scale="fp32")
+names = list(sig) + ["G", "D", "BLOCK_G", "BLOCK_D", "BS", "S", "W", "BLOCK_W", "BLOCK_NB", "DOT_NB", "DOT_BS", "DOT_W"]
+for const in (dict(G=16, D=64, BLOCK_G=16, BLOCK_D=64, BS=32, S=4, W=64, BLOCK_W=64, BLOCK_NB=128,
+                   DOT_NB=True, DOT_BS=True, DOT_W=True),
+              dict(G=2, D=16, BLOCK_G=2, BLOCK_D=16, BS=16, S=4, W=0, BLOCK_W=16, BLOCK_NB=16,
+                   DOT_NB=False, DOT_BS=False, DOT_W=False)):
+    src = ASTSource(fn=m._nsa_decode_kernel, signature={**sig, **{k: "constexpr" for k in const}},
+                    constexprs={(names.index(k),): v for k, v in const.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert "cubin" in k.asm
+print("compiled")
+"""
+
+
+def test_kernel_compiles_for_hopper_with_the_real_compiler():
+    """The interpreter does not apply the compiler's rules (e.g. kernels may read only constexpr globals):
+    compile the kernel to an sm_90 cubin with Triton's own toolchain (no GPU needed), in a process
+    without TRITON_INTERPRET, for the seed's shape (tl.dot paths) and a small one (broadcast paths)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 0 and "compiled" in p.stdout, p.stderr[-2000:]
