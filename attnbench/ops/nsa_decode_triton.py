@@ -14,7 +14,10 @@ Here one program per (sequence, KV head) does all of it for the G query heads of
 3. the sliding window over the last `window_size` positions;
 4. the gated sum of the three branches.
 
-Float32 throughout (the cache may be bf16). Static shapes and the position read on the device: the
+Float32 values throughout (the cache may be bf16); products on tensor cores in tf32 with float32
+accumulation, the compressed scores that decide the selection in 3xtf32 (float32 accuracy; 'ieee' beside
+tf32 in one kernel trips Triton 3.6's compiler). Compiled for sm_90 (bundled ptxas, 8 warps): 255
+registers, ~100 bytes of spills; with 'ieee' products 1.9 KB. Static shapes and the position read on the device: the
 step is CUDA-graph safe. `nsa_decode` calls it for CUDA tensors (backend 'auto') after checking, once
 per shape, that it matches the PyTorch step; tests run it under Triton's interpreter on the CPU.
 """
@@ -39,19 +42,23 @@ def available() -> bool:
 if triton is not None:
     _NEG = tl.constexpr(NEG)  # Triton kernels read only constexpr globals
     _RANK = tl.constexpr(RANK)
+    # tf32 tensor-core products (fp32 accumulation), except the compressed scores that decide the
+    # selection: those in full fp32 (ieee), as the PyTorch step computes them, so the same blocks win
+    FAST = tl.constexpr("tf32")
+    EXACT = tl.constexpr("tf32x3")
 
     @triton.jit
-    def _scores(q, kt, USE_DOT: tl.constexpr):
+    def _scores(q, kt, USE_DOT: tl.constexpr, PREC: tl.constexpr):
         """q [BG, BD] @ kt^T with kt [BN, BD] -> [BG, BN], float32."""
         if USE_DOT:
-            return tl.dot(q, tl.trans(kt), input_precision="ieee")
+            return tl.dot(q, tl.trans(kt), input_precision=PREC)
         return tl.sum(q[:, None, :] * kt[None, :, :], 2)
 
     @triton.jit
-    def _mix(p, v, USE_DOT: tl.constexpr):
+    def _mix(p, v, USE_DOT: tl.constexpr, PREC: tl.constexpr):
         """p [BG, BN] @ v [BN, BD] -> [BG, BD], float32."""
         if USE_DOT:
-            return tl.dot(p, v, input_precision="ieee")
+            return tl.dot(p, v, input_precision=PREC)
         return tl.sum(p[:, :, None] * v[None, :, :], 1)
 
     @triton.jit
@@ -83,7 +90,7 @@ if triton is not None:
             oc = c0 + tl.arange(0, BLOCK_NB)
             mc = oc < NB
             km = tl.load(kmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
-            s = _scores(q, km.to(tl.float32), DOT_NB) * scale
+            s = _scores(q, km.to(tl.float32), DOT_NB, EXACT) * scale
             s = tl.where((oc < n_complete)[None, :], s, _NEG)
             s = tl.where(mc[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
@@ -95,11 +102,11 @@ if triton is not None:
             mc = oc < NB
             km = tl.load(kmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
             vm = tl.load(vmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
-            s = _scores(q, km.to(tl.float32), DOT_NB) * scale
+            s = _scores(q, km.to(tl.float32), DOT_NB, EXACT) * scale
             s = tl.where((oc < n_complete)[None, :], s, _NEG)
             s = tl.where(mc[None, :], s, float("-inf"))
             p = tl.where(mg[:, None], tl.exp(s - m[:, None]) / lsum[:, None], 0.0)
-            acc_c += _mix(p, vm.to(tl.float32), DOT_NB)
+            acc_c += _mix(p, vm.to(tl.float32), DOT_NB, FAST)
             # importance for the selection, incomplete blocks at NEG, forced blocks ranked on top
             imp = tl.sum(p, 0) + tl.where(oc < n_complete, 0.0, _NEG)
             imp = tl.where(oc == 0, tl.maximum(imp, _RANK), imp)
@@ -132,12 +139,12 @@ if triton is not None:
             keep = (ids <= pos) & tl.sum(valid.to(tl.int32), 0).to(tl.int1)
             kb = tl.load(kc + ids[:, None] * D + od[None, :], mask=keep[:, None] & md[None, :], other=0.0)
             vb = tl.load(vc + ids[:, None] * D + od[None, :], mask=keep[:, None] & md[None, :], other=0.0)
-            s = tl.where(keep[None, :], _scores(q, kb.to(tl.float32), DOT_BS) * scale, _NEG)
+            s = tl.where(keep[None, :], _scores(q, kb.to(tl.float32), DOT_BS, FAST) * scale, _NEG)
             m_new = tl.maximum(m_s, tl.max(s, 1))
             alpha = tl.exp(m_s - m_new)
             p = tl.exp(s - m_new[:, None])
             l_s = l_s * alpha + tl.sum(p, 1)
-            acc_s = acc_s * alpha[:, None] + _mix(p, vb.to(tl.float32), DOT_BS)
+            acc_s = acc_s * alpha[:, None] + _mix(p, vb.to(tl.float32), DOT_BS, FAST)
             m_s = m_new
         out = g_slc[:, None] * acc_s / l_s[:, None]
         out += (g_cmp * (n_complete > 0).to(tl.float32))[:, None] * acc_c
@@ -149,10 +156,10 @@ if triton is not None:
             keep = (ids >= 0) & (ow < W)
             kw = tl.load(kc + ids[:, None] * D + od[None, :], mask=keep[:, None] & md[None, :], other=0.0)
             vw = tl.load(vc + ids[:, None] * D + od[None, :], mask=keep[:, None] & md[None, :], other=0.0)
-            s = tl.where(keep[None, :], _scores(q, kw.to(tl.float32), DOT_W) * scale, _NEG)
+            s = tl.where(keep[None, :], _scores(q, kw.to(tl.float32), DOT_W, FAST) * scale, _NEG)
             mw = tl.max(s, 1)
             p = tl.exp(s - mw[:, None])
-            out += g_swa[:, None] * _mix(p, vw.to(tl.float32), DOT_W) / tl.sum(p, 1)[:, None]
+            out += g_swa[:, None] * _mix(p, vw.to(tl.float32), DOT_W, FAST) / tl.sum(p, 1)[:, None]
         tl.store(o_ptr + (bh * G + og[:, None]) * D + od[None, :], out, mask=mg[:, None] & md[None, :])
 
 
@@ -174,11 +181,11 @@ def nsa_decode_triton(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor,
     o = torch.empty(B * H, G, D, dtype=q.dtype, device=q.device)
     imp = torch.empty(B * H, NB, dtype=torch.float32, device=q.device)
     BG, BD = _pow2(G), _pow2(D)
-    BNB = min(_pow2(NB, 16), 128)
+    BNB = min(_pow2(NB, 16), 64)  # 64 x 64 fp32 tiles: on sm_90 (8 warps) ~100 B of spills; 128 spilled 1.6 KB
     BW = _pow2(window_size, 16) if window_size > 0 else 16
     dot = BG >= 16 and BD >= 16  # tl.dot wants every dimension >= 16
     _nsa_decode_kernel[(B * H,)](
         qh, g, kv[0], kv[1], kv_means[0], kv_means[1], imp, o, pos, L, NB, float(scale),
         G=G, D=D, BLOCK_G=BG, BLOCK_D=BD, BS=block_size, S=block_counts, W=window_size, BLOCK_W=BW,
-        BLOCK_NB=BNB, DOT_NB=dot, DOT_BS=dot and block_size >= 16, DOT_W=dot, num_warps=4)
+        BLOCK_NB=BNB, DOT_NB=dot, DOT_BS=dot and block_size >= 16, DOT_W=dot, num_warps=8)
     return o.view(B, 1, HQ, D)

@@ -95,13 +95,13 @@ from attnbench.ops import nsa_decode_triton as m
 sig = dict(q_ptr="*bf16", gate_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", km_ptr="*fp32", vm_ptr="*fp32",
            imp_ptr="*fp32", o_ptr="*bf16", pos_ptr="*i64", L="i32", NB="i32", scale="fp32")
 names = list(sig) + ["G", "D", "BLOCK_G", "BLOCK_D", "BS", "S", "W", "BLOCK_W", "BLOCK_NB", "DOT_NB", "DOT_BS", "DOT_W"]
-for const in (dict(G=16, D=64, BLOCK_G=16, BLOCK_D=64, BS=32, S=4, W=64, BLOCK_W=64, BLOCK_NB=128,
+for const in (dict(G=16, D=64, BLOCK_G=16, BLOCK_D=64, BS=32, S=4, W=64, BLOCK_W=64, BLOCK_NB=64,
                    DOT_NB=True, DOT_BS=True, DOT_W=True),
               dict(G=2, D=16, BLOCK_G=2, BLOCK_D=16, BS=16, S=4, W=0, BLOCK_W=16, BLOCK_NB=16,
                    DOT_NB=False, DOT_BS=False, DOT_W=False)):
     src = ASTSource(fn=m._nsa_decode_kernel, signature={**sig, **{k: "constexpr" for k in const}},
                     constexprs={(names.index(k),): v for k, v in const.items()})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
     assert "cubin" in k.asm
 print("compiled")
 """
