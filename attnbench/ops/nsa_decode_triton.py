@@ -14,12 +14,18 @@ Here one program per (sequence, KV head) does all of it for the G query heads of
 3. the sliding window over the last `window_size` positions;
 4. the gated sum of the three branches.
 
-Float32 values throughout (the cache may be bf16); products on tensor cores in tf32 with float32
-accumulation, the compressed scores that decide the selection in 3xtf32 (float32 accuracy; 'ieee' beside
-tf32 in one kernel trips Triton 3.6's compiler). Compiled for sm_90 (bundled ptxas, 8 warps): 255
-registers, ~100 bytes of spills; with 'ieee' products 1.9 KB. Static shapes and the position read on the device: the
-step is CUDA-graph safe. `nsa_decode` calls it for CUDA tensors (backend 'auto') after checking, once
-per shape, that it matches the PyTorch step; tests run it under Triton's interpreter on the CPU.
+Float32 values throughout (the cache may be bf16). Products run on tensor cores in tf32 with float32
+accumulation; the compressed scores, which decide the selection, run in 3xtf32 (float32 accuracy;
+'ieee' beside tf32 in one kernel trips Triton 3.6's compiler). Compiled for sm_90 with the bundled
+ptxas at 8 warps: 255 registers and ~100 bytes of spills (1.9 KB with 'ieee' products).
+
+Shapes are static and the position is read on the device, so the step is CUDA-graph safe. `nsa_decode`
+calls it for CUDA tensors (backend 'auto') after checking, once per shape, that it matches the PyTorch
+step. Tests run it under Triton's interpreter on the CPU, and compile it for sm_90 there.
+
+Not yet measured on a GPU. One program per (sequence, KV head) walks the block means sequentially
+(two passes, then one scan per selected block), so at long contexts with batch 1 its time grows with
+ceil(NB / 64); measure before relying on it there.
 """
 from __future__ import annotations
 
@@ -43,7 +49,8 @@ if triton is not None:
     _NEG = tl.constexpr(NEG)  # Triton kernels read only constexpr globals
     _RANK = tl.constexpr(RANK)
     # tf32 tensor-core products (fp32 accumulation), except the compressed scores that decide the
-    # selection: those in full fp32 (ieee), as the PyTorch step computes them, so the same blocks win
+    # selection: those at float32 accuracy (3xtf32), as the PyTorch step computes them, so the same
+    # blocks win
     FAST = tl.constexpr("tf32")
     EXACT = tl.constexpr("tf32x3")
 
