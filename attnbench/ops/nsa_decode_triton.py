@@ -24,8 +24,8 @@ calls it for CUDA tensors (backend 'auto') after checking, once per shape, that 
 step. Tests run it under Triton's interpreter on the CPU, and compile it for sm_90 there.
 
 Not yet measured on a GPU. One program per (sequence, KV head) walks the block means sequentially
-(two passes, then one scan per selected block), so at long contexts with batch 1 its time grows with
-ceil(NB / 64); measure before relying on it there.
+(two passes of 64-block tiles, then one scan of the importance row per selected block), so at long
+contexts with batch 1 its time grows with ceil(NB / 64); measure before relying on it there.
 """
 from __future__ import annotations
 
@@ -73,8 +73,8 @@ if triton is not None:
                            L, NB, scale,
                            G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                            BS: tl.constexpr, S: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
-                           BLOCK_NB: tl.constexpr, DOT_NB: tl.constexpr, DOT_BS: tl.constexpr,
-                           DOT_W: tl.constexpr):
+                           BLOCK_NB: tl.constexpr, BLOCK_SEL: tl.constexpr, DOT_NB: tl.constexpr,
+                           DOT_BS: tl.constexpr, DOT_W: tl.constexpr):
         bh = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr)
         og, od = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
@@ -130,8 +130,8 @@ if triton is not None:
         for _ in tl.static_range(S):
             best_v = tl.full([1], float("-inf"), tl.float32)
             best_i = tl.zeros([1], tl.int64)
-            for c0 in range(0, NB, BLOCK_NB):
-                oc = c0 + tl.arange(0, BLOCK_NB)
+            for c0 in range(0, NB, BLOCK_SEL):  # one wide tile: the row is 1-D, cheap in registers
+                oc = c0 + tl.arange(0, BLOCK_SEL)
                 imp = tl.load(imp_ptr + bh * NB + oc, mask=oc < NB, other=float("-inf"))
                 tile_v = tl.max(imp, 0)
                 tile_i = c0 + tl.argmax(imp, 0)
@@ -176,8 +176,9 @@ def _pow2(n: int, lo: int = 1) -> int:
 
 def nsa_decode_triton(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor, pos: torch.Tensor,
                       gates: torch.Tensor, block_size: int, block_counts: int, window_size: int,
-                      scale: float) -> torch.Tensor:
-    """nsa_decode's result (its layouts; no block_indices override) from one kernel launch per call."""
+                      scale: float, block_sel: int | None = None) -> torch.Tensor:
+    """nsa_decode's result (its layouts; no block_indices override) from one kernel launch per call.
+    `block_sel` (a power of two >= 16) overrides the selection scan's tile (tests: several tiles)."""
     B, _, HQ, D = q.shape
     _, _, H, L, _ = kv.shape
     G, NB = HQ // H, kv_means.shape[3]
@@ -189,10 +190,11 @@ def nsa_decode_triton(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor,
     imp = torch.empty(B * H, NB, dtype=torch.float32, device=q.device)
     BG, BD = _pow2(G), _pow2(D)
     BNB = min(_pow2(NB, 16), 64)  # 64 x 64 fp32 tiles: on sm_90 (8 warps) ~100 B of spills; 128 spilled 1.6 KB
+    BSEL = block_sel or min(_pow2(NB, 16), 2048)  # the selection scans the 1-D importance row: one tile to 64k tokens
     BW = _pow2(window_size, 16) if window_size > 0 else 16
     dot = BG >= 16 and BD >= 16  # tl.dot wants every dimension >= 16
     _nsa_decode_kernel[(B * H,)](
         qh, g, kv[0], kv[1], kv_means[0], kv_means[1], imp, o, pos, L, NB, float(scale),
         G=G, D=D, BLOCK_G=BG, BLOCK_D=BD, BS=block_size, S=block_counts, W=window_size, BLOCK_W=BW,
-        BLOCK_NB=BNB, DOT_NB=dot, DOT_BS=dot and block_size >= 16, DOT_W=dot, num_warps=8)
+        BLOCK_NB=BNB, BLOCK_SEL=BSEL, DOT_NB=dot, DOT_BS=dot and block_size >= 16, DOT_W=dot, num_warps=8)
     return o.view(B, 1, HQ, D)

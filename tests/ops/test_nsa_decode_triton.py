@@ -56,10 +56,11 @@ def test_kernel_at_the_seed_shape_with_a_bf16_cache_over_several_tiles(interpret
     kv = torch.zeros(2, B, H, L, D, dtype=torch.bfloat16)
     kv[:, :, :, :T] = torch.randn(2, B, H, T, D).bfloat16()
     means = torch.stack([nsa_block_means(kv[i].transpose(1, 2), bs) for i in range(2)]).transpose(2, 3).contiguous()
-    for t in (5, 32, 700, T - 1):
+    for t, block_sel in ((5, None), (32, None), (700, 16), (T - 1, None), (T - 1, 32)):  # 16, 32: several scan tiles
         q, gates = torch.randn(B, 1, H * G, D).bfloat16(), torch.rand(B, 1, H * G, 3).bfloat16()
         ref = nsa_decode(q.double(), kv.double(), means.double(), torch.tensor([t]), gates.double(), bs, S, W)
-        got = interpreted.nsa_decode_triton(q, kv, means, torch.tensor([t]), gates, bs, S, W, D ** -0.5)
+        got = interpreted.nsa_decode_triton(q, kv, means, torch.tensor([t]), gates, bs, S, W, D ** -0.5,
+                                            block_sel=block_sel)
         assert got.dtype == torch.bfloat16 and rel_err(got, ref) < 1e-2, t  # bf16 rounding of the output
 
 
@@ -94,10 +95,11 @@ from triton.compiler import ASTSource
 from attnbench.ops import nsa_decode_triton as m
 sig = dict(q_ptr="*bf16", gate_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", km_ptr="*fp32", vm_ptr="*fp32",
            imp_ptr="*fp32", o_ptr="*bf16", pos_ptr="*i64", L="i32", NB="i32", scale="fp32")
-names = list(sig) + ["G", "D", "BLOCK_G", "BLOCK_D", "BS", "S", "W", "BLOCK_W", "BLOCK_NB", "DOT_NB", "DOT_BS", "DOT_W"]
+names = list(sig) + ["G", "D", "BLOCK_G", "BLOCK_D", "BS", "S", "W", "BLOCK_W", "BLOCK_NB", "BLOCK_SEL", "DOT_NB",
+                     "DOT_BS", "DOT_W"]
 for const in (dict(G=16, D=64, BLOCK_G=16, BLOCK_D=64, BS=32, S=4, W=64, BLOCK_W=64, BLOCK_NB=64,
-                   DOT_NB=True, DOT_BS=True, DOT_W=True),
-              dict(G=2, D=16, BLOCK_G=2, BLOCK_D=16, BS=16, S=4, W=0, BLOCK_W=16, BLOCK_NB=16,
+                   BLOCK_SEL=1024, DOT_NB=True, DOT_BS=True, DOT_W=True),
+              dict(G=2, D=16, BLOCK_G=2, BLOCK_D=16, BS=16, S=4, W=0, BLOCK_W=16, BLOCK_NB=16, BLOCK_SEL=16,
                    DOT_NB=False, DOT_BS=False, DOT_W=False)):
     src = ASTSource(fn=m._nsa_decode_kernel, signature={**sig, **{k: "constexpr" for k in const}},
                     constexprs={(names.index(k),): v for k, v in const.items()})
