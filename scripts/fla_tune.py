@@ -15,13 +15,18 @@ sweep trains) in this process for each FLA mixer, so the keys they meet (prompt 
 memory search's sizes: some FLA autotuners key on token-count buckets) are saved too: a preset run then
 spends its benchmark phase measuring, not autotuning (H200, session 4: ~6-15 s per new context length).
 
+It also records the specialization of every FLA kernel each mixer compiled (ops/fla_preload.py) to
+OUTDIR/<GPU name>.preload.json.
+
 Then, unless --no_check, the check, in a fresh process with an empty Triton cache and the saved file
-installed: the same training-shape work again, printing each mixer's first-step time (now one compilation per kernel, no timing of
+installed (and, unless ATTNBENCH_FLA_PRELOAD=0, each mixer's kernels preloaded in threads first): the
+same training-shape work again, printing each mixer's first-step time (now one compilation per kernel, no timing of
 candidates) and how many FLA autotuners still benchmarked (keys not saved).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -36,7 +41,7 @@ if not CHECK:
 import torch  # noqa: E402
 
 from attnbench.bench import common, latency  # noqa: E402
-from attnbench.ops import fla_configs  # noqa: E402
+from attnbench.ops import fla_configs, fla_preload  # noqa: E402
 from attnbench.ops.backend import fla_available, gated_backward_route  # noqa: E402
 
 FLA_MIXERS = ("deltanet", "gated_deltanet", "gated_deltaproduct", "nsa")
@@ -83,13 +88,15 @@ def exercise_preset_benchmarks(sweep_file: Path, mixers: list[str], scratch: Pat
         for task in sweep.bench_tasks(sw.bench):
             cmd = sweep.bench_command(model, task, device, scratch / f"{run.mixer}-{task}.jsonl", sw.bench)
             t = time.perf_counter()
-            cli.main(cmd[cmd.index("bench"):])
+            with fla_preload.recording(run.mixer) if device == "cuda" else contextlib.nullcontext():
+                cli.main(cmd[cmd.index("bench"):])
             print(f"{run.mixer}: {sw.name} bench {task} in {time.perf_counter() - t:.1f} s", flush=True)
 
 
 def check(outdir: Path, mixers: str) -> None:
     """The same work in a fresh process: saved file installed, Triton's compile cache empty."""
     env = {**os.environ, "ATTNBENCH_FLA_CONFIGS": "on", "ATTNBENCH_FLA_CONFIG_DIR": str(outdir),
+           "ATTNBENCH_FLA_PRELOAD": os.environ.get("ATTNBENCH_FLA_PRELOAD", "1"),
            "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-check-")}
     subprocess.run([sys.executable, __file__, str(outdir), "--mixers", mixers, "--check"], env=env, check=True)
 
@@ -113,8 +120,13 @@ def main() -> None:
         sys.exit("fla_tune.py needs a CUDA GPU with the `fla` package (FLA's autotuners run there)")
     print("gated backward route:", gated_backward_route())  # decided before any step, as the trainer does
     label = "with saved choices" if a.check else "autotuning"
+    gpu = torch.cuda.get_device_name(0)
     for shape in common.resolve_shapes(a.mixers.split(",")):
-        first, second = exercise(shape)
+        if a.check and fla_preload.enabled():  # the kernels the tuning run compiled, in threads, first
+            n, failed, secs = fla_preload.preload(shape.mixer, fla_preload.file_for(gpu, a.outdir))
+            print(f"{shape.mixer} ({label}): preloaded {n} FLA kernels in {secs:.1f} s ({failed} failed)", flush=True)
+        with contextlib.nullcontext() if a.check else fla_preload.recording(shape.mixer):
+            first, second = exercise(shape)
         print(f"{shape.mixer} ({label}): first training step {first:.1f} s, second {second * 1e3:.1f} ms", flush=True)
     if a.preset and not a.check:
         from attnbench.run import preset_path
@@ -127,11 +139,13 @@ def main() -> None:
         print(f"check: {len(tuners)} FLA autotuners used, {len(benched)} still timed candidates "
               f"(keys not saved): {benched}")
         return
-    path = a.outdir / fla_configs.gpu_file_name(torch.cuda.get_device_name(0))
-    n = fla_configs.save(path, tuners, torch.cuda.get_device_name(0), fla_configs.versions())
+    path = a.outdir / fla_configs.gpu_file_name(gpu)
+    n = fla_configs.save(path, tuners, gpu, fla_configs.versions())
     saved = fla_configs.load(path, fla_configs.versions()) or {}
     assert sum(len(v) for v in saved.values()) >= n, "the saved file does not read back"
     print(f"saved {n} choices of {len(tuners)} autotuners to {path}", flush=True)
+    n = fla_preload.save(fla_preload.file_for(gpu, a.outdir), gpu)
+    print(f"saved {n} FLA kernel specializations to {fla_preload.file_for(gpu, a.outdir)}", flush=True)
     if not a.no_check:
         check(a.outdir, a.mixers)
 
