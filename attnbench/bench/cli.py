@@ -6,6 +6,7 @@ import logging
 import time
 
 from ..errors import AttnbenchError
+from ..ops import fla_preload
 from . import latency, memory, throughput
 from .common import (DEFAULT_BUDGET, RowWriter, parse_count, parse_int_list, print_table, resolve_device,
                      resolve_shapes)
@@ -170,6 +171,10 @@ def run_cli(a: argparse.Namespace) -> int:
     opts = {name: makers[name][0](a, device) for name in todo}  # every option error before any work
     writer = RowWriter(a.json)
     t0 = time.perf_counter()
+    if device == "cuda":  # opt-in (ATTNBENCH_FLA_PRELOAD=1): compile the mixers' FLA kernels in threads first
+        for s in shapes:
+            if (done := fla_preload.preload_for_run(s.mixer)) is not None:
+                print(f"bench {s.mixer}: preloaded {done['kernels']} FLA kernels in {done['seconds']} s", flush=True)
     for name in todo:
         t = time.perf_counter()
         makers[name][1](shapes, device, opts[name], writer)
