@@ -15,13 +15,13 @@ sweep trains) in this process for each FLA mixer, so the keys they meet (prompt 
 memory search's sizes: some FLA autotuners key on token-count buckets) are saved too: a preset run then
 spends its benchmark phase measuring, not autotuning (H200, session 4: ~6-15 s per new context length).
 
-It also records the specialization of every FLA kernel each mixer compiled (ops/fla_preload.py) to
-OUTDIR/<GPU name>.preload.json.
-
-Then, unless --no_check, the check, in a fresh process with an empty Triton cache and the saved file
-installed (and, unless ATTNBENCH_FLA_PRELOAD=0, each mixer's kernels preloaded in threads first): the
-same training-shape work again, printing each mixer's first-step time (now one compilation per kernel, no timing of
-candidates) and how many FLA autotuners still benchmarked (keys not saved).
+Then, unless --no_check, the check, twice, each in a fresh process with an empty Triton cache and the
+saved choices installed: the same training-shape work again. The first records the specialization of
+every FLA kernel each mixer compiles (one configuration each: the chosen one) to
+OUTDIR/<GPU name>.preload.json (ops/fla_preload.py); the second compiles those in threads before each
+mixer's steps and prints that time beside the first-step times. Each prints every mixer's first-step
+time (one compilation per kernel, no timing of candidates) and how many FLA autotuners still
+benchmarked (keys not saved).
 """
 from __future__ import annotations
 
@@ -88,15 +88,16 @@ def exercise_preset_benchmarks(sweep_file: Path, mixers: list[str], scratch: Pat
         for task in sweep.bench_tasks(sw.bench):
             cmd = sweep.bench_command(model, task, device, scratch / f"{run.mixer}-{task}.jsonl", sw.bench)
             t = time.perf_counter()
-            with fla_preload.recording(run.mixer) if device == "cuda" else contextlib.nullcontext():
-                cli.main(cmd[cmd.index("bench"):])
+            cli.main(cmd[cmd.index("bench"):])
             print(f"{run.mixer}: {sw.name} bench {task} in {time.perf_counter() - t:.1f} s", flush=True)
 
 
-def check(outdir: Path, mixers: str) -> None:
-    """The same work in a fresh process: saved file installed, Triton's compile cache empty."""
+def check(outdir: Path, mixers: str, preload: bool) -> None:
+    """The same work in a fresh process: saved choices installed, Triton's compile cache empty. Without
+    preload it records the kernels each mixer compiles (one configuration each, the chosen one) to the
+    preload file; with preload it compiles those in threads first."""
     env = {**os.environ, "ATTNBENCH_FLA_CONFIGS": "on", "ATTNBENCH_FLA_CONFIG_DIR": str(outdir),
-           "ATTNBENCH_FLA_PRELOAD": os.environ.get("ATTNBENCH_FLA_PRELOAD", "1"),
+           "ATTNBENCH_FLA_PRELOAD": "1" if preload else "0",
            "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-check-")}
     subprocess.run([sys.executable, __file__, str(outdir), "--mixers", mixers, "--check"], env=env, check=True)
 
@@ -119,13 +120,14 @@ def main() -> None:
     if not torch.cuda.is_available() or not fla_available():
         sys.exit("fla_tune.py needs a CUDA GPU with the `fla` package (FLA's autotuners run there)")
     print("gated backward route:", gated_backward_route())  # decided before any step, as the trainer does
-    label = "with saved choices" if a.check else "autotuning"
+    label = "autotuning" if not a.check else "saved choices, preloaded" if fla_preload.enabled() else "saved choices"
+    record = a.check and not fla_preload.enabled()  # the chosen configurations only (autotuning compiles all)
     gpu = torch.cuda.get_device_name(0)
     for shape in common.resolve_shapes(a.mixers.split(",")):
-        if a.check and fla_preload.enabled():  # the kernels the tuning run compiled, in threads, first
+        if a.check and fla_preload.enabled():  # the kernels the first check recorded, in threads, first
             n, failed, secs = fla_preload.preload(shape.mixer, fla_preload.file_for(gpu, a.outdir))
             print(f"{shape.mixer} ({label}): preloaded {n} FLA kernels in {secs:.1f} s ({failed} failed)", flush=True)
-        with contextlib.nullcontext() if a.check else fla_preload.recording(shape.mixer):
+        with fla_preload.recording(shape.mixer) if record else contextlib.nullcontext():
             first, second = exercise(shape)
         print(f"{shape.mixer} ({label}): first training step {first:.1f} s, second {second * 1e3:.1f} ms", flush=True)
     if a.preset and not a.check:
@@ -138,16 +140,18 @@ def main() -> None:
         benched = [fla_configs.kernel_id(t.fn) for t in tuners if getattr(t, "configs_timings", None)]
         print(f"check: {len(tuners)} FLA autotuners used, {len(benched)} still timed candidates "
               f"(keys not saved): {benched}")
+        if record:
+            n = fla_preload.save(fla_preload.file_for(gpu, a.outdir), gpu)
+            print(f"saved {n} FLA kernel specializations to {fla_preload.file_for(gpu, a.outdir)}", flush=True)
         return
     path = a.outdir / fla_configs.gpu_file_name(gpu)
     n = fla_configs.save(path, tuners, gpu, fla_configs.versions())
     saved = fla_configs.load(path, fla_configs.versions()) or {}
     assert sum(len(v) for v in saved.values()) >= n, "the saved file does not read back"
     print(f"saved {n} choices of {len(tuners)} autotuners to {path}", flush=True)
-    n = fla_preload.save(fla_preload.file_for(gpu, a.outdir), gpu)
-    print(f"saved {n} FLA kernel specializations to {fla_preload.file_for(gpu, a.outdir)}", flush=True)
     if not a.no_check:
-        check(a.outdir, a.mixers)
+        check(a.outdir, a.mixers, preload=False)  # records the preload file
+        check(a.outdir, a.mixers, preload=True)  # measures it
 
 
 if __name__ == "__main__":

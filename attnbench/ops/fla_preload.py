@@ -6,9 +6,12 @@ Triton compiles in parallel across threads (on a 2-core CPU two sm_90 compiles t
 0.9 s in two threads), and it can compile a kernel ahead of its first call from the "specialization
 data" it hands to its JIT hooks (`JITFunction.preload`). So:
 
-- `recording(mixer)`: while a mixer's steps run (scripts/fla_tune.py), every FLA kernel compilation's
+- `recording(mixer)`: while a mixer's steps run (scripts/fla_tune.py's first check: saved autotuner
+  choices installed, so one configuration per kernel compiles), every FLA kernel compilation's
   specialization data is kept under that mixer's name; `save` writes them to
   `attnbench/fla_configs/<GPU>.preload.json` (same Triton and FLA versions only, as the autotuner file).
+  A specialization an earlier mixer of the same process compiled is kept under that mixer only; the
+  other compiles it at its first call, as without a preload.
 - `preload(mixer)`: compiles that mixer's saved kernels in a thread pool. The first step then finds them
   compiled: in this process, or in Triton's disk cache.
 
