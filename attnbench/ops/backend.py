@@ -180,7 +180,7 @@ def resolve(backend: str, x: torch.Tensor, op: str, unsupported: str | None = No
     record_backends keeps when FLA is chosen (TORCH_DQKWG: FLA with attnbench's PyTorch dqkwg step).
     """
     choice = _resolve(backend, x, op, unsupported)
-    record(op, TORCH_DQKWG if choice == "fla" and fla_label == TORCH_DQKWG else choice)
+    record(op, fla_label if choice == "fla" else choice)
     return choice
 
 

@@ -26,7 +26,7 @@ def gated_backward_check(backward: bool, cuda: bool) -> tuple[list[str], str]:
     route = gated_backward_route()
     if route == "torch":
         return [HOPPER_REASON], "fla"
-    return [], TORCH_DQKWG if route == TORCH_DQKWG else "fla"
+    return [], route if route == TORCH_DQKWG else "fla"  # 'tilelang' is FLA's own backend
 
 
 def gated_delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,

@@ -472,35 +472,41 @@ def _triton_decode(q, kv, kv_means, pos, gates, block_size, block_counts, window
         return None
     key = (tuple(q.shape), tuple(kv.shape), kv.dtype, kv_means.dtype, q.dtype, block_size, block_counts,
            window_size, float(scale))
+    args = (q, kv, kv_means, pos, gates, block_size, block_counts, window_size, scale)
     ok = _TRITON_DECODE_OK.get(key)
     if ok is None:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return None  # no check inside a capture: the PyTorch step, decided on an eager call
-        args = (q, kv, kv_means, pos, gates, block_size, block_counts, window_size, scale)
-        try:
-            got = nsa_decode_triton.nsa_decode_triton(*args)
-            tf32 = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = False
-            try:
-                with unrecorded():  # the reference is not what the caller's figures come from
-                    ref = nsa_decode(*args[:-1], scale=scale, plan=plan, backend="torch")
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = tf32
-            err = ((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
-            ok = err <= 1e-2
-            if not ok:
-                log.warning("NSA decode: the Triton kernel differs from the PyTorch step (relative error %.2e) "
-                            "for shape %s; using the PyTorch step", err, key)
-        except Exception as e:  # noqa: BLE001 - any failure means the PyTorch step, said once
-            ok = False
-            log.warning("NSA decode: the Triton kernel failed (%s: %s); using the PyTorch step",
-                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        got, ok = _check_triton_decode(args, plan, key)  # the checked result is this call's: one launch
         _TRITON_DECODE_OK[key] = ok
-    if not ok:
-        return None
-    record("nsa_decode", "triton")
-    return nsa_decode_triton.nsa_decode_triton(q, kv, kv_means, pos, gates, block_size, block_counts,
-                                               window_size, scale)
+    else:
+        got = nsa_decode_triton.nsa_decode_triton(*args) if ok else None
+    if ok:
+        record("nsa_decode", "triton")
+    return got
+
+
+def _check_triton_decode(args: tuple, plan, key: tuple) -> tuple[torch.Tensor | None, bool]:
+    """(kernel result, whether it matches the PyTorch step); a failure or mismatch is logged."""
+    try:
+        got = nsa_decode_triton.nsa_decode_triton(*args)
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            with unrecorded():  # the reference is not what the caller's figures come from
+                ref = nsa_decode(*args[:-1], scale=args[-1], plan=plan, backend="torch")
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        err = ((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+    except Exception as e:  # noqa: BLE001 - any failure means the PyTorch step, said once
+        log.warning("NSA decode: the Triton kernel failed (%s: %s); using the PyTorch step",
+                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        return None, False
+    if err > 1e-2:
+        log.warning("NSA decode: the Triton kernel differs from the PyTorch step (relative error %.2e) "
+                    "for shape %s; using the PyTorch step", err, key)
+        return None, False
+    return got, True
 
 
 # ----------------------------------------------------------------------------------------------------
