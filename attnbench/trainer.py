@@ -248,7 +248,8 @@ def train(config: str | Path | dict | RunConfig | None = None, overrides: list[s
     dinfo = distributed.setup(device)
     clean = False
     try:
-        out = _train(cfg, device, dinfo)
+        with fla_preload.capturing(cfg.model.mixer, "train"):  # ATTNBENCH_FLA_CAPTURE=DIR only
+            out = _train(cfg, device, dinfo)
         clean = True
         return out
     finally:
@@ -316,7 +317,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
     preloaded = None
     if device == "cuda":  # decided eagerly (a small GPU probe where TileLang is installed), not in a trace
         gated_backward_route()
-        preloaded = fla_preload.preload_for_run(cfg.model.mixer)  # opt-in: ATTNBENCH_FLA_PRELOAD=1
+        preloaded = fla_preload.preload_for_run(cfg.model.mixer, "train")  # off: ATTNBENCH_FLA_PRELOAD=0
     if tc.compile:
         model = compile_model(model, tc.compile_scope, tc.compile_mode)
     if dinfo.enabled:

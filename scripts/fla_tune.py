@@ -3,6 +3,8 @@
     python scripts/fla_tune.py OUTDIR [--mixers deltanet,nsa,...]
     python scripts/fla_tune.py attnbench/fla_configs --merge FILE   # no GPU: add FILE's choices (e.g. a
                                      # GPU test session's, ATTNBENCH_SAVE_FLA_CONFIGS) to OUTDIR/<its GPU>.json
+    python scripts/fla_tune.py attnbench/fla_configs --merge DIR    # every capture under DIR (runs made with
+                                     # ATTNBENCH_FLA_CAPTURE=DIR): their choices and preload specializations
 
 For each FLA-backed mixer at the parameter-matched seed shapes (10.7M): three training steps at the seed
 batch (64 x 256, bf16 autocast, as training runs them), one evaluation forward (128 x 256) and a cached
@@ -102,6 +104,21 @@ def check(outdir: Path, mixers: str, preload: bool) -> None:
     subprocess.run([sys.executable, __file__, str(outdir), "--mixers", mixers, "--check"], env=env, check=True)
 
 
+def merge_all(outdir: Path, src: Path) -> None:
+    """Merge a saved-choices file, or every file under a capture folder (choices and preload specs), into
+    outdir's files for their GPU."""
+    import json
+
+    for f in sorted(src.rglob("*.json")) if src.is_dir() else [src]:
+        gpu = json.loads(f.read_text())["gpu"]
+        if f.name.endswith(".preload.json"):
+            dst = fla_preload.file_for(gpu, outdir)
+            print(f"merged {fla_preload.merge(dst, f)} new kernel specializations from {f} into {dst}")
+        else:
+            dst = outdir / fla_configs.gpu_file_name(gpu)
+            print(f"merged {fla_configs.merge(dst, f)} choices from {f} into {dst}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("outdir", type=Path)
@@ -112,10 +129,7 @@ def main() -> None:
     ap.add_argument("--merge", type=Path, metavar="FILE", help="add FILE's saved choices to OUTDIR/<its GPU>.json")
     a = ap.parse_args()
     if a.merge:
-        import json
-
-        dst = a.outdir / fla_configs.gpu_file_name(json.loads(a.merge.read_text())["gpu"])
-        print(f"merged {fla_configs.merge(dst, a.merge)} choices from {a.merge} into {dst}")
+        merge_all(a.outdir, a.merge)
         return
     if not torch.cuda.is_available() or not fla_available():
         sys.exit("fla_tune.py needs a CUDA GPU with the `fla` package (FLA's autotuners run there)")
@@ -125,9 +139,9 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0)
     for shape in common.resolve_shapes(a.mixers.split(",")):
         if a.check and fla_preload.enabled():  # the kernels the first check recorded, in threads, first
-            n, failed, secs = fla_preload.preload(shape.mixer, fla_preload.file_for(gpu, a.outdir))
+            n, failed, secs = fla_preload.preload(f"{shape.mixer}:train", fla_preload.file_for(gpu, a.outdir))
             print(f"{shape.mixer} ({label}): preloaded {n} FLA kernels in {secs:.1f} s ({failed} failed)", flush=True)
-        with fla_preload.recording(shape.mixer) if record else contextlib.nullcontext():
+        with fla_preload.recording(f"{shape.mixer}:train") if record else contextlib.nullcontext():
             first, second = exercise(shape)
         print(f"{shape.mixer} ({label}): first training step {first:.1f} s, second {second * 1e3:.1f} ms", flush=True)
     if a.preset and not a.check:
@@ -141,7 +155,8 @@ def main() -> None:
         print(f"check: {len(tuners)} FLA autotuners used, {len(benched)} still timed candidates "
               f"(keys not saved): {benched}")
         if record:
-            n = fla_preload.save(fla_preload.file_for(gpu, a.outdir), gpu)
+            kept = fla_preload.chosen_only(fla_preload._recorded, tuners)
+            n = fla_preload.save(fla_preload.file_for(gpu, a.outdir), gpu, recorded=kept)
             print(f"saved {n} FLA kernel specializations to {fla_preload.file_for(gpu, a.outdir)}", flush=True)
         return
     path = a.outdir / fla_configs.gpu_file_name(gpu)

@@ -1,5 +1,6 @@
 """`attnbench bench`: every subcommand on tiny CPU shapes writes valid rows; decode is the cached path;
 out-of-memory is a measured row (injected failures), and the threshold bisection lands on it."""
+import contextlib
 import json
 import time
 
@@ -335,6 +336,26 @@ def test_bench_all_runs_the_three(tmp_path, capsys):
     text = capsys.readouterr().out
     for title in ("latency (batch 1", "memory: one training step", "throughput: training tokens/s", "\nsummary\n"):
         assert title in text
+
+
+def test_a_single_mixer_bench_process_is_captured_under_its_mixer(tmp_path, monkeypatch, capsys):
+    """ATTNBENCH_FLA_CAPTURE records per mixer, so only a one-mixer process (as sweeps run them) captures."""
+    from attnbench.ops import fla_preload
+
+    entered = []
+
+    @contextlib.contextmanager
+    def capturing(mixer, phase):
+        entered.append((mixer, phase))
+        yield
+
+    monkeypatch.setattr(fla_preload, "capturing", capturing)
+    monkeypatch.setenv(fla_preload.CAPTURE_ENV, str(tmp_path / "cap"))
+    args = ["--contexts", "16", "--tokens_per_batch", "32", "--steps", "1", "--warmup_steps", "1"]
+    assert main(["bench", "throughput", *tiny_args(["deltanet"]), *args]) == 0
+    assert entered == [("deltanet", "bench")]
+    assert main(["bench", "throughput", *tiny_args(["softmax", "deltanet"]), *args]) == 0
+    assert entered == [("deltanet", "bench")] and "one mixer per bench process" in capsys.readouterr().out
 
 
 def test_cli_errors_are_clean(capsys):

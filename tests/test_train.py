@@ -1,4 +1,5 @@
 """Training loop guarantees: learning, exact resume after a kill, crash-safe checkpoints, NaN guard, DDP."""
+import contextlib
 import json
 import os
 import socket
@@ -65,6 +66,23 @@ def test_summary_says_which_op_backends_trained(tiny_data, tmp_path, mixer, op):
         assert s["op_backends"] == {}
     else:
         assert s["op_backends"][op] == "torch" and set(s["op_backends"].values()) == {"torch"}
+
+
+def test_a_run_is_captured_for_the_fla_preload_under_its_mixer(tiny_data, tmp_path, monkeypatch):
+    """ATTNBENCH_FLA_CAPTURE: the whole run (its first steps compile the kernels) sits in the capture."""
+    from attnbench import trainer
+
+    entered = []
+
+    @contextlib.contextmanager
+    def capturing(mixer, phase):
+        entered.append((mixer, phase))
+        yield
+        entered.append("left")
+
+    monkeypatch.setattr(trainer.fla_preload, "capturing", capturing)
+    attnbench.train(tiny_run_config(tiny_data, tmp_path / "run", **{"model.mixer": "deltanet", "train.max_iters": 1}))
+    assert entered == [("deltanet", "train"), "left"]
 
 
 def test_resume_after_kill_is_bit_for_bit(tiny_data, tmp_path):

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import time
 
 from ..errors import AttnbenchError
@@ -171,14 +173,19 @@ def run_cli(a: argparse.Namespace) -> int:
     opts = {name: makers[name][0](a, device) for name in todo}  # every option error before any work
     writer = RowWriter(a.json)
     t0 = time.perf_counter()
-    if device == "cuda":  # opt-in (ATTNBENCH_FLA_PRELOAD=1): compile the mixers' FLA kernels in threads first
+    if device == "cuda":  # compile the mixers' FLA kernels in threads first (off: ATTNBENCH_FLA_PRELOAD=0)
         for s in shapes:
-            if (done := fla_preload.preload_for_run(s.mixer)) is not None:
+            if (done := fla_preload.preload_for_run(s.mixer, "bench")) is not None:
                 print(f"bench {s.mixer}: preloaded {done['kernels']} FLA kernels in {done['seconds']} s", flush=True)
-    for name in todo:
-        t = time.perf_counter()
-        makers[name][1](shapes, device, opts[name], writer)
-        print(f"[bench {name}: {time.perf_counter() - t:.1f} s]", flush=True)
+    # ATTNBENCH_FLA_CAPTURE=DIR: keys and kernels are saved per mixer, so one mixer per process (as sweeps run)
+    capture = fla_preload.capturing(shapes[0].mixer, "bench") if len(shapes) == 1 else contextlib.nullcontext()
+    if len(shapes) > 1 and os.environ.get(fla_preload.CAPTURE_ENV):
+        print(f"{fla_preload.CAPTURE_ENV} ignored: it captures one mixer per bench process (--mixers M)", flush=True)
+    with capture:
+        for name in todo:
+            t = time.perf_counter()
+            makers[name][1](shapes, device, opts[name], writer)
+            print(f"[bench {name}: {time.perf_counter() - t:.1f} s]", flush=True)
     if len(todo) > 1:
         print_summary(writer.rows)
     if a.json:

@@ -1,4 +1,4 @@
-"""Compile FLA's Triton kernels in parallel threads before a run's first step (opt-in, to be measured).
+"""Compile FLA's Triton kernels in parallel threads before a run's first step.
 
 On an H200 each FLA-backed mixer spent 2-2.7 minutes before its first training step, mostly Triton
 compiling FLA's kernels one after another as the step first calls them (results/h200-2026-11-28-s4).
@@ -6,19 +6,21 @@ Triton compiles in parallel across threads (on a 2-core CPU two sm_90 compiles t
 0.9 s in two threads), and it can compile a kernel ahead of its first call from the "specialization
 data" it hands to its JIT hooks (`JITFunction.preload`). So:
 
-- `recording(mixer)`: while a mixer's steps run (scripts/fla_tune.py's first check: saved autotuner
-  choices installed, so one configuration per kernel compiles), every FLA kernel compilation's
-  specialization data is kept under that mixer's name; `save` writes them to
-  `attnbench/fla_configs/<GPU>.preload.json` (same Triton and FLA versions only, as the autotuner file).
-  A specialization an earlier mixer of the same process compiled is kept under that mixer only; the
-  other compiles it at its first call, as without a preload.
-- `preload(mixer)`: compiles that mixer's saved kernels in a thread pool. The first step then finds them
+- `recording(key)`: while a mixer's steps run, every FLA kernel compilation's specialization data is
+  kept under `key` ("<mixer>:train" for a training run, "<mixer>:bench" for its benchmarks); `save`
+  writes them to `attnbench/fla_configs/<GPU>.preload.json` (same Triton and FLA versions only, as the
+  autotuner file). `chosen_only` drops the candidates an autotuner compiled only to time them.
+- `capturing(mixer, phase)`: the same inside a real run or benchmark process when
+  ATTNBENCH_FLA_CAPTURE=DIR; on leaving (also on Ctrl-C) it writes that process's autotuner choices and
+  chosen specializations under DIR, for `scripts/fla_tune.py --merge DIR`.
+- `preload(key)`: compiles the saved kernels in a thread pool. The first step then finds them
   compiled: in this process, or in Triton's disk cache.
 
-Off unless ATTNBENCH_FLA_PRELOAD=1: not yet measured on a GPU. A spec that fails to compile is counted
-and skipped (the kernel then compiles at its first call, as without this).
+On by default where a file for this GPU and these versions exists (ATTNBENCH_FLA_PRELOAD=0 turns it
+off). A spec that fails to compile is counted and skipped (the kernel then compiles at its first call,
+as without this).
 
-File: {"triton": version, "fla": version, "gpu": name, "mixers": {"<mixer>": ["<specialization json>", ...]}}
+File: {"triton": version, "fla": version, "gpu": name, "mixers": {"<mixer>:<phase>": ["<spec json>", ...]}}
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def file_for(device_name: str, root: Path = CONFIG_ROOT) -> Path:
 
 
 def enabled() -> bool:
-    return os.environ.get("ATTNBENCH_FLA_PRELOAD", "0").lower() in ("1", "on", "true")
+    return os.environ.get("ATTNBENCH_FLA_PRELOAD", "1").lower() not in ("0", "off", "false", "no")
 
 
 def _hook(*, key: Any, repr: str, fn: Any, compile: dict, is_manual_warmup: bool, already_compiled: bool) -> None:
@@ -61,7 +63,8 @@ def _hook(*, key: Any, repr: str, fn: Any, compile: dict, is_manual_warmup: bool
 
 @contextlib.contextmanager
 def recording(mixer: str) -> Iterator[list[str]]:
-    """Within the block, FLA kernel compilations are recorded under `mixer` (yields its list)."""
+    """Within the block, FLA kernel compilations are recorded under `mixer` ("<mixer>:<phase>"; yields
+    its list)."""
     global _recording_for
     import triton
 
@@ -99,6 +102,84 @@ def save(path: Path, device_name: str, vers: dict[str, str | None] | None = None
     return n
 
 
+
+def merge(dst: Path, src: Path) -> int:
+    """Add the specializations saved in `src` (a capture's file) to `dst`, for the same versions."""
+    data = json.loads(src.read_text())
+    vers = {"triton": data.get("triton"), "fla": data.get("fla")}
+    if dst.is_file():
+        old = json.loads(dst.read_text())
+        if (old.get("triton"), old.get("fla")) != (vers["triton"], vers["fla"]):
+            raise ValueError(f"{src} is for triton {vers['triton']} / fla {vers['fla']}, {dst} for triton "
+                             f"{old.get('triton')} / fla {old.get('fla')}: they cannot be merged")
+    return save(dst, data.get("gpu"), vers, data.get("mixers", {}))
+
+
+def _constexpr_value(v: Any) -> Any:
+    return v["constexpr"] if isinstance(v, dict) and "constexpr" in v else v
+
+
+def chosen_only(recorded: dict[str, list[str]], tuners: list[Any]) -> dict[str, list[str]]:
+    """The recorded specs less those an autotuner compiled only to time them: a spec of an autotuned
+    kernel is kept when its constants and options match one of the configurations that autotuner chose
+    (its cache: timed here or installed from the saved file). Specs of other kernels are all kept."""
+    from .fla_configs import kernel_id
+
+    chosen: dict[str, tuple[list[str], list[Any]]] = {}
+    for t in tuners:
+        jit = t.fn
+        while not hasattr(jit, "arg_names") and hasattr(jit, "fn"):
+            jit = jit.fn
+        names, configs = chosen.setdefault(kernel_id(t.fn), (list(getattr(jit, "arg_names", [])), []))
+        configs.extend(dict(t.cache).values())
+
+    def keep(spec: str) -> bool:
+        d = json.loads(spec)
+        if d["name"] not in chosen:
+            return True
+        names, configs = chosen[d["name"]]
+        consts = {names[k[0]]: _constexpr_value(v) for k, v in zip(d["constant_keys"], d["constant_vals"])
+                  if len(k) == 1 and k[0] < len(names)}
+        opts = d.get("options", {})
+        return any(all(consts.get(n) == v for n, v in c.kwargs.items())
+                   and opts.get("num_warps") == c.num_warps and opts.get("num_stages") == c.num_stages
+                   for c in configs)
+
+    return {key: [s for s in specs if keep(s)] for key, specs in recorded.items()}
+
+
+CAPTURE_ENV = "ATTNBENCH_FLA_CAPTURE"
+
+
+@contextlib.contextmanager
+def capturing(mixer: str, phase: str) -> Iterator[None]:
+    """With ATTNBENCH_FLA_CAPTURE=DIR on a CUDA GPU with FLA: record the FLA kernels compiled in the block
+    under "<mixer>:<phase>" and, on leaving it (also on Ctrl-C), write DIR/<mixer>-<phase>-<pid>/<GPU>.json
+    (this process's autotuner choices) and <GPU>.preload.json (the chosen specializations), for
+    `scripts/fla_tune.py attnbench/fla_configs --merge DIR`. Otherwise a no-op."""
+    import torch
+
+    from . import fla_configs
+    from .backend import fla_available
+
+    root = os.environ.get(CAPTURE_ENV)
+    if not root or not torch.cuda.is_available() or not fla_available():
+        yield
+        return
+    key = f"{mixer}:{phase}"
+    with recording(key):
+        try:
+            yield
+        finally:
+            gpu = torch.cuda.get_device_name(0)
+            out = Path(root) / f"{mixer}-{phase}-{os.getpid()}"
+            tuners = fla_configs.live_fla_tuners()
+            n_cfg = fla_configs.save(out / fla_configs.gpu_file_name(gpu), tuners, gpu, fla_configs.versions())
+            kept = chosen_only({key: _recorded.get(key, [])}, tuners)
+            n_spec = save(file_for(gpu, out), gpu, recorded=kept)
+            log.warning("FLA capture for %s: %d autotuner choices, %d of %d kernel specializations -> %s",
+                        key, n_cfg, n_spec, len(_recorded.get(key, [])), out)
+
 def _jit_function(full_name: str) -> Any:
     """The JITFunction behind `module.qualname` (unwrapping autotune/heuristics wrappers)."""
     module, _, name = full_name.rpartition(".")
@@ -112,7 +193,8 @@ def _jit_function(full_name: str) -> Any:
 
 def preload(mixer: str, path: Path, threads: int | None = None,
             vers: dict[str, str | None] | None = None) -> tuple[int, int, float]:
-    """Compile `mixer`'s saved FLA kernels in a thread pool: (compiled, failed, seconds)."""
+    """Compile the FLA kernels saved under `mixer` ("<mixer>:<phase>") in a thread pool: (compiled,
+    failed, seconds)."""
     if not path.is_file():
         return 0, 0, 0.0
     data = json.loads(path.read_text())
@@ -140,14 +222,15 @@ def preload(mixer: str, path: Path, threads: int | None = None,
     return sum(ok), len(ok) - sum(ok), secs
 
 
-def preload_for_run(mixer: str) -> dict[str, Any] | None:
-    """The trainer's call (CUDA): with ATTNBENCH_FLA_PRELOAD=1 and a saved file for this GPU, preload the
-    mixer's FLA kernels; returns {"kernels", "failed", "seconds"} for the run summary, else None."""
+def preload_for_run(mixer: str, phase: str) -> dict[str, Any] | None:
+    """A run's call on CUDA (phase "train": the trainer, "bench": a benchmark process): unless
+    ATTNBENCH_FLA_PRELOAD=0, preload the kernels saved for "<mixer>:<phase>" in this GPU's file; returns
+    {"kernels", "failed", "seconds"} for the run summary, else None."""
     import torch
 
     from .backend import fla_available
 
     if not enabled() or not torch.cuda.is_available() or not fla_available():
         return None
-    n, failed, secs = preload(mixer, file_for(torch.cuda.get_device_name(0)))
+    n, failed, secs = preload(f"{mixer}:{phase}", file_for(torch.cuda.get_device_name(0)))
     return {"kernels": n, "failed": failed, "seconds": round(secs, 2)} if n or failed else None
