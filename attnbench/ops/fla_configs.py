@@ -7,8 +7,8 @@ cost 10-90 s per shape in the GPU tests.
 
 `scripts/fla_tune.py` runs the seed shapes on a GPU and saves what the autotuners chose to
 `attnbench/fla_configs/<GPU name>.json`. Before FLA is first imported (`backend.fla_available`),
-`install()` wraps `triton.autotune` so that each FLA kernel's autotuner starts with the saved choices for
-its keys: Triton then compiles that one configuration and times none. A key not saved autotunes as
+`install()` wraps the constructor of Triton's `Autotuner` (FLA's own `CachedAutotuner` subclasses it) so
+that each FLA kernel's autotuner starts with the saved choices for its keys: Triton then compiles that one configuration and times none. A key not saved autotunes as
 before. The file is used only with the Triton and FLA versions it was tuned with (a kernel's parameters
 can change between versions). ATTNBENCH_FLA_CONFIGS=off disables it.
 
@@ -155,8 +155,8 @@ def load(path: Path, vers: dict[str, str | None]) -> dict[str, dict[tuple, dict]
 
 
 def install(device_name: str | None = None, root: Path = CONFIG_ROOT) -> Path | None:
-    """Before FLA is imported: wrap triton.autotune so FLA's autotuners start with this GPU's saved
-    choices. Returns the file used, or None (no file, other versions, disabled, no GPU)."""
+    """Before FLA is imported: wrap Triton's Autotuner constructor so FLA's autotuners start with this
+    GPU's saved choices. Returns the file used, or None (no file, other versions, disabled, no GPU)."""
     global _INSTALLED
     if _INSTALLED is not None:
         return _INSTALLED
@@ -175,23 +175,22 @@ def install(device_name: str | None = None, root: Path = CONFIG_ROOT) -> Path | 
     if not saved:
         return None
     import triton
+    from triton.runtime.autotuner import Autotuner
 
-    original = triton.autotune
+    # Every autotuner, however it is made: FLA builds most through triton.autotune, but some kernels
+    # (l2norm, causal_conv1d, ...) through its own fla_cache_autotune, whose CachedAutotuner subclasses
+    # Triton's; wrapping triton.autotune alone missed those, and they autotuned in every run (H200,
+    # session 5: ~80 s of a DeltaNet run's first step).
+    original_init = Autotuner.__init__
 
-    def autotune(*args: Any, **kwargs: Any):
-        decorate = original(*args, **kwargs)
+    def init(self: Any, fn: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, fn, *args, **kwargs)
+        for key, c in saved.get(kernel_id(fn), {}).items():
+            self.cache.setdefault(key, triton.Config(dict(c["kwargs"]), num_warps=c["num_warps"],
+                                                     num_stages=c["num_stages"], num_ctas=c.get("num_ctas", 1),
+                                                     maxnreg=c.get("maxnreg")))
 
-        def wrap(fn: Any):
-            tuner = decorate(fn)
-            for key, c in saved.get(kernel_id(fn), {}).items():
-                tuner.cache.setdefault(key, triton.Config(dict(c["kwargs"]), num_warps=c["num_warps"],
-                                                          num_stages=c["num_stages"], num_ctas=c.get("num_ctas", 1),
-                                                          maxnreg=c.get("maxnreg")))
-            return tuner
-
-        return wrap
-
-    triton.autotune = autotune
+    Autotuner.__init__ = init
     _INSTALLED = path
     log.info("FLA kernel configurations from %s (%d kernels)", path, len(saved))
     return path

@@ -1,6 +1,6 @@
 """Saved FLA autotuner choices (attnbench/ops/fla_configs.py): the file, its version guard, and the
-wrapped triton.autotune that starts FLA's autotuners with them, installed before FLA is imported.
-Triton is not needed: a stand-in module has the two names the code uses (autotune, Config)."""
+wrapped Triton Autotuner constructor that starts FLA's autotuners with them, installed before FLA is
+imported (Triton's autotuner objects are built on the CPU too; nothing here runs a kernel)."""
 from __future__ import annotations
 
 import json
@@ -76,31 +76,41 @@ def test_file_names_follow_the_gpu():
 
 
 @pytest.fixture
-def fake_triton(monkeypatch):
-    """A stand-in triton whose autotune returns a tuner with an empty cache, as Triton's does."""
-    mod = types.ModuleType("triton")
-    mod.Config = lambda kwargs, **kw: SimpleNamespace(kwargs=kwargs, **kw)
-    mod.autotune = lambda configs, key, **kw: (lambda fn: SimpleNamespace(fn=fn, cache={}, configs=configs))
-    monkeypatch.setitem(sys.modules, "triton", mod)
+def fresh_install(monkeypatch):
+    """install() patches Triton's Autotuner constructor for the process: restored after the test."""
+    triton = pytest.importorskip("triton")
+    from triton.runtime.autotuner import Autotuner
+
+    monkeypatch.setattr(Autotuner, "__init__", Autotuner.__init__)
     monkeypatch.setattr(fla_configs, "_INSTALLED", None)
     monkeypatch.delenv("ATTNBENCH_FLA_CONFIGS", raising=False)
     monkeypatch.setattr(fla_configs, "versions", lambda: dict(VERS))
-    return mod
+    return triton
 
 
-def test_install_starts_fla_autotuners_with_the_saved_choices(tmp_path, fake_triton):
+def test_install_starts_fla_autotuners_with_the_saved_choices(tmp_path, fresh_install):
+    triton = fresh_install
+    from triton.runtime.autotuner import Autotuner
+
     fla_configs.save(tmp_path / "NVIDIA_H200.json", [_tuner(chunk_fwd_kernel_h, {KEY: _cfg(BV=32)})],
                      "NVIDIA H200", VERS)
     assert fla_configs.install("NVIDIA H100", root=tmp_path) is None  # another GPU's choices: not used
     assert fla_configs.install("NVIDIA H200", root=tmp_path) == tmp_path / "NVIDIA_H200.json"
+    configs = [triton.Config({"BV": 32}), triton.Config({"BV": 64})]
     # kernels defined after the install (as FLA's are, at its import) start with their saved keys
-    tuned = fake_triton.autotune(configs=["a", "b"], key=["H"])(SimpleNamespace(fn=chunk_fwd_kernel_h))
-    other = fake_triton.autotune(configs=["a", "b"], key=["H"])(other_kernel)
+    tuned = triton.autotune(configs=configs, key=[])(triton.jit(chunk_fwd_kernel_h))
     assert list(tuned.cache) == [KEY] and tuned.cache[KEY].kwargs == {"BV": 32} and tuned.cache[KEY].num_warps == 4
+
+    class FlaCachedAutotuner(Autotuner):  # as FLA's fla_cache_autotune builds l2norm's and causal_conv1d's
+        pass
+
+    jit = triton.jit(chunk_fwd_kernel_h)
+    assert list(FlaCachedAutotuner(jit, jit.arg_names, configs, [], None, None).cache) == [KEY]
+    other = triton.autotune(configs=configs, key=[])(triton.jit(other_kernel))
     assert other.cache == {}  # nothing saved: Triton autotunes it as before
 
 
-def test_install_can_be_switched_off_and_ignores_other_versions(tmp_path, fake_triton, monkeypatch):
+def test_install_can_be_switched_off_and_ignores_other_versions(tmp_path, fresh_install, monkeypatch):
     fla_configs.save(tmp_path / "NVIDIA_H200.json", [_tuner(chunk_fwd_kernel_h, {KEY: _cfg()})], "NVIDIA H200",
                      {**VERS, "triton": "3.5.0"})
     assert fla_configs.install("NVIDIA H200", root=tmp_path) is None
