@@ -21,7 +21,9 @@
 #   sweep:FILE | run:PRESET  attnbench sweep FILE / attnbench run --preset PRESET (extra options in
 #                            $SWEEP_OPTS; stop after $GPU_SWEEP_TIMEOUT s, default 570)
 # Run folders go to $ATTNBENCH_RUNS (default /tmp/attnbench-runs); two suites sharing a machine (one per
-# GPU through CUDA_VISIBLE_DEVICES) need different ones. NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
+# GPU through CUDA_VISIBLE_DEVICES) need different ones. With ATTNBENCH_FLA_CAPTURE=DIR every training and
+# benchmark process saves its FLA autotuner choices and kernel specializations under DIR (packed into
+# OUTDIR/fla_capture.tar.gz; merge with scripts/fla_tune.py attnbench/fla_configs --merge DIR). NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
 #
 # Installs carried wheels from .whl/ (fla-core, flash-linear-attention; see ../shared/scripts/gpu-wheels.sh)
 # and .whl_*/ (scripts/tilelang-wheels.sh)
@@ -142,4 +144,9 @@ wait
 mkdir -p "$OUTDIR"
 (cd "$RUNS" && find . -name '*.log' -o -name summary.json -o -name metrics.jsonl -o -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.png' \
    | grep -v /ckpt/ | tar czf "$OUTDIR/results.tar.gz" -T -) 2>/dev/null
+# FLA captures (ATTNBENCH_FLA_CAPTURE=DIR: one folder per process) as one file: the device tool returns a
+# limited number of files per call, and loose capture folders were lost that way (session 5)
+if [ -n "${ATTNBENCH_FLA_CAPTURE:-}" ] && [ -d "$ATTNBENCH_FLA_CAPTURE" ]; then
+  tar czf "$OUTDIR/fla_capture.tar.gz" -C "$ATTNBENCH_FLA_CAPTURE" . && echo "FLA captures in $OUTDIR/fla_capture.tar.gz"
+fi
 echo "results in $OUTDIR"
