@@ -1,31 +1,42 @@
-"""NSA's one-token decode step as one Triton kernel per layer (the maths of ops/nsa.py::nsa_decode).
+"""NSA's one-token decode step in Triton: one kernel launch per layer, two at long contexts (the maths
+of ops/nsa.py::nsa_decode).
 
 At batch 1 a decode step is launch-bound: the PyTorch `nsa_decode` issues 23 compute ops per layer
 (counted eagerly; projections aside: matmuls for the compressed branch, a softmax, the importance sum,
 the forced-block scatter, top-k, index arithmetic, a gather, the selected/window softmax and matmuls).
 Here one program per (sequence, KV head) does all of it for the G query heads of the group:
 
-1. compressed branch: two passes over the complete blocks' means (row max and sum, then the
-   probabilities, their matmul with the value means and the importance of each block summed over the
-   group, stored to a scratch row);
+1. compressed branch: softmax over the complete blocks' means, its matmul with the value means, and the
+   importance of each block (its probability summed over the group), stored to a scratch row;
 2. selection: `block_counts` rounds of argmax over the importance row, the forced blocks (first,
    previous, own) ranked on top as in nsa_decode, each chosen block's keys attended with an online
    softmax as it is chosen;
 3. the sliding window over the last `window_size` positions;
 4. the gated sum of the three branches.
 
+Step 1 walks the block means in tiles of 64. With one tile it runs inside the program (two passes: row
+max and sum, then the rest). With several, which is from 2,048 tokens of context at block size 32, a
+first kernel scores one tile per program in parallel, flash-decoding style. It keeps each tile's
+scores, row max, row sum and unnormalised output. The main program combines those partials and reads
+the kept scores for the importance. On the H200 (session 5) the one-program version took 0.339 ms/token
+for the whole model after a 128-token prompt and 0.481 after 16k. Its time grew with the number of
+tiles it walked alone. The split is not yet timed there.
+
 Float32 values throughout (the cache may be bf16). Products run on tensor cores in tf32 with float32
 accumulation; the compressed scores, which decide the selection, run in 3xtf32 (float32 accuracy;
-'ieee' beside tf32 in one kernel trips Triton 3.6's compiler). Compiled for sm_90 with the bundled
-ptxas at 8 warps: 255 registers and ~100 bytes of spills (1.9 KB with 'ieee' products).
+'ieee' beside tf32 in one kernel trips Triton 3.6's compiler). Compiled for sm_90 by the bundled ptxas
+at the seed's shape:
+
+| kernel | warps | registers | spills |
+| --- | --- | --- | --- |
+| one program | 8 | 255 | 96 B |
+| main program, split | 8 | 193 | none |
+| split scoring | 4 | 152 | none |
 
 Shapes are static and the position is read on the device, so the step is CUDA-graph safe. `nsa_decode`
 calls it for CUDA tensors (backend 'auto') after checking, once per shape, that it matches the PyTorch
-step. Tests run it under Triton's interpreter on the CPU, and compile it for sm_90 there.
-
-Not yet measured on a GPU. One program per (sequence, KV head) walks the block means sequentially
-(two passes of 64-block tiles, then one scan of the importance row per selected block), so at long
-contexts with batch 1 its time grows with ceil(NB / 64); measure before relying on it there.
+step. Tests run it under Triton's interpreter on the CPU, compile it for sm_90 there, and compare it on
+a GPU (tests/gpu).
 """
 from __future__ import annotations
 
@@ -69,12 +80,41 @@ if triton is not None:
         return tl.sum(p[:, :, None] * v[None, :, :], 1)
 
     @triton.jit
+    def _compressed_split_kernel(q_ptr, km_ptr, vm_ptr, s_ptr, pm_ptr, pl_ptr, pacc_ptr, pos_ptr, NB, NSPLIT, scale,
+                                 G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 BS: tl.constexpr, BLOCK_NB: tl.constexpr, DOT_NB: tl.constexpr):
+        """One tile of BLOCK_NB block means per program (flash-decoding's split): the compressed scores
+        (kept for the importance), and the tile's softmax partials: row max, sum, unnormalised output."""
+        bh, sp = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+        pos = tl.load(pos_ptr)
+        og, od = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
+        mg, md = og < G, od < D
+        q = tl.load(q_ptr + (bh * G + og[:, None]) * D + od[None, :], mask=mg[:, None] & md[None, :],
+                    other=0.0).to(tl.float32)
+        oc = sp * BLOCK_NB + tl.arange(0, BLOCK_NB)
+        mc = oc < NB
+        kmc, vmc = km_ptr + bh * NB * D, vm_ptr + bh * NB * D
+        km = tl.load(kmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
+        vm = tl.load(vmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
+        s = _scores(q, km.to(tl.float32), DOT_NB, EXACT) * scale
+        s = tl.where((oc < (pos + 1) // BS)[None, :], s, _NEG)
+        s = tl.where(mc[None, :], s, float("-inf"))
+        tl.store(s_ptr + (bh * G + og[:, None]) * NB + oc[None, :], s, mask=mg[:, None] & mc[None, :])
+        m = tl.max(s, 1)  # finite: every tile holds at least one block (sp * BLOCK_NB < NB)
+        p = tl.exp(s - m[:, None])
+        part = (bh * NSPLIT + sp) * G + og
+        tl.store(pm_ptr + part, m, mask=mg)
+        tl.store(pl_ptr + part, tl.sum(p, 1), mask=mg)
+        tl.store(pacc_ptr + part[:, None] * D + od[None, :], _mix(p, vm.to(tl.float32), DOT_NB, FAST),
+                 mask=mg[:, None] & md[None, :])
+
+    @triton.jit
     def _nsa_decode_kernel(q_ptr, gate_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, imp_ptr, o_ptr, pos_ptr,
-                           L, NB, scale,
+                           s_ptr, pm_ptr, pl_ptr, pacc_ptr, L, NB, NSPLIT, scale,
                            G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                            BS: tl.constexpr, S: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
                            BLOCK_NB: tl.constexpr, BLOCK_SEL: tl.constexpr, DOT_NB: tl.constexpr,
-                           DOT_BS: tl.constexpr, DOT_W: tl.constexpr):
+                           DOT_BS: tl.constexpr, DOT_W: tl.constexpr, SPLIT: tl.constexpr):
         bh = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr)
         og, od = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
@@ -93,27 +133,44 @@ if triton is not None:
         # 1. compressed branch: softmax over all NB block means, incomplete ones at the NEG fill
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         lsum = tl.zeros([BLOCK_G], tl.float32)
-        for c0 in range(0, NB, BLOCK_NB):
-            oc = c0 + tl.arange(0, BLOCK_NB)
-            mc = oc < NB
-            km = tl.load(kmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
-            s = _scores(q, km.to(tl.float32), DOT_NB, EXACT) * scale
-            s = tl.where((oc < n_complete)[None, :], s, _NEG)
-            s = tl.where(mc[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            lsum = lsum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
-            m = m_new
         acc_c = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        if SPLIT:  # the tiles' partials (_compressed_split_kernel), combined with an online softmax
+            for sp in range(0, NSPLIT):
+                part = (bh * NSPLIT + sp) * G + og
+                m_t = tl.load(pm_ptr + part, mask=mg, other=0.0)
+                m_new = tl.maximum(m, m_t)
+                a, b = tl.exp(m - m_new), tl.exp(m_t - m_new)
+                lsum = lsum * a + tl.load(pl_ptr + part, mask=mg, other=0.0) * b
+                acc_c = acc_c * a[:, None] + b[:, None] * tl.load(pacc_ptr + part[:, None] * D + od[None, :],
+                                                                 mask=mg[:, None] & md[None, :], other=0.0)
+                m = m_new
+            acc_c = tl.where(mg[:, None], acc_c / lsum[:, None], 0.0)
+        else:  # one program: two passes over the block means (row max and sum, then the rest)
+            for c0 in range(0, NB, BLOCK_NB):
+                oc = c0 + tl.arange(0, BLOCK_NB)
+                mc = oc < NB
+                km = tl.load(kmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
+                s = _scores(q, km.to(tl.float32), DOT_NB, EXACT) * scale
+                s = tl.where((oc < n_complete)[None, :], s, _NEG)
+                s = tl.where(mc[None, :], s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))
+                lsum = lsum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+                m = m_new
         for c0 in range(0, NB, BLOCK_NB):
             oc = c0 + tl.arange(0, BLOCK_NB)
             mc = oc < NB
-            km = tl.load(kmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
-            vm = tl.load(vmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
-            s = _scores(q, km.to(tl.float32), DOT_NB, EXACT) * scale
-            s = tl.where((oc < n_complete)[None, :], s, _NEG)
-            s = tl.where(mc[None, :], s, float("-inf"))
+            if SPLIT:  # the scores the split kernel kept
+                s = tl.load(s_ptr + (bh * G + og[:, None]) * NB + oc[None, :], mask=mg[:, None] & mc[None, :],
+                            other=float("-inf"))
+            else:
+                km = tl.load(kmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
+                s = _scores(q, km.to(tl.float32), DOT_NB, EXACT) * scale
+                s = tl.where((oc < n_complete)[None, :], s, _NEG)
+                s = tl.where(mc[None, :], s, float("-inf"))
             p = tl.where(mg[:, None], tl.exp(s - m[:, None]) / lsum[:, None], 0.0)
-            acc_c += _mix(p, vm.to(tl.float32), DOT_NB, FAST)
+            if not SPLIT:
+                vm = tl.load(vmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
+                acc_c += _mix(p, vm.to(tl.float32), DOT_NB, FAST)
             # importance for the selection, incomplete blocks at NEG, forced blocks ranked on top
             imp = tl.sum(p, 0) + tl.where(oc < n_complete, 0.0, _NEG)
             imp = tl.where(oc == 0, tl.maximum(imp, _RANK), imp)
@@ -176,9 +233,11 @@ def _pow2(n: int, lo: int = 1) -> int:
 
 def nsa_decode_triton(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor, pos: torch.Tensor,
                       gates: torch.Tensor, block_size: int, block_counts: int, window_size: int,
-                      scale: float, block_sel: int | None = None) -> torch.Tensor:
-    """nsa_decode's result (its layouts; no block_indices override) from one kernel launch per call.
-    `block_sel` (a power of two >= 16) overrides the selection scan's tile (tests: several tiles)."""
+                      scale: float, block_sel: int | None = None, block_nb: int | None = None) -> torch.Tensor:
+    """nsa_decode's result (its layouts; no block_indices override): one kernel launch per call, two
+    where the block means span several tiles. `block_sel` (a power of two >= 16) and `block_nb` (a power of
+    two; >= 16 where G and D are) override the selection scan's and the compressed pass's tiles (tests:
+    several tiles at small sizes)."""
     B, _, HQ, D = q.shape
     _, _, H, L, _ = kv.shape
     G, NB = HQ // H, kv_means.shape[3]
@@ -189,12 +248,25 @@ def nsa_decode_triton(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor,
     o = torch.empty(B * H, G, D, dtype=q.dtype, device=q.device)
     imp = torch.empty(B * H, NB, dtype=torch.float32, device=q.device)
     BG, BD = _pow2(G), _pow2(D)
-    BNB = min(_pow2(NB, 16), 64)  # 64 x 64 fp32 tiles: on sm_90 (8 warps) ~100 B of spills; 128 spilled 1.6 KB
+    BNB = block_nb or min(_pow2(NB, 16), 64)  # 64 x 64 fp32 tiles: on sm_90 (8 warps) ~100 B of spills; 128 spilled 1.6 KB
     BSEL = block_sel or min(_pow2(NB, 16), 2048)  # the selection scans the 1-D importance row: one tile to 64k tokens
     BW = _pow2(window_size, 16) if window_size > 0 else 16
     dot = BG >= 16 and BD >= 16  # tl.dot wants every dimension >= 16
+    nsplit = triton.cdiv(NB, BNB)
+    split = nsplit > 1  # several tiles of block means: score them in parallel programs first
+    if split:
+        scores = torch.empty(B * H, G, NB, dtype=torch.float32, device=q.device)
+        pm = torch.empty(B * H, nsplit, G, dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty(B * H, nsplit, G, D, dtype=torch.float32, device=q.device)
+        _compressed_split_kernel[(B * H, nsplit)](
+            qh, kv_means[0], kv_means[1], scores, pm, pl, pacc, pos, NB, nsplit, float(scale),
+            G=G, D=D, BLOCK_G=BG, BLOCK_D=BD, BS=block_size, BLOCK_NB=BNB, DOT_NB=dot, num_warps=4)
+    else:
+        scores = pm = pl = pacc = imp  # not read
     _nsa_decode_kernel[(B * H,)](
-        qh, g, kv[0], kv[1], kv_means[0], kv_means[1], imp, o, pos, L, NB, float(scale),
-        G=G, D=D, BLOCK_G=BG, BLOCK_D=BD, BS=block_size, S=block_counts, W=window_size, BLOCK_W=BW,
-        BLOCK_NB=BNB, BLOCK_SEL=BSEL, DOT_NB=dot, DOT_BS=dot and block_size >= 16, DOT_W=dot, num_warps=8)
+        qh, g, kv[0], kv[1], kv_means[0], kv_means[1], imp, o, pos, scores, pm, pl, pacc, L, NB, nsplit,
+        float(scale), G=G, D=D, BLOCK_G=BG, BLOCK_D=BD, BS=block_size, S=block_counts, W=window_size,
+        BLOCK_W=BW, BLOCK_NB=BNB, BLOCK_SEL=BSEL, DOT_NB=dot, DOT_BS=dot and block_size >= 16, DOT_W=dot,
+        SPLIT=split, num_warps=8)
     return o.view(B, 1, HQ, D)

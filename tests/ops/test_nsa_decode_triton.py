@@ -34,23 +34,26 @@ def interpreted():
     (1, 2, 8, 5, 120),    # S * BS > L: fewer blocks than block_counts early on; tiny window
     (1, 16, 4, 64, 300),  # 16 query heads per KV head (the seed's NSA): tl.dot on every product
 ])
-def test_kernel_equals_the_pytorch_step(interpreted, H, G, S, W, L):
+@pytest.mark.parametrize("split", [False, True], ids=["one-program", "split"])
+def test_kernel_equals_the_pytorch_step(interpreted, H, G, S, W, L, split):
     T = 100
     q, k, v, *gates = make_inputs(2, T, H, G, seed=S + W)
     kv, means = cache_of(k.float(), v.float(), L, fill=7.0)
     D = q.shape[-1]
+    block_nb = (4 if G < 16 else 16) if split else None  # split: tiles of 4 (16 for tl.dot) block means
+    assert not split or means.shape[3] > block_nb  # so the split kernel scores several tiles
     for t in (0, 1, BS - 1, BS, 2 * BS + 3, T - 1):  # block boundaries, no complete block yet, the end
         args = (torch.tensor([t]), gates_at(gates, t), BS, S, W)
         ref = nsa_decode(q[:, t:t + 1], kv.double(), means.double(), *args)  # float64 PyTorch step
         got = interpreted.nsa_decode_triton(q[:, t:t + 1].float(), kv, means.float(), args[0], args[1].float(),
-                                            BS, S, W, D ** -0.5)
+                                            BS, S, W, D ** -0.5, block_nb=block_nb)
         assert got.shape == ref.shape and got.dtype == torch.float32
         assert rel_err(got, ref) < 1e-5, t
 
 
 def test_kernel_at_the_seed_shape_with_a_bf16_cache_over_several_tiles(interpreted):
     """G = 16, D = 64, BS = 32, S = 4, W = 64 (configs/nsa.toml), a bf16 cache of 5000 positions: 157 block
-    means, two tiles of the compressed pass; bf16 out, float32 inside."""
+    means, three tiles of the compressed pass, scored by the split kernel; bf16 out, float32 inside."""
     torch.manual_seed(0)
     B, H, G, D, bs, S, W, L, T = 1, 1, 16, 64, 32, 4, 64, 5000, 4200
     kv = torch.zeros(2, B, H, L, D, dtype=torch.bfloat16)
@@ -93,26 +96,36 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from attnbench.ops import nsa_decode_triton as m
-sig = dict(q_ptr="*bf16", gate_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", km_ptr="*fp32", vm_ptr="*fp32",
-           imp_ptr="*fp32", o_ptr="*bf16", pos_ptr="*i64", L="i32", NB="i32", scale="fp32")
-names = list(sig) + ["G", "D", "BLOCK_G", "BLOCK_D", "BS", "S", "W", "BLOCK_W", "BLOCK_NB", "BLOCK_SEL", "DOT_NB",
-                     "DOT_BS", "DOT_W"]
-for const in (dict(G=16, D=64, BLOCK_G=16, BLOCK_D=64, BS=32, S=4, W=64, BLOCK_W=64, BLOCK_NB=64,
-                   BLOCK_SEL=1024, DOT_NB=True, DOT_BS=True, DOT_W=True),
-              dict(G=2, D=16, BLOCK_G=2, BLOCK_D=16, BS=16, S=4, W=0, BLOCK_W=16, BLOCK_NB=16, BLOCK_SEL=16,
-                   DOT_NB=False, DOT_BS=False, DOT_W=False)):
-    src = ASTSource(fn=m._nsa_decode_kernel, signature={**sig, **{k: "constexpr" for k in const}},
+
+def compile(fn, sig, const):
+    names = list(sig) + list(const)
+    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}},
                     constexprs={(names.index(k),): v for k, v in const.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
     assert "cubin" in k.asm
+
+sig = dict(q_ptr="*bf16", gate_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", km_ptr="*fp32", vm_ptr="*fp32",
+           imp_ptr="*fp32", o_ptr="*bf16", pos_ptr="*i64", s_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32",
+           pacc_ptr="*fp32", L="i32", NB="i32", NSPLIT="i32", scale="fp32")
+for split in (False, True):
+    for const in (dict(G=16, D=64, BLOCK_G=16, BLOCK_D=64, BS=32, S=4, W=64, BLOCK_W=64, BLOCK_NB=64,
+                       BLOCK_SEL=1024, DOT_NB=True, DOT_BS=True, DOT_W=True),
+                  dict(G=2, D=16, BLOCK_G=2, BLOCK_D=16, BS=16, S=4, W=0, BLOCK_W=16, BLOCK_NB=16, BLOCK_SEL=16,
+                       DOT_NB=False, DOT_BS=False, DOT_W=False)):
+        compile(m._nsa_decode_kernel, sig, {**const, "SPLIT": split})
+split_sig = dict(q_ptr="*bf16", km_ptr="*fp32", vm_ptr="*fp32", s_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32",
+                 pacc_ptr="*fp32", pos_ptr="*i64", NB="i32", NSPLIT="i32", scale="fp32")
+compile(m._compressed_split_kernel, split_sig, dict(G=16, D=64, BLOCK_G=16, BLOCK_D=64, BS=32, BLOCK_NB=64,
+                                                    DOT_NB=True))
 print("compiled")
 """
 
 
 def test_kernel_compiles_for_hopper_with_the_real_compiler():
     """The interpreter does not apply the compiler's rules (e.g. kernels may read only constexpr globals):
-    compile the kernel to an sm_90 cubin with Triton's own toolchain (no GPU needed), in a process
-    without TRITON_INTERPRET, for the seed's shape (tl.dot paths) and a small one (broadcast paths)."""
+    compile the kernels to sm_90 cubins with Triton's own toolchain (no GPU needed), in a process
+    without TRITON_INTERPRET, for the seed's shape (tl.dot paths) and a small one (broadcast paths), with
+    and without the split compressed pass."""
     import subprocess
     import sys
 
