@@ -247,6 +247,27 @@ def test_find_threshold_doubles_then_bisects_to_tolerance():
     assert s["limited_by"] == "time_budget" and s["fits"] == 2048
 
 
+def test_find_threshold_retimes_repeated_small_spikes_too():
+    """NSA on the H200 (session 5, seed preset): every new length's first step paid ~1 s of compilation
+    (4.4 s at 32,768) against ~0.07 s steady; counted as steady time they stopped the search at 32,768 on
+    its 10 s budget. Retimed, the search reaches the real out-of-memory point."""
+    first_step = {256: 0.72, 512: 0.84, 1024: 0.90, 2048: 0.92, 4096: 0.07, 8192: 1.26, 16384: 0.84,
+                  32768: 4.39}
+    seen = set()
+
+    def fake(T):
+        first = T not in seen
+        seen.add(T)
+        if T > 150_000:
+            return {"oom": True}
+        steady = 0.07 * max(1.0, T / 16384)
+        return {"oom": False, "step_s": first_step.get(T, 2 * steady) if first else steady}
+
+    points, s = memory.find_threshold(fake, 256, 2**20, tol=0.1, time_budget_s=10)
+    assert s["limited_by"] == "oom" and s["fits"] <= 150_000 < s["first_oom"]
+    assert {T for T, r in points if "first_step_s" in r} >= {256, 512, 1024, 2048, 8192, 16384, 32768}
+
+
 def test_oom_in_process_is_a_result_and_frees_the_step():
     shape = common.resolve_shapes(["softmax"], match=False, sets=["n_layer=2", "n_embd=32", "n_head=2"])[0]
     cfg = common.bench_config(shape.cfg, 0)
