@@ -50,3 +50,22 @@ def out_and_grads(fn, inputs: list[torch.Tensor], do: torch.Tensor, **kw) -> tup
     o = fn(*xs, **kw)
     grads = torch.autograd.grad((o * do).sum(), xs)
     return o.detach(), grads
+
+
+def record_fla_captures(monkeypatch) -> list:
+    """Replace ops.fla_preload.capturing by a recorder: the returned list gets (mixer, phase) on entering
+    a capture and "left" on leaving it."""
+    import contextlib
+
+    from attnbench.ops import fla_preload
+
+    events: list = []
+
+    @contextlib.contextmanager
+    def capturing(mixer: str, phase: str):
+        events.append((mixer, phase))
+        yield
+        events.append("left")
+
+    monkeypatch.setattr(fla_preload, "capturing", capturing)
+    return events

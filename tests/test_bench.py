@@ -1,6 +1,5 @@
 """`attnbench bench`: every subcommand on tiny CPU shapes writes valid rows; decode is the cached path;
 out-of-memory is a measured row (injected failures), and the threshold bisection lands on it."""
-import contextlib
 import json
 import time
 
@@ -10,6 +9,7 @@ import torch
 from attnbench import mixers
 from attnbench.bench import common, latency, memory, throughput
 from attnbench.cli import main
+from helpers import record_fla_captures
 
 # Tiny shapes every mixer takes on the CPU (NSA's blocks shrunk as in tests/test_model.py).
 TINY = ["--no_match", "--set", "n_layer=2", "--set", "n_embd=32", "--set", "n_head=2"]
@@ -363,20 +363,13 @@ def test_a_single_mixer_bench_process_is_captured_under_its_mixer(tmp_path, monk
     """ATTNBENCH_FLA_CAPTURE records per mixer, so only a one-mixer process (as sweeps run them) captures."""
     from attnbench.ops import fla_preload
 
-    entered = []
-
-    @contextlib.contextmanager
-    def capturing(mixer, phase):
-        entered.append((mixer, phase))
-        yield
-
-    monkeypatch.setattr(fla_preload, "capturing", capturing)
+    events = record_fla_captures(monkeypatch)
     monkeypatch.setenv(fla_preload.CAPTURE_ENV, str(tmp_path / "cap"))
     args = ["--contexts", "16", "--tokens_per_batch", "32", "--steps", "1", "--warmup_steps", "1"]
     assert main(["bench", "throughput", *tiny_args(["deltanet"]), *args]) == 0
-    assert entered == [("deltanet", "bench")]
+    assert events == [("deltanet", "bench"), "left"]
     assert main(["bench", "throughput", *tiny_args(["softmax", "deltanet"]), *args]) == 0
-    assert entered == [("deltanet", "bench")] and "one mixer per bench process" in capsys.readouterr().out
+    assert len(events) == 2 and "one mixer per bench process" in capsys.readouterr().out
 
 
 def test_cli_errors_are_clean(capsys):

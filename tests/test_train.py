@@ -1,5 +1,4 @@
 """Training loop guarantees: learning, exact resume after a kill, crash-safe checkpoints, NaN guard, DDP."""
-import contextlib
 import json
 import os
 import socket
@@ -16,6 +15,7 @@ from attnbench.errors import AttnbenchError
 from attnbench.io import read_jsonl
 from attnbench.sample import load_run
 from conftest import tiny_run_config
+from helpers import record_fla_captures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,19 +70,9 @@ def test_summary_says_which_op_backends_trained(tiny_data, tmp_path, mixer, op):
 
 def test_a_run_is_captured_for_the_fla_preload_under_its_mixer(tiny_data, tmp_path, monkeypatch):
     """ATTNBENCH_FLA_CAPTURE: the whole run (its first steps compile the kernels) sits in the capture."""
-    from attnbench import trainer
-
-    entered = []
-
-    @contextlib.contextmanager
-    def capturing(mixer, phase):
-        entered.append((mixer, phase))
-        yield
-        entered.append("left")
-
-    monkeypatch.setattr(trainer.fla_preload, "capturing", capturing)
+    events = record_fla_captures(monkeypatch)
     attnbench.train(tiny_run_config(tiny_data, tmp_path / "run", **{"model.mixer": "deltanet", "train.max_iters": 1}))
-    assert entered == [("deltanet", "train"), "left"]
+    assert events == [("deltanet", "train"), "left"]
 
 
 def test_resume_after_kill_is_bit_for_bit(tiny_data, tmp_path):

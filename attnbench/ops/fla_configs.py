@@ -86,9 +86,9 @@ def save(path: Path, tuners: Iterable[Any], device_name: str, vers: dict[str, st
     return len(entries)
 
 
-def merge(dst: Path, src: Path) -> int:
-    """Add the choices saved in `src` (e.g. a GPU test session's file) to `dst`; both must be for the same
-    Triton and FLA versions. Returns the number of choices taken from src."""
+def read_mergeable(dst: Path, src: Path) -> tuple[dict, dict[str, str | None]]:
+    """src's data and versions, checked against dst's (when dst exists): files of other Triton or FLA
+    versions cannot be merged (a kernel's parameters can change between versions)."""
     data = json.loads(src.read_text())
     vers = {"triton": data.get("triton"), "fla": data.get("fla")}
     if dst.is_file():
@@ -96,6 +96,13 @@ def merge(dst: Path, src: Path) -> int:
         if (old.get("triton"), old.get("fla")) != (vers["triton"], vers["fla"]):
             raise ValueError(f"{src} is for triton {vers['triton']} / fla {vers['fla']}, {dst} for triton "
                              f"{old.get('triton')} / fla {old.get('fla')}: they cannot be merged")
+    return data, vers
+
+
+def merge(dst: Path, src: Path) -> int:
+    """Add the choices saved in `src` (e.g. a GPU test session's file) to `dst`; both must be for the same
+    Triton and FLA versions. Returns the number of choices taken from src."""
+    data, vers = read_mergeable(dst, src)
     entries = [(name, e) for name, es in data.get("kernels", {}).items() for e in es]
     _write_merged(dst, entries, data.get("gpu"), vers)
     return len(entries)

@@ -102,16 +102,11 @@ def save(path: Path, device_name: str, vers: dict[str, str | None] | None = None
     return n
 
 
-
 def merge(dst: Path, src: Path) -> int:
     """Add the specializations saved in `src` (a capture's file) to `dst`, for the same versions."""
-    data = json.loads(src.read_text())
-    vers = {"triton": data.get("triton"), "fla": data.get("fla")}
-    if dst.is_file():
-        old = json.loads(dst.read_text())
-        if (old.get("triton"), old.get("fla")) != (vers["triton"], vers["fla"]):
-            raise ValueError(f"{src} is for triton {vers['triton']} / fla {vers['fla']}, {dst} for triton "
-                             f"{old.get('triton')} / fla {old.get('fla')}: they cannot be merged")
+    from .fla_configs import read_mergeable
+
+    data, vers = read_mergeable(dst, src)
     return save(dst, data.get("gpu"), vers, data.get("mixers", {}))
 
 
