@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..io import atomic_write_text
-from .fla_configs import CONFIG_ROOT, versions
+from .fla_configs import CONFIG_ROOT, kernel_id, read_mergeable, versions
 
 log = logging.getLogger("attnbench.ops")
 
@@ -104,8 +104,6 @@ def save(path: Path, device_name: str, vers: dict[str, str | None] | None = None
 
 def merge(dst: Path, src: Path) -> int:
     """Add the specializations saved in `src` (a capture's file) to `dst`, for the same versions."""
-    from .fla_configs import read_mergeable
-
     data, vers = read_mergeable(dst, src)
     return save(dst, data.get("gpu"), vers, data.get("mixers", {}))
 
@@ -118,8 +116,6 @@ def chosen_only(recorded: dict[str, list[str]], tuners: list[Any]) -> dict[str, 
     """The recorded specs less those an autotuner compiled only to time them: a spec of an autotuned
     kernel is kept when its constants and options match one of the configurations that autotuner chose
     (its cache: timed here or installed from the saved file). Specs of other kernels are all kept."""
-    from .fla_configs import kernel_id
-
     chosen: dict[str, tuple[list[str], list[Any]]] = {}
     for t in tuners:
         jit = t.fn
@@ -174,6 +170,7 @@ def capturing(mixer: str, phase: str) -> Iterator[None]:
             n_spec = save(file_for(gpu, out), gpu, recorded=kept)
             log.warning("FLA capture for %s: %d autotuner choices, %d of %d kernel specializations -> %s",
                         key, n_cfg, n_spec, len(_recorded.get(key, [])), out)
+
 
 def _jit_function(full_name: str) -> Any:
     """The JITFunction behind `module.qualname` (unwrapping autotune/heuristics wrappers)."""
