@@ -69,6 +69,20 @@ def versions() -> dict[str, str | None]:
     return {"triton": v("triton"), "fla": v("fla-core")}
 
 
+def file_versions(data: dict) -> dict[str, str | None]:
+    """The Triton and FLA versions a saved file (choices or preload specs) was written with."""
+    return {"triton": data.get("triton"), "fla": data.get("fla")}
+
+
+def read_if_versions(path: Path, vers: dict[str, str | None]) -> dict | None:
+    """path's data when it exists and was written for these versions (a kernel's parameters can change
+    between versions), else None."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return data if file_versions(data) == vers else None
+
+
 def save(path: Path, tuners: Iterable[Any], device_name: str, vers: dict[str, str | None]) -> int:
     """Write every cached choice of the given autotuners to `path`, merged with the entries already there
     for the same versions (a key tuned again is replaced). Returns the number of choices written."""
@@ -90,12 +104,12 @@ def read_mergeable(dst: Path, src: Path) -> tuple[dict, dict[str, str | None]]:
     """src's data and versions, checked against dst's (when dst exists): files of other Triton or FLA
     versions cannot be merged (a kernel's parameters can change between versions)."""
     data = json.loads(src.read_text())
-    vers = {"triton": data.get("triton"), "fla": data.get("fla")}
+    vers = file_versions(data)
     if dst.is_file():
-        old = json.loads(dst.read_text())
-        if (old.get("triton"), old.get("fla")) != (vers["triton"], vers["fla"]):
+        old = file_versions(json.loads(dst.read_text()))
+        if old != vers:
             raise ValueError(f"{src} is for triton {vers['triton']} / fla {vers['fla']}, {dst} for triton "
-                             f"{old.get('triton')} / fla {old.get('fla')}: they cannot be merged")
+                             f"{old['triton']} / fla {old['fla']}: they cannot be merged")
     return data, vers
 
 
@@ -111,12 +125,9 @@ def merge(dst: Path, src: Path) -> int:
 def _write_merged(path: Path, entries: list[tuple[str, dict]], device_name: str | None,
                   vers: dict[str, str | None]) -> None:
     """Write `entries` ((kernel id, {key, config})) to path over what it holds for the same versions."""
-    kernels: dict[str, dict[str, dict]] = {}
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if (old.get("triton"), old.get("fla")) == (vers["triton"], vers["fla"]):
-            for name, old_entries in old.get("kernels", {}).items():
-                kernels[name] = {json.dumps(e["key"]): e for e in old_entries}
+    old = read_if_versions(path, vers) or {}
+    kernels = {name: {json.dumps(e["key"]): e for e in old_entries}
+               for name, old_entries in old.get("kernels", {}).items()}
     for name, entry in entries:
         kernels.setdefault(name, {})[json.dumps(entry["key"])] = entry
     data = {**vers, "gpu": device_name,
@@ -153,7 +164,7 @@ def save_live(path: Path) -> int:
 def load(path: Path, vers: dict[str, str | None]) -> dict[str, dict[tuple, dict]] | None:
     """{kernel id: {key tuple: config dict}}, or None when the file is for other Triton/FLA versions."""
     data = json.loads(path.read_text())
-    if (data.get("triton"), data.get("fla")) != (vers["triton"], vers["fla"]):
+    if file_versions(data) != vers:
         log.info("FLA kernel configurations in %s are for triton %s / fla %s, not %s / %s: autotuning instead",
                  path, data.get("triton"), data.get("fla"), vers["triton"], vers["fla"])
         return None
@@ -187,7 +198,8 @@ def install(device_name: str | None = None, root: Path = CONFIG_ROOT) -> Path | 
     # Every autotuner, however it is made: FLA builds most through triton.autotune, but some kernels
     # (l2norm, causal_conv1d, ...) through its own fla_cache_autotune, whose CachedAutotuner subclasses
     # Triton's; wrapping triton.autotune alone missed those, and they autotuned in every run (H200,
-    # session 5: ~80 s of a DeltaNet run's first step).
+    # session 5: 151 compilations and 10 autotunings in a 3-iteration DeltaNet run whose first step came
+    # 84-89 s after start).
     original_init = Autotuner.__init__
 
     def init(self: Any, fn: Any, *args: Any, **kwargs: Any) -> None:

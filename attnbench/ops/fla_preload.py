@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..io import atomic_write_text
-from .fla_configs import CONFIG_ROOT, kernel_id, read_mergeable, versions
+from .fla_configs import CONFIG_ROOT, kernel_id, read_if_versions, read_mergeable, versions
 
 log = logging.getLogger("attnbench.ops")
 
@@ -84,11 +84,7 @@ def save(path: Path, device_name: str, vers: dict[str, str | None] | None = None
     """Merge the recorded specs into `path` (same versions; otherwise it starts over). Returns how many."""
     vers = vers or versions()
     recorded = _recorded if recorded is None else recorded
-    mixers: dict[str, list[str]] = {}
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if (old.get("triton"), old.get("fla")) == (vers["triton"], vers["fla"]):
-            mixers = old.get("mixers", {})
+    mixers: dict[str, list[str]] = (read_if_versions(path, vers) or {}).get("mixers", {})
     n = 0
     for mixer, specs in recorded.items():
         have = mixers.setdefault(mixer, [])
@@ -187,12 +183,10 @@ def preload(mixer: str, path: Path, threads: int | None = None,
             vers: dict[str, str | None] | None = None) -> tuple[int, int, float]:
     """Compile the FLA kernels saved under `mixer` ("<mixer>:<phase>") in a thread pool: (compiled,
     failed, seconds)."""
-    if not path.is_file():
-        return 0, 0, 0.0
-    data = json.loads(path.read_text())
-    vers = vers or versions()
-    if (data.get("triton"), data.get("fla")) != (vers["triton"], vers["fla"]):
-        log.info("FLA preload file %s is for other versions; not used", path)
+    data = read_if_versions(path, vers or versions())
+    if data is None:
+        if path.is_file():
+            log.info("FLA preload file %s is for other versions; not used", path)
         return 0, 0, 0.0
     specs = data.get("mixers", {}).get(mixer, [])
     t = time.perf_counter()
