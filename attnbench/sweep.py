@@ -15,6 +15,7 @@ process, benchmarks the mixers and writes the report. Example (configs/sweeps/se
     jobs_per_device = 5                             # optional defaults of the CLI options of the same name
     devices = "auto"
     nproc_per_node = 1
+    cuda_mps = true                                 # optional: runs sharing a GPU train under a private MPS daemon
 
     [overrides]                                     # RunConfig keys for every run (dotted or nested)
     "train.max_iters" = 3000
@@ -109,6 +110,8 @@ SWEEP_KEYS = {
     "jobs_per_device": "runs sharing one device at a time (CLI --jobs_per_device wins)",
     "devices": "'auto', 'cpu' or GPU indices '0,1' (CLI --devices wins)",
     "nproc_per_node": "processes (GPUs) per run under torchrun (CLI --nproc_per_node wins)",
+    "cuda_mps": "true: runs sharing a GPU (jobs_per_device > 1) train under a private CUDA MPS daemon, so their "
+                "kernels overlap instead of taking turns (attnbench/mps.py; CLI --cuda_mps / --no-cuda_mps wins)",
     "overrides": "table of RunConfig keys for every run",
     "mixer_overrides": "table of tables: RunConfig keys per mixer",
     "bench": "table: enabled, benches, options",
@@ -163,6 +166,7 @@ class Sweep:
     jobs_per_device: int = 1
     devices: str = "auto"
     nproc_per_node: int = 1
+    cuda_mps: bool = False
     text: str = ""  # the file as written, kept in the manifest
 
 
@@ -277,6 +281,10 @@ def load_sweep(path: str | Path) -> Sweep:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{path}: {key} must be an integer >= 1, got {v!r}")
             setattr(sw, key, v)
+    if "cuda_mps" in tree:
+        if not isinstance(tree["cuda_mps"], bool):
+            raise ConfigError(f"{path}: cuda_mps must be true or false, got {tree['cuda_mps']!r}")
+        sw.cuda_mps = tree["cuda_mps"]
     ov = tree.get("overrides", {})
     if not isinstance(ov, dict):
         raise ConfigError(f"{path}: overrides must be a table of RunConfig keys, e.g. [overrides] \"train.max_iters\" = 100")
@@ -718,7 +726,7 @@ def _say(msg: str) -> None:
 def run_sweep(sweep: Sweep | str | Path, out: str | Path | None = None, devices: str | None = None,
               jobs_per_device: int | None = None, nproc_per_node: int | None = None, data_dir: str | None = None,
               bench: bool = True, report: bool = True, dry_run: bool = False, status_interval: float = 30.0,
-              overrides: list[str] | None = None) -> dict:
+              overrides: list[str] | None = None, cuda_mps: bool | None = None) -> dict:
     """Plan, train (resumably), benchmark and report. Returns the manifest (sweep.json's content).
 
     Raises KeyboardInterrupt after a clean stop on Ctrl-C/SIGTERM, AttnbenchError on bad input. Runs
@@ -748,6 +756,8 @@ def run_sweep(sweep: Sweep | str | Path, out: str | Path | None = None, devices:
     if graphed and nproc > 1:
         raise ConfigError(f"{sweep.path}: train.cuda_graph = true does not run under torchrun (--nproc_per_node "
                           f"{nproc}); pass --set train.cuda_graph=false")
+    if cuda_mps is not None:
+        sweep.cuda_mps = cuda_mps
     with _folder_lock(out):
         return _execute(sweep, out, runs, slots, bench, report, dry_run, status_interval)
 
@@ -799,7 +809,8 @@ def _execute(sweep: Sweep, out: Path, runs: list[PlannedRun], slots: list[Slot],
         return man.data
 
     with _interruptible():
-        failed = _train_all(sweep, out, todo, slots, man, status_interval, n_done, len(runs))
+        with _training_env(sweep, out, slots, man, bool(todo)):
+            failed = _train_all(sweep, out, todo, slots, man, status_interval, n_done, len(runs))
         if bench and sweep.bench.enabled:
             _run_benchmarks(sweep, out, runs, slots, man)
     if report:
@@ -813,6 +824,33 @@ def _execute(sweep: Sweep, out: Path, runs: list[PlannedRun], slots: list[Slot],
         _say(f"{len(failed)} run(s) failed: {', '.join(failed)}; their logs are in {out / 'logs'}; "
              "run the sweep again to retry them")
     return man.data
+
+
+def wants_mps(sweep: Sweep, slots: list[Slot]) -> bool:
+    """MPS helps only where several runs share one GPU at a time."""
+    return sweep.cuda_mps and any(s.device.startswith("cuda") and s.shared_by > 1 for s in slots)
+
+
+@contextlib.contextmanager
+def _training_env(sweep: Sweep, out: Path, slots: list[Slot], man: _Manifest, training: bool) -> Iterator[None]:
+    """The training phase's extra environment: a private CUDA MPS daemon when the sweep asks for one
+    and runs share a GPU (stopped again before the benchmarks, which run alone and outside MPS)."""
+    if not (training and wants_mps(sweep, slots)):
+        yield
+        return
+    from .mps import ENV_KEYS, mps_daemon
+
+    with mps_daemon(out / "logs", _say) as env:
+        man.data["cuda_mps"] = bool(env)
+        man.save()
+        for s in slots:
+            s.env.update(env)
+        try:
+            yield
+        finally:
+            for s in slots:
+                for k in ENV_KEYS:
+                    s.env.pop(k, None)
 
 
 def _train_all(sweep: Sweep, out: Path, todo: list[PlannedRun], slots: list[Slot], man: _Manifest,
@@ -839,8 +877,9 @@ def _train_all(sweep: Sweep, out: Path, todo: list[PlannedRun], slots: list[Slot
                 if rc == 0 and s is not None:
                     n_done += 1
                     man.set(job.run.run_id, status="done", returncode=0)
-                    _say(f"[{n_done}/{n_total}] done {job.run.run_id}: val loss {s['final_val_loss']:.4f} "
-                         f"(ppl {s.get('final_val_ppl', float('nan')):.2f}) in {time.monotonic() - job.started:.0f} s")
+                    _say(f"[{n_done}/{n_total}] done {job.run.run_id}: best val loss "
+                         f"{s.get('best_val_loss', float('nan')):.4f}, final {s['final_val_loss']:.4f} "
+                         f"in {time.monotonic() - job.started:.0f} s")
                 else:
                     failed.append(job.run.run_id)
                     man.set(job.run.run_id, status="failed", returncode=rc)
@@ -910,7 +949,7 @@ def _launch(sweep: Sweep, out: Path, r: PlannedRun, slot: Slot, man: _Manifest) 
         old = json.loads((rd / RUN_FILE).read_text())
     launches = old.get("launches", []) + [{
         "started": _now(), "device": slot.device, "nproc_per_node": slot.nproc, "jobs_per_device": slot.shared_by,
-        "resumed_from_step": step, "command": cmd}]
+        "cuda_mps": "CUDA_MPS_PIPE_DIRECTORY" in slot.env, "resumed_from_step": step, "command": cmd}]
     _write_run_file(rd, r, sweep, launches)
     proc = _spawn(cmd, _child_env(slot.env), out / "logs" / f"{r.run_id}.log")
     slot.busy = True
@@ -1094,6 +1133,9 @@ def add_launch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc_per_node", type=int, default=None,
                    help="run each training under torchrun with this many processes (GPUs) per run")
     p.add_argument("--data_dir", default=None, help="folder of prepared datasets (default: the configs' data.data_dir)")
+    p.add_argument("--cuda_mps", action=argparse.BooleanOptionalAction, default=None,
+                   help="runs sharing a GPU train under a private CUDA MPS daemon (default: the sweep file's "
+                        "cuda_mps, else off)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides_set",
                    help="a RunConfig setting for every run, after the sweep file's [overrides] "
                         "(e.g. --set train.compile=false); repeatable")
@@ -1116,7 +1158,7 @@ def register_cli(subparsers: Any) -> None:
         man = run_sweep(a.config, out=a.out, devices=a.devices, jobs_per_device=a.jobs_per_device,
                         nproc_per_node=a.nproc_per_node, data_dir=a.data_dir, bench=not a.no_bench,
                         report=not a.no_report, dry_run=a.dry_run, status_interval=a.status_interval,
-                        overrides=a.overrides_set)
+                        overrides=a.overrides_set, cuda_mps=a.cuda_mps)
         bad = [k for k, v in man["runs"].items() if v["status"] == "failed"]
         return 1 if bad else 0
 
