@@ -65,8 +65,9 @@ folder.
 After training: one `attnbench bench all --mixers M --no_match --set <trained shape> ...` child per
 mixer writing `<out>/bench/<mixer>.jsonl` (skipped when present; alone on its device, after all
 training; on the CPU with the training runs' thread count, because two OpenMP threads on a busy
-2-core machine measure the neighbours, not the model), then `attnbench.report.build_report(<out>)`
-writes `<out>/report/report.md` and its figures.
+2-core machine measure the neighbours, not the model; on a GPU the next child starts while one
+measures and waits with `--wait_for` until the device is free, so its imports are off the critical
+path), then `attnbench.report.build_report(<out>)` writes `<out>/report/report.md` and its figures.
 """
 from __future__ import annotations
 
@@ -986,7 +987,7 @@ def _stop(running: list[_Running], man: _Manifest, grace_s: float = 60.0) -> Non
 # ---------------------------------------------------------------------------------------- benchmarks
 
 # Options the sweep sets itself on the bench command line.
-_BENCH_RESERVED = {"mixers", "device", "json", "budget", "no_match", "h", "help"}
+_BENCH_RESERVED = {"mixers", "device", "json", "budget", "no_match", "wait_for", "h", "help"}
 
 
 def bench_option_names() -> dict[str, set[str]]:
@@ -1055,9 +1056,29 @@ def _bench_available() -> bool:
     return importlib.util.find_spec("attnbench.bench") is not None
 
 
+def prestarts_bench(device: str) -> bool:
+    """Start the next benchmark process while one measures (it imports, then waits for its turn)? On a
+    GPU, yes: that start-up is CPU work, and the GPU stays the measuring process's alone. On the CPU, no:
+    the imports would take cores from the measurement."""
+    return device != "cpu"
+
+
+@dataclass
+class _BenchJob:
+    label: str
+    final: Path  # bench/<mixer>.jsonl, written (renamed from tmp) only when the child succeeds
+    tmp: Path
+    proc: subprocess.Popen
+    device: str
+    go: Path | None  # the file a prestarted child waits for (None: started at once)
+    started: float = 0.0
+
+
 def _run_benchmarks(sweep: Sweep, out: Path, runs: list[PlannedRun], slots: list[Slot], man: _Manifest) -> None:
     """One bench child per (mixer, benchmark) with the mixer's trained shape, alone on its device; a
-    result file is written only when the child succeeds, and a present one is not redone."""
+    result file is written only when the child succeeds, and a present one is not redone. On a GPU the
+    next child is started while one measures and waits for a go file (`bench --wait_for`), so its
+    start-up (imports: 10-20 s per process on the H200 host) is not spent between measurements."""
     bench_dir = out / "bench"
     if not _bench_available():
         _say("benchmarks skipped: attnbench.bench is not available in this version")
@@ -1078,48 +1099,81 @@ def _run_benchmarks(sweep: Sweep, out: Path, runs: list[PlannedRun], slots: list
         return
     _say(f"benchmarks: {', '.join(q[0] for q in queue)} on {', '.join(devices)}")
     status = man.data.setdefault("bench", {})
-    running: list[tuple[str, Path, Path, subprocess.Popen, str, float]] = []
+
+    def spawn(item: tuple, dev: str, wait: bool) -> _BenchJob:
+        label, model, task, final = item
+        tmp, go = final.with_name(f".{final.name}.tmp"), (final.with_name(f".{final.stem}.go") if wait else None)
+        for f in (tmp, go) if go is not None else (tmp,):  # leftovers of an interrupted sweep
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+        env = {"CUDA_VISIBLE_DEVICES": "" if dev == "cpu" else dev.removeprefix("cuda:")}
+        if dev == "cpu":  # CPU timings with the training runs' thread count (see the module doc)
+            env.update({k: v for k, v in slots[0].env.items() if k.endswith("_NUM_THREADS")})
+        cmd = bench_command(model, task, "cpu" if dev == "cpu" else "cuda", tmp, sweep.bench)
+        if go is not None:
+            cmd += ["--wait_for", str(go)]
+        log = out / "logs" / f"bench-{final.stem}.log"
+        return _BenchJob(label, final, tmp, _spawn(cmd, _child_env(env), log), dev, go)
+
+    def start_measuring(job: _BenchJob, how: str) -> None:
+        if job.go is not None:
+            job.go.touch()
+        job.started = time.monotonic()
+        _say(f"bench {job.label} on {job.device}{how}")
+
+    running: list[_BenchJob] = []
+    waiting: dict[str, _BenchJob] = {}  # device -> the prestarted child waiting for it
     free = list(devices)
     try:
-        while queue or running:
-            while queue and free:
-                label, model, task, final = queue.pop(0)
-                dev = free.pop(0)
-                tmp = final.with_name(f".{final.name}.tmp")
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-                env = {"CUDA_VISIBLE_DEVICES": "" if dev == "cpu" else dev.removeprefix("cuda:")}
-                if dev == "cpu":  # CPU timings with the training runs' thread count (see the module doc)
-                    env.update({k: v for k, v in slots[0].env.items() if k.endswith("_NUM_THREADS")})
-                cmd = bench_command(model, task, "cpu" if dev == "cpu" else "cuda", tmp, sweep.bench)
-                log = out / "logs" / f"bench-{final.stem}.log"
-                running.append((label, final, tmp, _spawn(cmd, _child_env(env), log), dev, time.monotonic()))
-                _say(f"bench {label} on {dev}")
+        while queue or running or waiting:
+            for dev in list(free):
+                if dev in waiting:
+                    job = waiting.pop(dev)
+                    start_measuring(job, " (started up while the previous one measured)")
+                elif queue:
+                    job = spawn(queue.pop(0), dev, wait=False)
+                    start_measuring(job, "")
+                else:
+                    continue
+                free.remove(dev)
+                running.append(job)
+            for job in running:
+                if queue and job.device not in waiting and prestarts_bench(job.device):
+                    waiting[job.device] = spawn(queue.pop(0), job.device, wait=True)
             time.sleep(0.2)
-            for item in list(running):
-                label, final, tmp, proc, dev, t0 = item
-                rc = proc.poll()
+            for job in list(running):
+                rc = job.proc.poll()
                 if rc is None:
                     continue
-                running.remove(item)
-                free.append(dev)
-                if rc == 0 and tmp.is_file():
-                    os.replace(tmp, final)
-                    status[final.stem] = "done"
-                    _say(f"bench {label}: {len(read_jsonl(final))} rows in {time.monotonic() - t0:.0f} s -> {final}")
+                running.remove(job)
+                free.append(job.device)
+                if job.go is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        job.go.unlink()
+                if rc == 0 and job.tmp.is_file():
+                    os.replace(job.tmp, job.final)
+                    status[job.final.stem] = "done"
+                    _say(f"bench {job.label}: {len(read_jsonl(job.final))} rows in {time.monotonic() - job.started:.0f} s "
+                         f"-> {job.final}")
                 else:
-                    status[final.stem] = f"failed (exit code {rc})"
-                    log = out / "logs" / f"bench-{final.stem}.log"
-                    _say(f"bench {label} FAILED (exit code {rc}); last lines of {log}:\n{_log_tail(log)}")
+                    status[job.final.stem] = f"failed (exit code {rc})"
+                    log = out / "logs" / f"bench-{job.final.stem}.log"
+                    _say(f"bench {job.label} FAILED (exit code {rc}); last lines of {log}:\n{_log_tail(log)}")
                 man.save()
     except KeyboardInterrupt:
-        for item in running:
-            _signal_group(item[3], signal.SIGINT)
-        for item in running:
+        children = running + list(waiting.values())
+        for job in children:
+            _signal_group(job.proc, signal.SIGINT)
+        for job in children:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                item[3].wait(timeout=30)
-            _signal_group(item[3], signal.SIGKILL)
+                job.proc.wait(timeout=30)
+            _signal_group(job.proc, signal.SIGKILL)
         raise
+    finally:
+        for job in running + list(waiting.values()):
+            if job.go is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    job.go.unlink()
 
 
 # ---------------------------------------------------------------------------------------- CLI

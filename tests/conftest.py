@@ -1,3 +1,4 @@
+import contextlib
 import os
 import random
 import sys
@@ -28,10 +29,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_gpu_session = contextlib.ExitStack()
+
+
+def pytest_collection_finish(session):
+    """GPU tests on CUDA: FLA's kernels compiled in threads first. On a fresh H200 each op family's first
+    test spent 28-48 s compiling them one after another (results/h200-2026-11-28-s6)."""
+    from helpers import start_gpu_test_session
+
+    done = start_gpu_test_session(session.items, _gpu_session)
+    if done:
+        print(f"\nFLA kernels of earlier GPU test sessions preloaded: {done['kernels']} in {done['seconds']} s")
+
+
 def pytest_sessionfinish(session, exitstatus):
     """ATTNBENCH_SAVE_FLA_CONFIGS=FILE: save the choices FLA's autotuners made during the GPU tests, so a
     later run with the file installed (attnbench/ops/fla_configs.py) compiles one configuration per kernel
     instead of timing them all (on a fresh H200 that was 10-90 s per test)."""
+    _gpu_session.close()  # with ATTNBENCH_FLA_CAPTURE=DIR: this session's FLA kernels and choices -> DIR
     path = os.environ.get("ATTNBENCH_SAVE_FLA_CONFIGS")
     if path:
         from attnbench.ops.fla_configs import save_live

@@ -69,3 +69,21 @@ def record_fla_captures(monkeypatch) -> list:
 
     monkeypatch.setattr(fla_preload, "capturing", capturing)
     return events
+
+
+GPU_TESTS_KEY = ("tests", "gpu")  # preload/capture key of the GPU test sessions ("tests:gpu")
+
+
+def start_gpu_test_session(items: list, stack, cuda: bool | None = None) -> dict | None:
+    """For a session that runs GPU tests on CUDA: compile the FLA kernels earlier GPU test sessions compiled,
+    in threads (key "tests:gpu" of attnbench/fla_configs/<GPU>.preload.json), and enter the FLA capture
+    (ATTNBENCH_FLA_CAPTURE=DIR saves this session's kernels and autotuner choices; `stack` leaves it at the
+    session's end). Returns the preload's {"kernels", "failed", "seconds"}, or None."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda or not any("gpu" in item.keywords for item in items):
+        return None
+    from attnbench.ops import fla_preload
+
+    done = fla_preload.preload_for_run(*GPU_TESTS_KEY)
+    stack.enter_context(fla_preload.capturing(*GPU_TESTS_KEY))
+    return done

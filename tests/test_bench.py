@@ -372,6 +372,37 @@ def test_a_single_mixer_bench_process_is_captured_under_its_mixer(tmp_path, monk
     assert len(events) == 2 and "one mixer per bench process" in capsys.readouterr().out
 
 
+def test_wait_for_holds_the_measurement_until_the_go_file(tmp_path):
+    """`--wait_for FILE` (how a sweep starts the next benchmark while one measures): the process starts up,
+    says so and measures nothing until FILE exists."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out, go = tmp_path / "rows.jsonl", tmp_path / "go"
+    cmd = [sys.executable, "-m", "attnbench", "bench", "throughput", *tiny_args(["softmax"]), "--contexts", "16",
+           "--tokens_per_batch", "32", "--steps", "1", "--warmup_steps", "1", "--json", str(out), "--wait_for", str(go)]
+    p = subprocess.Popen(cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        while not any("waiting for" in line for line in lines):
+            line = p.stdout.readline()
+            assert line, "".join(lines)  # ended without waiting
+            lines.append(line)
+        time.sleep(1.0)
+        assert p.poll() is None and not out.exists()  # still waiting, nothing measured
+        go.touch()
+        rest, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, rest
+    assert "go after" in rest and [r["mixer"] for r in read_rows(out) if r["metric"] == "train_tokens_per_s"] == ["softmax"]
+
+
 def test_cli_errors_are_clean(capsys):
     assert main(["bench", "latency", "--device", "cpu", "--mixers", "sofmax", "--no_match"]) == 2
     assert "did you mean 'softmax'" in capsys.readouterr().err

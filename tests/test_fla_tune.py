@@ -62,3 +62,28 @@ tokens_per_batch = 32
         rows = read_jsonl(p)
         assert rows and {r["mixer"] for r in rows} == {"deltanet"}
         assert all(r["shape"]["n_embd"] == 32 for r in rows)  # the sweep's trained shape, not a default one
+
+
+def test_gpu_test_sessions_preload_and_capture_their_fla_kernels(monkeypatch):
+    """conftest's session start (tests/helpers.start_gpu_test_session): on CUDA with GPU tests collected,
+    FLA's kernels of earlier GPU test sessions ("tests:gpu") are preloaded and the session is captured
+    until its end; CPU sessions and sessions without GPU tests do neither."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from attnbench.ops import fla_preload
+    from helpers import record_fla_captures, start_gpu_test_session
+
+    events = record_fla_captures(monkeypatch)
+    preloads = []
+    monkeypatch.setattr(fla_preload, "preload_for_run",
+                        lambda mixer, phase: preloads.append((mixer, phase)) or {"kernels": 3, "seconds": 0.1})
+    gpu, cpu = SimpleNamespace(keywords={"gpu": True}), SimpleNamespace(keywords={})
+    with contextlib.ExitStack() as stack:
+        assert start_gpu_test_session([cpu, gpu], stack, cuda=True) == {"kernels": 3, "seconds": 0.1}
+        assert preloads == [("tests", "gpu")] and events == [("tests", "gpu")]
+    assert events[-1] == "left"
+    with contextlib.ExitStack() as stack:
+        assert start_gpu_test_session([cpu], stack, cuda=True) is None
+        assert start_gpu_test_session([cpu, gpu], stack, cuda=False) is None
+    assert len(preloads) == 1 and len(events) == 2

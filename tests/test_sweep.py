@@ -268,3 +268,35 @@ enabled = false
         assert not sw._still_training(man["runs"][r]["pid"], out / "runs" / r)
         assert sw.run_state(out / "runs" / r)[0] == "resume"
         assert "interrupted at step" in (out / "logs" / f"{r}.log").read_text()  # the trainer stopped itself
+
+
+def test_only_gpu_benchmarks_are_prestarted():
+    assert sw.prestarts_bench("cuda:0") and not sw.prestarts_bench("cpu")  # CPU timings keep both cores
+
+
+def test_benchmarks_start_the_next_child_while_one_measures(tiny_data, tmp_path, monkeypatch, capsys):
+    """On a GPU the sweep starts the next bench child early: it imports, then waits for its go file until
+    the device is free (forced on here, on the CPU). Every mixer's rows arrive in its own file, every
+    child after the first waited, and no go or partial file is left."""
+    cfg = write_sweep(tmp_path, tiny_data, """
+name = "b"
+base_config = "base.toml"
+mixers = ["softmax", "deltanet", "gated_deltanet"]
+[bench]
+benches = ["throughput"]
+options = { contexts = [16], tokens_per_batch = 32, steps = 1, warmup_steps = 1 }
+""")
+    s = sw.load_sweep(cfg)
+    out = tmp_path / "out"
+    runs = sw.plan(s, out)
+    monkeypatch.setattr(sw, "prestarts_bench", lambda device: True)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    sw._run_benchmarks(s, out, runs, sw.make_slots(["cpu"], 1, 1), sw._Manifest(out, s, runs))
+    said = capsys.readouterr().out
+    assert said.count("(started up while the previous one measured)") == 2
+    for m in s.mixers:
+        rows = read_jsonl(out / "bench" / f"{m}-throughput.jsonl")
+        assert {r["mixer"] for r in rows} == {m} and any(r["metric"] == "train_tokens_per_s" for r in rows)
+        log = (out / "logs" / f"bench-{m}-throughput.log").read_text()
+        assert ("waiting for" in log and "go after" in log) == (m != "softmax")
+    assert sorted(p.name for p in (out / "bench").iterdir()) == sorted(f"{m}-throughput.jsonl" for m in s.mixers)

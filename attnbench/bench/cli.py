@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import time
+from pathlib import Path
 
 from ..errors import AttnbenchError
 from ..ops import fla_preload
@@ -30,6 +31,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "(nsa.block_size=16); repeatable")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "autocast"],
                    help="auto: float32 on the CPU; on CUDA bf16 weights for latency, bf16 autocast for training")
+    g.add_argument("--wait_for", default=None, metavar="FILE",
+                   help="start up (imports, shapes, options; with CUDA also FLA's import), then wait until FILE "
+                        "exists before using the device: a sweep starts the next benchmark so while one measures")
 
 
 def _latency_opts(p: argparse.ArgumentParser, with_batch: bool = True) -> None:
@@ -171,6 +175,8 @@ def run_cli(a: argparse.Namespace) -> int:
     makers = {"latency": (latency_options, latency.run), "memory": (memory_options, memory.run),
               "throughput": (throughput_options, throughput.run)}
     opts = {name: makers[name][0](a, device) for name in todo}  # every option error before any work
+    if a.wait_for:
+        wait_for_go(Path(a.wait_for), device)
     writer = RowWriter(a.json)
     t0 = time.perf_counter()
     if device == "cuda":  # compile the mixers' FLA kernels in threads first (off: ATTNBENCH_FLA_PRELOAD=0)
@@ -191,6 +197,22 @@ def run_cli(a: argparse.Namespace) -> int:
     if a.json:
         print(f"{len(writer.rows)} rows appended to {a.json} ({time.perf_counter() - t0:.1f} s)", flush=True)
     return 0
+
+
+def wait_for_go(go: Path, device: str, poll_s: float = 0.01) -> None:
+    """The start-up that touches no GPU is done (on CUDA also FLA's import: FLA imports transformers and
+    parts of torch._dynamo, which took several seconds per process on the H200 host); now wait for `go`.
+    A sweep starts the next benchmark process this way while the previous one measures: that process
+    never shares the GPU with it, and the imports (one CPU core) are off the critical path."""
+    if device == "cuda":
+        from ..ops.backend import fla_available
+
+        fla_available()  # installs the saved FLA autotuner choices first, then imports FLA
+    print(f"bench: started up; waiting for {go}", flush=True)
+    t = time.perf_counter()
+    while not go.exists():
+        time.sleep(poll_s)
+    print(f"bench: go after {time.perf_counter() - t:.1f} s of waiting", flush=True)
 
 
 def print_summary(rows: list[dict]) -> None:

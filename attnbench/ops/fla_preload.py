@@ -69,13 +69,13 @@ def recording(mixer: str) -> Iterator[list[str]]:
     import triton
 
     knobs = triton.knobs.runtime
-    previous = knobs.jit_post_compile_hook
+    previous, previous_for = knobs.jit_post_compile_hook, _recording_for  # nested: the outer key resumes after
     knobs.jit_post_compile_hook = _hook
     _recording_for = mixer
     try:
         yield _recorded.setdefault(mixer, [])
     finally:
-        _recording_for = None
+        _recording_for = previous_for
         knobs.jit_post_compile_hook = previous
 
 

@@ -33,6 +33,13 @@ def test_recording_keeps_fla_kernels_under_the_mixer_and_restores_the_hook(tmp_p
     with fla_preload.recording("nsa"):
         compiled("fla.ops.nsa.parallel", "S3")
     assert specs == ["S1"] and fla_preload._recorded == {"deltanet": ["S1"], "nsa": ["S3"]}
+    with fla_preload.recording("tests:gpu"):  # a session-wide capture around a test that records its own
+        with fla_preload.recording("nsa"):
+            compiled("fla.ops.nsa.parallel", "S6")
+        compiled("fla.ops.delta_rule.chunk", "S7")  # the outer key resumes
+    assert fla_preload._recorded["tests:gpu"] == ["S7"] and fla_preload._recorded["nsa"] == ["S3", "S6"]
+    del fla_preload._recorded["tests:gpu"]
+    fla_preload._recorded["nsa"].remove("S6")
     assert knobs.jit_post_compile_hook is before
 
     path = tmp_path / "NVIDIA_H200.preload.json"
