@@ -65,9 +65,11 @@ folder.
 After training: one `attnbench bench all --mixers M --no_match --set <trained shape> ...` child per
 mixer writing `<out>/bench/<mixer>.jsonl` (skipped when present; alone on its device, after all
 training; on the CPU with the training runs' thread count, because two OpenMP threads on a busy
-2-core machine measure the neighbours, not the model; on a GPU the next child starts while one
-measures and waits with `--wait_for` until the device is free, so its imports are off the critical
-path), then `attnbench.report.build_report(<out>)` writes `<out>/report/report.md` and its figures.
+2-core machine measure the neighbours, not the model; on a GPU each child starts before its turn,
+the first while the runs train and each next one while the previous one measures, and waits with
+`--wait_for` until the device is free, so its imports are off the critical path;
+ATTNBENCH_BENCH_PRESTART=0 turns that off), then `attnbench.report.build_report(<out>)` writes
+`<out>/report/report.md` and its figures.
 """
 from __future__ import annotations
 
@@ -809,11 +811,18 @@ def _execute(sweep: Sweep, out: Path, runs: list[PlannedRun], slots: list[Slot],
             print(" ".join(child_command(rd, slots[0].nproc)))
         return man.data
 
+    benches = _BenchPhase(sweep, out, runs, slots, man) if bench and sweep.bench.enabled else None
     with _interruptible():
-        with _training_env(sweep, out, slots, man, bool(todo)):
-            failed = _train_all(sweep, out, todo, slots, man, status_interval, n_done, len(runs))
-        if bench and sweep.bench.enabled:
-            _run_benchmarks(sweep, out, runs, slots, man)
+        try:
+            if benches is not None and todo and _bench_available():
+                benches.prestart()  # the first bench child starts up while the runs train (on a GPU)
+            with _training_env(sweep, out, slots, man, bool(todo)):
+                failed = _train_all(sweep, out, todo, slots, man, status_interval, n_done, len(runs))
+            if benches is not None:
+                benches.run()
+        finally:
+            if benches is not None:
+                benches.stop()
     if report:
         from .report import build_report
 
@@ -1057,9 +1066,12 @@ def _bench_available() -> bool:
 
 
 def prestarts_bench(device: str) -> bool:
-    """Start the next benchmark process while one measures (it imports, then waits for its turn)? On a
-    GPU, yes: that start-up is CPU work, and the GPU stays the measuring process's alone. On the CPU, no:
-    the imports would take cores from the measurement."""
+    """Start a benchmark process before its turn (it imports, then waits)? On a GPU, yes: that start-up is
+    CPU work, and the GPU stays the measuring process's alone. On the CPU, no: the imports would take cores
+    from the measurement. ATTNBENCH_BENCH_PRESTART=0/1 decides instead."""
+    env = os.environ.get("ATTNBENCH_BENCH_PRESTART")
+    if env is not None:
+        return env.lower() not in ("0", "off", "false", "no")
     return device != "cpu"
 
 
@@ -1074,78 +1086,83 @@ class _BenchJob:
     started: float = 0.0
 
 
-def _run_benchmarks(sweep: Sweep, out: Path, runs: list[PlannedRun], slots: list[Slot], man: _Manifest) -> None:
+class _BenchPhase:
     """One bench child per (mixer, benchmark) with the mixer's trained shape, alone on its device; a
-    result file is written only when the child succeeds, and a present one is not redone. On a GPU the
-    next child is started while one measures and waits for a go file (`bench --wait_for`), so its
-    start-up (imports: 10-20 s per process on the H200 host) is not spent between measurements."""
-    bench_dir = out / "bench"
-    if not _bench_available():
-        _say("benchmarks skipped: attnbench.bench is not available in this version")
-        man.data["bench"] = {"status": "unavailable"}
-        man.save()
-        return
-    bench_dir.mkdir(parents=True, exist_ok=True)
-    devices = sorted({s.device.split(",")[0] for s in slots})
-    queue = []
-    for mixer in sweep.mixers:
-        model = next(r.config["model"] for r in runs if r.mixer == mixer)
-        for task in bench_tasks(sweep.bench):
-            final = bench_dir / (f"{mixer}.jsonl" if task == "all" else f"{mixer}-{task}.jsonl")
-            if not final.is_file():
-                queue.append((f"{mixer}" + ("" if task == "all" else f" {task}"), model, task, final))
-    if not queue:
-        _say("benchmarks: done before, skipped")
-        return
-    _say(f"benchmarks: {', '.join(q[0] for q in queue)} on {', '.join(devices)}")
-    status = man.data.setdefault("bench", {})
+    result file is written only when the child succeeds, and a present one is not redone.
 
-    def spawn(item: tuple, dev: str, wait: bool) -> _BenchJob:
+    On a GPU a child is started before its turn and waits for a go file (`bench --wait_for`): the first
+    one while the runs train, each next one while the previous one measures. Its start-up (imports:
+    10-16 s per process on the H200 host) is then off the critical path, and it never shares the GPU
+    with a measurement."""
+
+    def __init__(self, sweep: Sweep, out: Path, runs: list[PlannedRun], slots: list[Slot], man: _Manifest):
+        self.sweep, self.out, self.slots, self.man = sweep, out, slots, man
+        self.devices = sorted({s.device.split(",")[0] for s in slots})
+        self.queue: list[tuple[str, dict, str, Path]] = []
+        for mixer in sweep.mixers:
+            model = next(r.config["model"] for r in runs if r.mixer == mixer)
+            for task in bench_tasks(sweep.bench):
+                final = out / "bench" / (f"{mixer}.jsonl" if task == "all" else f"{mixer}-{task}.jsonl")
+                if not final.is_file():
+                    self.queue.append((f"{mixer}" + ("" if task == "all" else f" {task}"), model, task, final))
+        self.running: list[_BenchJob] = []
+        self.waiting: dict[str, _BenchJob] = {}  # device -> the prestarted child waiting for it
+
+    def _spawn(self, item: tuple, dev: str, wait: bool) -> _BenchJob:
         label, model, task, final = item
+        final.parent.mkdir(parents=True, exist_ok=True)
         tmp, go = final.with_name(f".{final.name}.tmp"), (final.with_name(f".{final.stem}.go") if wait else None)
         for f in (tmp, go) if go is not None else (tmp,):  # leftovers of an interrupted sweep
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
         env = {"CUDA_VISIBLE_DEVICES": "" if dev == "cpu" else dev.removeprefix("cuda:")}
         if dev == "cpu":  # CPU timings with the training runs' thread count (see the module doc)
-            env.update({k: v for k, v in slots[0].env.items() if k.endswith("_NUM_THREADS")})
-        cmd = bench_command(model, task, "cpu" if dev == "cpu" else "cuda", tmp, sweep.bench)
+            env.update({k: v for k, v in self.slots[0].env.items() if k.endswith("_NUM_THREADS")})
+        cmd = bench_command(model, task, "cpu" if dev == "cpu" else "cuda", tmp, self.sweep.bench)
         if go is not None:
             cmd += ["--wait_for", str(go)]
-        log = out / "logs" / f"bench-{final.stem}.log"
+        log = self.out / "logs" / f"bench-{final.stem}.log"
         return _BenchJob(label, final, tmp, _spawn(cmd, _child_env(env), log), dev, go)
 
-    def start_measuring(job: _BenchJob, how: str) -> None:
-        if job.go is not None:
-            job.go.touch()
-        job.started = time.monotonic()
-        _say(f"bench {job.label} on {job.device}{how}")
+    def prestart(self, devices: list[str] | None = None) -> None:
+        """Start the next child, waiting, on each of these devices (default: each one) that has none."""
+        for dev in devices if devices is not None else self.devices:
+            if self.queue and dev not in self.waiting and prestarts_bench(dev):
+                self.waiting[dev] = self._spawn(self.queue.pop(0), dev, wait=True)
 
-    running: list[_BenchJob] = []
-    waiting: dict[str, _BenchJob] = {}  # device -> the prestarted child waiting for it
-    free = list(devices)
-    try:
-        while queue or running or waiting:
+    def run(self) -> None:
+        if not _bench_available():
+            _say("benchmarks skipped: attnbench.bench is not available in this version")
+            self.man.data["bench"] = {"status": "unavailable"}
+            self.man.save()
+            return
+        if not self.queue and not self.waiting:
+            _say("benchmarks: done before, skipped")
+            return
+        labels = [j.label for j in self.waiting.values()] + [q[0] for q in self.queue]
+        _say(f"benchmarks: {', '.join(labels)} on {', '.join(self.devices)}")
+        status = self.man.data.setdefault("bench", {})
+        free = list(self.devices)
+        while self.queue or self.running or self.waiting:
             for dev in list(free):
-                if dev in waiting:
-                    job = waiting.pop(dev)
-                    start_measuring(job, " (started up while the previous one measured)")
-                elif queue:
-                    job = spawn(queue.pop(0), dev, wait=False)
-                    start_measuring(job, "")
+                if dev in self.waiting:
+                    job, how = self.waiting.pop(dev), " (started up before its turn)"
+                    job.go.touch()
+                elif self.queue:
+                    job, how = self._spawn(self.queue.pop(0), dev, wait=False), ""
                 else:
                     continue
+                job.started = time.monotonic()
+                _say(f"bench {job.label} on {dev}{how}")
                 free.remove(dev)
-                running.append(job)
-            for job in running:
-                if queue and job.device not in waiting and prestarts_bench(job.device):
-                    waiting[job.device] = spawn(queue.pop(0), job.device, wait=True)
+                self.running.append(job)
+            self.prestart([job.device for job in self.running])
             time.sleep(0.2)
-            for job in list(running):
+            for job in list(self.running):
                 rc = job.proc.poll()
                 if rc is None:
                     continue
-                running.remove(job)
+                self.running.remove(job)
                 free.append(job.device)
                 if job.go is not None:
                     with contextlib.suppress(FileNotFoundError):
@@ -1153,27 +1170,28 @@ def _run_benchmarks(sweep: Sweep, out: Path, runs: list[PlannedRun], slots: list
                 if rc == 0 and job.tmp.is_file():
                     os.replace(job.tmp, job.final)
                     status[job.final.stem] = "done"
-                    _say(f"bench {job.label}: {len(read_jsonl(job.final))} rows in {time.monotonic() - job.started:.0f} s "
-                         f"-> {job.final}")
+                    _say(f"bench {job.label}: {len(read_jsonl(job.final))} rows in "
+                         f"{time.monotonic() - job.started:.0f} s -> {job.final}")
                 else:
                     status[job.final.stem] = f"failed (exit code {rc})"
-                    log = out / "logs" / f"bench-{job.final.stem}.log"
+                    log = self.out / "logs" / f"bench-{job.final.stem}.log"
                     _say(f"bench {job.label} FAILED (exit code {rc}); last lines of {log}:\n{_log_tail(log)}")
-                man.save()
-    except KeyboardInterrupt:
-        children = running + list(waiting.values())
+                self.man.save()
+
+    def stop(self) -> None:
+        """Stop every child still running or waiting (Ctrl-C, or training interrupted); remove go files."""
+        children = self.running + list(self.waiting.values())
         for job in children:
             _signal_group(job.proc, signal.SIGINT)
         for job in children:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 job.proc.wait(timeout=30)
             _signal_group(job.proc, signal.SIGKILL)
-        raise
-    finally:
-        for job in running + list(waiting.values()):
+            job.proc.wait()
             if job.go is not None:
                 with contextlib.suppress(FileNotFoundError):
                     job.go.unlink()
+        self.running, self.waiting = [], {}
 
 
 # ---------------------------------------------------------------------------------------- CLI

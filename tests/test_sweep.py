@@ -270,33 +270,67 @@ enabled = false
         assert "interrupted at step" in (out / "logs" / f"{r}.log").read_text()  # the trainer stopped itself
 
 
-def test_only_gpu_benchmarks_are_prestarted():
+def test_only_gpu_benchmarks_are_prestarted(monkeypatch):
+    monkeypatch.delenv("ATTNBENCH_BENCH_PRESTART", raising=False)
     assert sw.prestarts_bench("cuda:0") and not sw.prestarts_bench("cpu")  # CPU timings keep both cores
+    monkeypatch.setenv("ATTNBENCH_BENCH_PRESTART", "0")
+    assert not sw.prestarts_bench("cuda:0")
 
 
-def test_benchmarks_start_the_next_child_while_one_measures(tiny_data, tmp_path, monkeypatch, capsys):
-    """On a GPU the sweep starts the next bench child early: it imports, then waits for its go file until
-    the device is free (forced on here, on the CPU). Every mixer's rows arrive in its own file, every
-    child after the first waited, and no go or partial file is left."""
+def test_stopping_the_bench_phase_ends_its_waiting_child(tiny_data, tmp_path, monkeypatch):
+    """A sweep stopped while a bench child waits for its turn (Ctrl-C during training) ends that child
+    and removes its go file."""
     cfg = write_sweep(tmp_path, tiny_data, """
-name = "b"
 base_config = "base.toml"
-mixers = ["softmax", "deltanet", "gated_deltanet"]
+mixers = ["softmax"]
 [bench]
 benches = ["throughput"]
-options = { contexts = [16], tokens_per_batch = 32, steps = 1, warmup_steps = 1 }
 """)
     s = sw.load_sweep(cfg)
     out = tmp_path / "out"
     runs = sw.plan(s, out)
     monkeypatch.setattr(sw, "prestarts_bench", lambda device: True)
+    phase = sw._BenchPhase(s, out, runs, sw.make_slots(["cpu"], 1, 1), sw._Manifest(out, s, runs))
+    phase.prestart()
+    job = phase.waiting["cpu"]
+    log = out / "logs" / "bench-softmax-throughput.log"
+    deadline = time.monotonic() + 60
+    while not (log.is_file() and "waiting for" in log.read_text()):
+        assert job.proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    job.go.touch()  # as if its turn had come just as the sweep stopped
+    phase.stop()
+    assert job.proc.poll() is not None and not phase.waiting
+    assert not job.go.exists()
+
+
+def test_bench_children_start_up_before_their_turn(tiny_data, tmp_path, monkeypatch, capsys):
+    """On a GPU each bench child starts early and waits for its go file: the first while the runs train,
+    each next one while the previous one measures (forced on here, on the CPU). Every mixer's rows arrive
+    in its own file, every child waited, and no go or partial file is left."""
+    cfg = write_sweep(tmp_path, tiny_data, """
+name = "b"
+base_config = "base.toml"
+mixers = ["softmax", "deltanet", "gated_deltanet"]
+[overrides]
+"train.max_iters" = 4
+"train.eval_interval" = 2
+[bench]
+benches = ["throughput"]
+options = { contexts = [16], tokens_per_batch = 32, steps = 1, warmup_steps = 1 }
+""")
+    monkeypatch.setattr(sw, "prestarts_bench", lambda device: True)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    sw._run_benchmarks(s, out, runs, sw.make_slots(["cpu"], 1, 1), sw._Manifest(out, s, runs))
+    out = tmp_path / "out"
+    man = sw.run_sweep(cfg, out=out, devices="cpu", report=False)
     said = capsys.readouterr().out
-    assert said.count("(started up while the previous one measured)") == 2
-    for m in s.mixers:
+    assert {v["status"] for v in man["runs"].values()} == {"done"}
+    assert said.count("(started up before its turn)") == 3
+    assert said.index("bench softmax throughput on cpu") > max(said.index(f"done {r}") for r in man["runs"])
+    for m in ("softmax", "deltanet", "gated_deltanet"):
         rows = read_jsonl(out / "bench" / f"{m}-throughput.jsonl")
         assert {r["mixer"] for r in rows} == {m} and any(r["metric"] == "train_tokens_per_s" for r in rows)
         log = (out / "logs" / f"bench-{m}-throughput.log").read_text()
-        assert ("waiting for" in log and "go after" in log) == (m != "softmax")
-    assert sorted(p.name for p in (out / "bench").iterdir()) == sorted(f"{m}-throughput.jsonl" for m in s.mixers)
+        assert "waiting for" in log and "go after" in log
+    assert sorted(p.name for p in (out / "bench").iterdir()) == sorted(
+        f"{m}-throughput.jsonl" for m in ("softmax", "deltanet", "gated_deltanet"))
