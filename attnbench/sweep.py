@@ -850,7 +850,8 @@ def _training_env(sweep: Sweep, out: Path, slots: list[Slot], man: _Manifest, tr
         return
     from .mps import ENV_KEYS, mps_daemon
 
-    with mps_daemon(out / "logs", _say) as env:
+    first_gpu = next(s for s in slots if s.device.startswith("cuda"))
+    with mps_daemon(out / "logs", _say, probe_env={"CUDA_VISIBLE_DEVICES": first_gpu.env["CUDA_VISIBLE_DEVICES"]}) as env:
         man.data["cuda_mps"] = bool(env)
         man.save()
         for s in slots:

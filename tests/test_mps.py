@@ -6,6 +6,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 
 from attnbench import mps
 from attnbench import sweep as sw
@@ -23,6 +24,7 @@ exit ${FAKE_MPS_RC:-0}
 
 @pytest.fixture
 def fake_control(tmp_path, monkeypatch):
+    monkeypatch.setattr(mps, "probe_client", lambda env: None)  # a client gets through (no GPU here)
     bindir = tmp_path / "bin"
     bindir.mkdir()
     f = bindir / mps.CONTROL
@@ -110,3 +112,25 @@ def test_sweep_key_is_validated_and_the_seed_preset_sets_it(tmp_path):
     f.write_text(f'base_config = "{base}"\nmixers = ["softmax"]\ncuda_mps = "yes"\n')
     with pytest.raises(ConfigError, match="cuda_mps must be true or false"):
         sw.load_sweep(f)
+
+
+def test_a_daemon_no_client_gets_through_is_quit_and_not_used(fake_control, tmp_path):
+    """The MPS server starts at the first client: a daemon that starts is no proof. A probe client that
+    cannot open a CUDA context through it means no MPS (and the daemon quit), not five crashed runs."""
+    seen, said = [], []
+
+    def probe(env):
+        seen.append(env)
+        return "probe client: CUDA error 805"
+
+    with mps.mps_daemon(None, said.append, probe_env={"CUDA_VISIBLE_DEVICES": "3"}, probe=probe) as env:
+        assert env == {}
+    assert seen[0]["CUDA_VISIBLE_DEVICES"] == "3" and seen[0]["CUDA_MPS_PIPE_DIRECTORY"]
+    assert "could not use it" in said[-2] and "CUDA error 805" in said[-2]
+    assert fake_control.read_text().splitlines()[-1].endswith("stdin=quit")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the probe where no GPU answers")
+def test_the_probe_client_reports_why_without_a_gpu():
+    why = mps.probe_client(dict(os.environ))
+    assert why is not None and why.startswith("probe client:")
