@@ -20,6 +20,8 @@
 #                            after $GPU_BENCH_TIMEOUT s, default 540)
 #   sweep:FILE | run:PRESET  attnbench sweep FILE / attnbench run --preset PRESET (extra options in
 #                            $SWEEP_OPTS; stop after $GPU_SWEEP_TIMEOUT s, default 570)
+# GPU_APPS_EVERY=S samples nvidia-smi's compute processes (pid, memory) every S seconds into OUTDIR/gpu_apps.csv
+# while the stages run, with each pid's command line (which processes hold a CUDA context, and how much).
 # Run folders go to $ATTNBENCH_RUNS (default /tmp/attnbench-runs); two suites sharing a machine (one per
 # GPU through CUDA_VISIBLE_DEVICES) need different ones. With ATTNBENCH_FLA_CAPTURE=DIR every training and
 # benchmark process saves its FLA autotuner choices and kernel specializations under DIR (packed into
@@ -51,6 +53,16 @@ done
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export ATTNBENCH_DATA=${ATTNBENCH_DATA:-$PWD/.gpu_data/input.txt}
 LOG="$OUTDIR/suite.log"
+SAMPLER=
+if [ -n "${GPU_APPS_EVERY:-}" ]; then
+  ( while :; do
+      nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null | while IFS=', ' read -r pid mem _; do
+        echo "$(date +%T),$pid,$mem,$(cat /proc/$pid/cmdline 2>/dev/null | tr '\0' ' ' | cut -c1-160)"
+      done
+      sleep "$GPU_APPS_EVERY"
+    done >> "$OUTDIR/gpu_apps.csv" ) &
+  SAMPLER=$!
+fi
 
 for stage in "${STAGES[@]}"; do
   echo "=== $stage ($(date +%T))" | tee -a "$LOG"
@@ -140,6 +152,7 @@ PY
   esac
 done
 # small files only: summaries, metrics, bench rows, reports (no checkpoints)
+[ -n "$SAMPLER" ] && kill "$SAMPLER" 2>/dev/null
 wait
 mkdir -p "$OUTDIR"
 (cd "$RUNS" && find . -name '*.log' -o -name summary.json -o -name metrics.jsonl -o -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.png' \

@@ -30,3 +30,26 @@ def test_results_and_fla_captures_are_packed_into_one_archive_each(tmp_path):
     with tarfile.open(out / "fla_capture.tar.gz") as t:
         names = t.getnames()
     assert {"./deltanet-train-11/NVIDIA_H200.preload.json", "./nsa-bench-12/NVIDIA_H200.preload.json"} <= set(names)
+
+
+def test_gpu_apps_sampler_records_pids_with_their_commands_and_stops(tmp_path):
+    """GPU_APPS_EVERY=S: nvidia-smi's compute processes every S seconds, each with its command line, into
+    OUTDIR/gpu_apps.csv; the sampler ends with the suite (a fake nvidia-smi names this test's process)."""
+    bindir, out = tmp_path / "bin", tmp_path / "out"
+    bindir.mkdir()
+    fake = bindir / "nvidia-smi"
+    fake.write_text("#!/usr/bin/env bash\necho \"$FAKE_PID, 512 MiB\"\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "GPU_APPS_EVERY": "0.2",
+           "ATTNBENCH_RUNS": str(tmp_path / "runs"), "FAKE_PID": str(os.getpid())}
+    script = "bash scripts/gpu_suite.sh \"$1\" no_such_stage; sleep 0.5"
+    r = subprocess.run(["bash", "-c", script, "suite", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = (out / "gpu_apps.csv").read_text().splitlines()
+    assert rows and all(row.split(",", 3)[1:3] == [str(os.getpid()), "512"] for row in rows)
+    assert all("pytest" in row.split(",", 3)[3] for row in rows)  # the pid's command line
+    n = len(rows)
+    import time
+    time.sleep(0.6)
+    assert len((out / "gpu_apps.csv").read_text().splitlines()) == n  # stopped with the suite
