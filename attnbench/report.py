@@ -101,6 +101,11 @@ class RunResult:
         return max([int(x.get("jobs_per_device", 1)) for x in self.run_meta.get("launches", [])] or [1])
 
     @property
+    def under_mps(self) -> bool:
+        """Did a launch of this run share its GPU through the sweep's CUDA MPS daemon?"""
+        return any(x.get("cuda_mps") for x in self.run_meta.get("launches", []))
+
+    @property
     def final_val_loss(self) -> float:
         return float(self.summary["final_val_loss"])
 
@@ -333,6 +338,7 @@ class BakeoffRow:
     decode_ms: tuple[float, int, bool] | None  # (ms/token, prompt length, compiled)
     decode_graph_ms: tuple[float, int, bool] | None
     n_params: int | None
+    under_mps: bool = False  # the shared-device runs shared it through CUDA MPS
 
 
 def bakeoff(res: Results) -> list[BakeoffRow]:
@@ -370,7 +376,7 @@ def bakeoff(res: Results) -> list[BakeoffRow]:
             _mean_sd(bpcs) if len(bpcs) == len(rs) else None, tok_per_s, ms_iter, source, note,
             statistics.fmean(mem) if mem else None, _oom_threshold(res.bench, mixer),
             _decode_at(res.bench, mixer, "eager"), _decode_at(res.bench, mixer, "cuda_graph"),
-            rs[0].summary.get("n_params")))
+            rs[0].summary.get("n_params"), any(r.under_mps for r in rs)))
     return out
 
 
@@ -414,7 +420,8 @@ def bakeoff_markdown(rows: list[BakeoffRow]) -> tuple[str, list[str]]:
     if any(r.speed_source.startswith("train") for r in rows):
         notes.append("tokens/s and ms/iter without a throughput benchmark: steady-state training speed from the runs.")
     if shared:
-        notes.append("† measured while several training runs shared the device (jobs_per_device > 1): "
+        mps = " through CUDA MPS (their kernels overlapping)" if any(r.under_mps for r in rows) else ""
+        notes.append(f"† measured while several training runs shared the device (jobs_per_device > 1){mps}: "
                      "indicative only; compare the throughput benchmark instead.")
     notes.append("peak train mem: the training process's peak (CUDA: max allocated; CPU: process RSS, which "
                  "includes the Python runtime).")

@@ -149,6 +149,12 @@ def test_speed_from_shared_training_is_flagged_without_bench(results, tmp_path):
         assert not (out / "report" / f).exists()
     for f in FIGS:
         assert_png(out / "report" / f)
+    assert "through CUDA MPS" not in md
+    for f in (out / "runs").glob("*/run.json"):  # as a sweep with cuda_mps records its launches
+        meta = json.loads(f.read_text())
+        meta["launches"][-1]["cuda_mps"] = True
+        f.write_text(json.dumps(meta))
+    assert "shared the device (jobs_per_device > 1) through CUDA MPS" in rp.build_report(out).read_text()
 
 
 def test_corrupt_and_partial_runs_are_skipped_not_fatal(results, tmp_path):
