@@ -850,8 +850,8 @@ def _training_env(sweep: Sweep, out: Path, slots: list[Slot], man: _Manifest, tr
         return
     from .mps import ENV_KEYS, mps_daemon
 
-    first_gpu = next(s for s in slots if s.device.startswith("cuda"))
-    with mps_daemon(out / "logs", _say, probe_env={"CUDA_VISIBLE_DEVICES": first_gpu.env["CUDA_VISIBLE_DEVICES"]}) as env:
+    # the probe opens a context where the first run will (a sweep's slots are all GPUs or all the CPU)
+    with mps_daemon(out / "logs", _say, probe_env={"CUDA_VISIBLE_DEVICES": slots[0].env["CUDA_VISIBLE_DEVICES"]}) as env:
         man.data["cuda_mps"] = bool(env)
         man.save()
         for s in slots:

@@ -134,3 +134,30 @@ def test_a_daemon_no_client_gets_through_is_quit_and_not_used(fake_control, tmp_
 def test_the_probe_client_reports_why_without_a_gpu():
     why = mps.probe_client(dict(os.environ))
     assert why is not None and why.startswith("probe client:")
+
+
+def test_a_sweep_under_mps_records_it_per_launch_and_the_report_says_so(fake_control, tiny_data, tmp_path,
+                                                                       monkeypatch, capsys):
+    """End to end on the CPU (MPS forced on, the fake daemon): the training children start with the
+    daemon's folders, run.json records MPS for each launch, and the report's shared-device footnote
+    names it. The progress line gives the best validation loss beside the last."""
+    import json
+
+    import tomli_w
+
+    from attnbench.report import build_report
+    from conftest import tiny_run_config
+
+    (tmp_path / "base.toml").write_text(tomli_w.dumps(tiny_run_config(tiny_data, tmp_path / "unused")))
+    (tmp_path / "s.toml").write_text('base_config = "base.toml"\nmixers = ["softmax"]\nseeds = [1, 2]\n'
+                                     'jobs_per_device = 2\ncuda_mps = true\n[overrides]\n"train.max_iters" = 4\n'
+                                     '"train.eval_interval" = 2\n[bench]\nenabled = false\n')
+    monkeypatch.setattr(sw, "wants_mps", lambda sweep, slots: sweep.cuda_mps)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "out"
+    man = sw.run_sweep(tmp_path / "s.toml", out=out, devices="cpu", report=False)
+    assert man["cuda_mps"] is True and {v["status"] for v in man["runs"].values()} == {"done"}
+    for run_id in man["runs"]:
+        assert json.loads((out / "runs" / run_id / "run.json").read_text())["launches"][-1]["cuda_mps"] is True
+    assert "best val loss" in capsys.readouterr().out
+    assert "through CUDA MPS" in build_report(out).read_text()

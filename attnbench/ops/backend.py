@@ -187,6 +187,8 @@ def resolve(backend: str, x: torch.Tensor, op: str, unsupported: str | None = No
 def record(op: str, label: str) -> None:
     """Add `label` ('fla', 'torch', or '+'-joined kinds) to what the open record_backends blocks saw of op."""
     for seen in _recorders:
+        if seen.get(op) == label:  # the usual case, once per op call in eager steps: nothing to join
+            continue
         kinds = set(seen[op].split("+")) if op in seen else set()
         seen[op] = "+".join(sorted(kinds | set(label.split("+"))))
 
