@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import types
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -149,13 +150,18 @@ def test_the_choices_of_fla_autotuners_alive_in_the_process_are_saved(tmp_path, 
     mine = types.FunctionType(other_kernel.__code__, {}, "other_kernel")
     keep = [Autotuner(SimpleNamespace(fn=fla_fn), {KEY: _cfg(BV=32)}), Autotuner(SimpleNamespace(fn=mine), {KEY: _cfg()}),
             Autotuner(SimpleNamespace(fn=fla_fn), {})]
+    # a weakref.proxy whose object is gone (torch._dynamo.reset() leaves some): isinstance on it raises
+    # ReferenceError, which crashed the GPU tests' session capture on the H200
+    gone = Autotuner(SimpleNamespace(fn=fla_fn), {KEY: _cfg(BV=64)})
+    dead = [weakref.proxy(gone)]
+    del gone
     assert [fla_configs.kernel_id(t.fn) for t in fla_configs.live_fla_tuners()] == \
         ["fla.ops.common.chunk_delta_h.chunk_fwd_kernel_h"]
     monkeypatch.setattr(fla_configs, "versions", lambda: dict(VERS))
     monkeypatch.setattr("torch.cuda.get_device_name", lambda i=0: "NVIDIA H200")
     assert fla_configs.save_live(tmp_path / "g.json") == 1
     assert list(fla_configs.load(tmp_path / "g.json", VERS)) == ["fla.ops.common.chunk_delta_h.chunk_fwd_kernel_h"]
-    del keep
+    del keep, dead
 
 
 def test_the_test_session_saves_fla_choices_where_asked(tmp_path, monkeypatch):
