@@ -789,6 +789,7 @@ def _settings(res: Results) -> list[str]:
     seeds = sorted({r.seed for r in res.runs})
     devices = sorted({f"{r.summary.get('device_name', r.summary.get('device', '?'))}" for r in res.runs})
     shared = max(r.shared_device for r in res.runs)
+    how = " through CUDA MPS" if any(r.under_mps for r in res.runs) else ""
     return [
         f"dataset `{c.get('data', {}).get('dataset', '?')}`; context {c['model'].get('block_size')} tokens; batch "
         f"{c['train'].get('batch_size')} x {c['train'].get('gradient_accumulation_steps', 1)} accumulation; "
@@ -798,7 +799,7 @@ def _settings(res: Results) -> list[str]:
         f"{c['optim'].get('min_lr'):g}; learning rates {', '.join(f'{x:g}' for x in lrs)}; seeds "
         f"{', '.join(map(str, seeds))}",
         f"trained on {', '.join(devices)} ({s.get('dtype', '?')}, compile={s.get('compile')}); "
-        + (f"up to {shared} runs shared a device" if shared > 1 else "one run per device"),
+        + (f"up to {shared} runs shared a device{how}" if shared > 1 else "one run per device"),
     ]
 
 
