@@ -682,7 +682,10 @@ def _bench_fig(series: dict[str, list[dict]], out: Path, name: str, xlabel: str,
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8, frameon=False)
+    if len(series) > 6:  # e.g. three decode modes per mixer: a legend inside would cover the curves
+        ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8, frameon=False)
     path = out / name
     _save(fig, path)
     return path
