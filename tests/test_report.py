@@ -270,3 +270,18 @@ def test_report_names_the_kernels_behind_training_and_each_benchmark(results, tm
     line = md.split("## Kernels behind the figures", 1)[1].strip().splitlines()[0]
     assert line == ("- softmax: training: causal_conv1d fla, gated_delta_rule fla+torch-dqkwg; "
                     "latency: nsa_decode triton")
+
+
+def test_a_crowded_legend_goes_beside_the_plot(tmp_path):
+    """Decode latency with three modes per mixer is 15 series: their legend inside the axes covered the
+    curves (the H200 seed report, 2026-12-02), so it is drawn to the right of the plot instead."""
+    import matplotlib.image as mpimg
+
+    rows = [{"bench": "latency", "metric": "decode_ms_per_token", "mixer": m, "mode": mode, "context": P,
+             "value": v * (1 + i), "min": v * (1 + i) * 0.9, "max": v * (1 + i) * 1.1}
+            for i, m in enumerate(["softmax", "deltanet", "gated_deltanet", "gated_deltaproduct", "nsa"])
+            for mode, v in (("eager", 2.0), ("recompute", 40.0), ("cuda_graph", 0.25)) for P in (128, 1024, 16384)]
+    img = mpimg.imread(rp.fig_decode(rows, tmp_path))
+    (tmp_path / "few").mkdir()
+    few = mpimg.imread(rp.fig_decode([r for r in rows if r["mixer"] == "softmax"], tmp_path / "few"))
+    assert img.shape[1] / img.shape[0] > 1.25 * few.shape[1] / few.shape[0]  # widened by the legend beside it
