@@ -18,9 +18,11 @@ Step 1 walks the block means in tiles of 64. With one tile it runs inside the pr
 max and sum, then the rest). With several, which is from 2,048 tokens of context at block size 32, a
 first kernel scores one tile per program in parallel, flash-decoding style. It keeps each tile's
 scores, row max, row sum and unnormalised output. The main program combines those partials and reads
-the kept scores for the importance. On the H200 (session 5) the one-program version took 0.339 ms/token
-for the whole model after a 128-token prompt and 0.481 after 16k. Its time grew with the number of
-tiles it walked alone. The split is not yet timed there.
+the kept scores for the importance, eight tiles' partials and 512 scores per load: at batch 1 it is the
+only program of its layer, so each load waits for the one before, and few wide loads beat many narrow
+ones. On the H200 (CUDA graph, whole model) the one-program version took 0.339 ms/token after a 128-token
+prompt and 0.481 after 16k (session 5); the split with one tile per load 0.425 after 16k (session 6), 0.306
+with the step compiled (session 7). The wide loads are not timed on a GPU yet.
 
 Float32 values throughout (the cache may be bf16). Products run on tensor cores in tf32 with float32
 accumulation; the compressed scores, which decide the selection, run in 3xtf32 (float32 accuracy;
@@ -30,7 +32,7 @@ at the seed's shape:
 | kernel | warps | registers | spills |
 | --- | --- | --- | --- |
 | one program | 8 | 255 | 96 B |
-| main program, split | 8 | 193 | none |
+| main program, split (8 tiles' partials, 512 scores per load) | 8 | 253 | none |
 | split scoring | 4 | 152 | none |
 
 Shapes are static and the position is read on the device, so the step is CUDA-graph safe. `nsa_decode`
@@ -80,6 +82,16 @@ if triton is not None:
         return tl.sum(p[:, :, None] * v[None, :, :], 1)
 
     @triton.jit
+    def _store_importance(imp_ptr, bh, NB, p, oc, mc, n_complete, ic):
+        """The selection's importance of blocks `oc` (p [BG, tile]: the compressed probabilities, summed
+        over the group), incomplete blocks at NEG, the forced blocks (first, previous, own) ranked on top."""
+        imp = tl.sum(p, 0) + tl.where(oc < n_complete, 0.0, _NEG)
+        imp = tl.where(oc == 0, tl.maximum(imp, _RANK), imp)
+        imp = tl.where(oc == tl.maximum(ic - 1, 0), tl.maximum(imp, _RANK + 1), imp)
+        imp = tl.where(oc == ic, tl.maximum(imp, _RANK + 2), imp)
+        tl.store(imp_ptr + bh * NB + oc, imp, mask=mc)
+
+    @triton.jit
     def _compressed_split_kernel(q_ptr, km_ptr, vm_ptr, s_ptr, pm_ptr, pl_ptr, pacc_ptr, pos_ptr, NB, NSPLIT, scale,
                                  G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                                  BS: tl.constexpr, BLOCK_NB: tl.constexpr, DOT_NB: tl.constexpr):
@@ -114,7 +126,8 @@ if triton is not None:
                            G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                            BS: tl.constexpr, S: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
                            BLOCK_NB: tl.constexpr, BLOCK_SEL: tl.constexpr, DOT_NB: tl.constexpr,
-                           DOT_BS: tl.constexpr, DOT_W: tl.constexpr, SPLIT: tl.constexpr):
+                           DOT_BS: tl.constexpr, DOT_W: tl.constexpr, SPLIT: tl.constexpr,
+                           BLOCK_SPLIT: tl.constexpr, BLOCK_IMP: tl.constexpr):
         bh = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr)
         og, od = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
@@ -134,17 +147,32 @@ if triton is not None:
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         lsum = tl.zeros([BLOCK_G], tl.float32)
         acc_c = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        if SPLIT:  # the tiles' partials (_compressed_split_kernel), combined with an online softmax
-            for sp in range(0, NSPLIT):
-                part = (bh * NSPLIT + sp) * G + og
-                m_t = tl.load(pm_ptr + part, mask=mg, other=0.0)
-                m_new = tl.maximum(m, m_t)
-                a, b = tl.exp(m - m_new), tl.exp(m_t - m_new)
-                lsum = lsum * a + tl.load(pl_ptr + part, mask=mg, other=0.0) * b
-                acc_c = acc_c * a[:, None] + b[:, None] * tl.load(pacc_ptr + part[:, None] * D + od[None, :],
-                                                                 mask=mg[:, None] & md[None, :], other=0.0)
+        if SPLIT:
+            # the tiles' partials (_compressed_split_kernel), BLOCK_SPLIT tiles per load, combined with an
+            # online softmax; then the importance from the scores the split kernel kept, BLOCK_IMP blocks
+            # per load. One program walks these loops (batch 1: one program per layer), and each round
+            # trip to memory waits for the one before: wide loads make few of them.
+            osp = tl.arange(0, BLOCK_SPLIT)
+            for s0 in range(0, NSPLIT, BLOCK_SPLIT):
+                ms2 = ((s0 + osp) < NSPLIT)[:, None] & mg[None, :]
+                part = (bh * NSPLIT + s0 + osp[:, None]) * G + og[None, :]  # [BLOCK_SPLIT, BLOCK_G]
+                m_t = tl.load(pm_ptr + part, mask=ms2, other=float("-inf"))
+                m_new = tl.where(mg, tl.maximum(m, tl.max(m_t, 0)), 0.0)  # padded rows: 0, not -inf - -inf
+                w = tl.where(ms2, tl.exp(m_t - m_new[None, :]), 0.0)
+                a = tl.where(mg, tl.exp(m - m_new), 0.0)  # the first round: exp(-inf) = 0
+                lsum = lsum * a + tl.sum(tl.load(pl_ptr + part, mask=ms2, other=0.0) * w, 0)
+                pacc = tl.load(pacc_ptr + part[:, :, None] * D + od[None, None, :],
+                               mask=ms2[:, :, None] & md[None, None, :], other=0.0)
+                acc_c = acc_c * a[:, None] + tl.sum(pacc * w[:, :, None], 0)
                 m = m_new
             acc_c = tl.where(mg[:, None], acc_c / lsum[:, None], 0.0)
+            for c0 in range(0, NB, BLOCK_IMP):
+                oc = c0 + tl.arange(0, BLOCK_IMP)
+                mc = oc < NB
+                s = tl.load(s_ptr + (bh * G + og[:, None]) * NB + oc[None, :], mask=mg[:, None] & mc[None, :],
+                            other=float("-inf"))
+                p = tl.where(mg[:, None], tl.exp(s - m[:, None]) / lsum[:, None], 0.0)
+                _store_importance(imp_ptr, bh, NB, p, oc, mc, n_complete, ic)
         else:  # one program: two passes over the block means (row max and sum, then the rest)
             for c0 in range(0, NB, BLOCK_NB):
                 oc = c0 + tl.arange(0, BLOCK_NB)
@@ -156,27 +184,17 @@ if triton is not None:
                 m_new = tl.maximum(m, tl.max(s, 1))
                 lsum = lsum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
                 m = m_new
-        for c0 in range(0, NB, BLOCK_NB):
-            oc = c0 + tl.arange(0, BLOCK_NB)
-            mc = oc < NB
-            if SPLIT:  # the scores the split kernel kept
-                s = tl.load(s_ptr + (bh * G + og[:, None]) * NB + oc[None, :], mask=mg[:, None] & mc[None, :],
-                            other=float("-inf"))
-            else:
+            for c0 in range(0, NB, BLOCK_NB):
+                oc = c0 + tl.arange(0, BLOCK_NB)
+                mc = oc < NB
                 km = tl.load(kmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
                 s = _scores(q, km.to(tl.float32), DOT_NB, EXACT) * scale
                 s = tl.where((oc < n_complete)[None, :], s, _NEG)
                 s = tl.where(mc[None, :], s, float("-inf"))
-            p = tl.where(mg[:, None], tl.exp(s - m[:, None]) / lsum[:, None], 0.0)
-            if not SPLIT:
+                p = tl.where(mg[:, None], tl.exp(s - m[:, None]) / lsum[:, None], 0.0)
                 vm = tl.load(vmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
                 acc_c += _mix(p, vm.to(tl.float32), DOT_NB, FAST)
-            # importance for the selection, incomplete blocks at NEG, forced blocks ranked on top
-            imp = tl.sum(p, 0) + tl.where(oc < n_complete, 0.0, _NEG)
-            imp = tl.where(oc == 0, tl.maximum(imp, _RANK), imp)
-            imp = tl.where(oc == tl.maximum(ic - 1, 0), tl.maximum(imp, _RANK + 1), imp)
-            imp = tl.where(oc == ic, tl.maximum(imp, _RANK + 2), imp)
-            tl.store(imp_ptr + bh * NB + oc, imp, mask=mc)
+                _store_importance(imp_ptr, bh, NB, p, oc, mc, n_complete, ic)
         tl.debug_barrier()
 
         # 2. selection: block_counts rounds of argmax; each chosen block attended as it is chosen
@@ -233,11 +251,13 @@ def _pow2(n: int, lo: int = 1) -> int:
 
 def nsa_decode_triton(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor, pos: torch.Tensor,
                       gates: torch.Tensor, block_size: int, block_counts: int, window_size: int,
-                      scale: float, block_sel: int | None = None, block_nb: int | None = None) -> torch.Tensor:
+                      scale: float, block_sel: int | None = None, block_nb: int | None = None,
+                      block_split: int | None = None, block_imp: int | None = None) -> torch.Tensor:
     """nsa_decode's result (its layouts; no block_indices override): one kernel launch per call, two
     where the block means span several tiles. `block_sel` (a power of two >= 16) and `block_nb` (a power of
-    two; >= 16 where G and D are) override the selection scan's and the compressed pass's tiles (tests:
-    several tiles at small sizes)."""
+    two; >= 16 where G and D are) override the selection scan's and the compressed pass's tiles;
+    `block_split` and `block_imp` (powers of two) how many tiles' partials and how many block scores the
+    main program reads per load after the split (tests: several tiles and loads at small sizes)."""
     B, _, HQ, D = q.shape
     _, _, H, L, _ = kv.shape
     G, NB = HQ // H, kv_means.shape[3]
@@ -254,6 +274,8 @@ def nsa_decode_triton(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor,
     dot = BG >= 16 and BD >= 16  # tl.dot wants every dimension >= 16
     nsplit = triton.cdiv(NB, BNB)
     split = nsplit > 1  # several tiles of block means: score them in parallel programs first
+    BSP = block_split or min(_pow2(nsplit), 8)  # [8, 16, 64] fp32 partials per load: 32 registers a thread
+    BIMP = block_imp or min(_pow2(NB, 16), 512)  # [16, 512] fp32 scores per load: as many
     if split:
         scores = torch.empty(B * H, G, NB, dtype=torch.float32, device=q.device)
         pm = torch.empty(B * H, nsplit, G, dtype=torch.float32, device=q.device)
@@ -268,5 +290,5 @@ def nsa_decode_triton(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor,
         qh, g, kv[0], kv[1], kv_means[0], kv_means[1], imp, o, pos, scores, pm, pl, pacc, L, NB, nsplit,
         float(scale), G=G, D=D, BLOCK_G=BG, BLOCK_D=BD, BS=block_size, S=block_counts, W=window_size,
         BLOCK_W=BW, BLOCK_NB=BNB, BLOCK_SEL=BSEL, DOT_NB=dot, DOT_BS=dot and block_size >= 16, DOT_W=dot,
-        SPLIT=split, num_warps=8)
+        SPLIT=split, BLOCK_SPLIT=BSP, BLOCK_IMP=BIMP, num_warps=8)
     return o.view(B, 1, HQ, D)

@@ -42,11 +42,14 @@ def test_kernel_equals_the_pytorch_step(interpreted, H, G, S, W, L, split):
     D = q.shape[-1]
     block_nb = (4 if G < 16 else 16) if split else None  # split: tiles of 4 (16 for tl.dot) block means
     assert not split or means.shape[3] > block_nb  # so the split kernel scores several tiles
+    # split: the main program reads 2 tiles' partials and 8 block scores per load, so it takes several
+    # loads, the last one ragged (NB = 7..19 block means, 2..5 tiles)
+    wide = dict(block_split=2, block_imp=8) if split else {}
     for t in (0, 1, BS - 1, BS, 2 * BS + 3, T - 1):  # block boundaries, no complete block yet, the end
         args = (torch.tensor([t]), gates_at(gates, t), BS, S, W)
         ref = nsa_decode(q[:, t:t + 1], kv.double(), means.double(), *args)  # float64 PyTorch step
         got = interpreted.nsa_decode_triton(q[:, t:t + 1].float(), kv, means.float(), args[0], args[1].float(),
-                                            BS, S, W, D ** -0.5, block_nb=block_nb)
+                                            BS, S, W, D ** -0.5, block_nb=block_nb, **wide)
         assert got.shape == ref.shape and got.dtype == torch.float32
         assert rel_err(got, ref) < 1e-5, t
 
@@ -59,11 +62,15 @@ def test_kernel_at_the_seed_shape_with_a_bf16_cache_over_several_tiles(interpret
     kv = torch.zeros(2, B, H, L, D, dtype=torch.bfloat16)
     kv[:, :, :, :T] = torch.randn(2, B, H, T, D).bfloat16()
     means = torch.stack([nsa_block_means(kv[i].transpose(1, 2), bs) for i in range(2)]).transpose(2, 3).contiguous()
-    for t, block_sel in ((5, None), (32, None), (700, 16), (T - 1, None), (T - 1, 32)):  # 16, 32: several scan tiles
+    # block_sel 16, 32: several selection scan tiles; block_split 2, block_imp 64: the main program reads the
+    # three tiles' partials in two loads and the 157 scores in three (the defaults: one load each)
+    for t, block_sel, wide in ((5, None, {}), (32, None, {}), (700, 16, {}), (T - 1, None, {}), (T - 1, 32, {}),
+                               (T - 1, None, dict(block_split=2, block_imp=64)),
+                               (1500, None, dict(block_split=2, block_imp=64))):
         q, gates = torch.randn(B, 1, H * G, D).bfloat16(), torch.rand(B, 1, H * G, 3).bfloat16()
         ref = nsa_decode(q.double(), kv.double(), means.double(), torch.tensor([t]), gates.double(), bs, S, W)
         got = interpreted.nsa_decode_triton(q, kv, means, torch.tensor([t]), gates, bs, S, W, D ** -0.5,
-                                            block_sel=block_sel)
+                                            block_sel=block_sel, **wide)
         assert got.dtype == torch.bfloat16 and rel_err(got, ref) < 1e-2, t  # bf16 rounding of the output
 
 
@@ -107,12 +114,13 @@ def compile(fn, sig, const):
 sig = dict(q_ptr="*bf16", gate_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", km_ptr="*fp32", vm_ptr="*fp32",
            imp_ptr="*fp32", o_ptr="*bf16", pos_ptr="*i64", s_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32",
            pacc_ptr="*fp32", L="i32", NB="i32", NSPLIT="i32", scale="fp32")
+SHAPES = ((dict(G=16, D=64, BLOCK_G=16, BLOCK_D=64, BS=32, S=4, W=64, BLOCK_W=64, BLOCK_NB=64, BLOCK_SEL=1024,
+                DOT_NB=True, DOT_BS=True, DOT_W=True), dict(BLOCK_SPLIT=8, BLOCK_IMP=512)),
+          (dict(G=2, D=16, BLOCK_G=2, BLOCK_D=16, BS=16, S=4, W=0, BLOCK_W=16, BLOCK_NB=16, BLOCK_SEL=16,
+                DOT_NB=False, DOT_BS=False, DOT_W=False), dict(BLOCK_SPLIT=2, BLOCK_IMP=16)))
 for split in (False, True):
-    for const in (dict(G=16, D=64, BLOCK_G=16, BLOCK_D=64, BS=32, S=4, W=64, BLOCK_W=64, BLOCK_NB=64,
-                       BLOCK_SEL=1024, DOT_NB=True, DOT_BS=True, DOT_W=True),
-                  dict(G=2, D=16, BLOCK_G=2, BLOCK_D=16, BS=16, S=4, W=0, BLOCK_W=16, BLOCK_NB=16, BLOCK_SEL=16,
-                       DOT_NB=False, DOT_BS=False, DOT_W=False)):
-        compile(m._nsa_decode_kernel, sig, {**const, "SPLIT": split})
+    for const, wide in SHAPES:  # the constexprs in the kernel's parameter order: compile() places them so
+        compile(m._nsa_decode_kernel, sig, {**const, "SPLIT": split, **wide})
 split_sig = dict(q_ptr="*bf16", km_ptr="*fp32", vm_ptr="*fp32", s_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32",
                  pacc_ptr="*fp32", pos_ptr="*i64", NB="i32", NSPLIT="i32", scale="fp32")
 compile(m._compressed_split_kernel, split_sig, dict(G=16, D=64, BLOCK_G=16, BLOCK_D=64, BS=32, BLOCK_NB=64,
