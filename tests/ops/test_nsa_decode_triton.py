@@ -74,6 +74,23 @@ def test_kernel_at_the_seed_shape_with_a_bf16_cache_over_several_tiles(interpret
         assert got.dtype == torch.bfloat16 and rel_err(got, ref) < 1e-2, t  # bf16 rounding of the output
 
 
+def test_kernel_at_16k_with_its_default_loads(interpreted):
+    """The H200 benchmark's longest prompt: a 16,448-position bf16 cache holds 514 block means, nine tiles for
+    the split kernel; the main program reads their partials in two loads (8 + 1) and the 514 scores in two
+    (512 + 2), the defaults, both ragged."""
+    torch.manual_seed(1)
+    B, H, G, D, bs, S, W, L, T = 1, 1, 16, 64, 32, 4, 64, 16448, 16384
+    kv = torch.zeros(2, B, H, L, D, dtype=torch.bfloat16)
+    kv[:, :, :, :T] = torch.randn(2, B, H, T, D).bfloat16()
+    means = torch.stack([nsa_block_means(kv[i].transpose(1, 2), bs) for i in range(2)]).transpose(2, 3).contiguous()
+    assert means.shape[3] == 514
+    for t in (T - 1, 9000, 100):
+        q, gates = torch.randn(B, 1, H * G, D).bfloat16(), torch.rand(B, 1, H * G, 3).bfloat16()
+        ref = nsa_decode(q.double(), kv.double(), means.double(), torch.tensor([t]), gates.double(), bs, S, W)
+        got = interpreted.nsa_decode_triton(q, kv, means, torch.tensor([t]), gates, bs, S, W, D ** -0.5)
+        assert rel_err(got, ref) < 1e-2, t  # bf16 rounding of the output
+
+
 def test_first_call_per_shape_checks_the_kernel_and_falls_back_on_a_mismatch(interpreted, monkeypatch, caplog):
     """nsa._triton_decode: the first call per shape runs both steps; a kernel that matches is used (and
     recorded as 'triton'), one that differs is logged and the PyTorch step runs for that shape."""
