@@ -682,10 +682,9 @@ def _bench_fig(series: dict[str, list[dict]], out: Path, name: str, xlabel: str,
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    if len(series) > 6:  # e.g. three decode modes per mixer: a legend inside would cover the curves
-        ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    else:
-        ax.legend(fontsize=8, frameon=False)
+    # more than six series (e.g. three decode modes per mixer): a legend inside would cover the curves
+    beside = dict(loc="upper left", bbox_to_anchor=(1.01, 1.0)) if len(series) > 6 else {}
+    ax.legend(fontsize=8, frameon=False, **beside)
     path = out / name
     _save(fig, path)
     return path

@@ -82,6 +82,15 @@ if triton is not None:
         return tl.sum(p[:, :, None] * v[None, :, :], 1)
 
     @triton.jit
+    def _compressed_scores(q, kmc, oc, mc, od, md, n_complete, scale, D: tl.constexpr, DOT_NB: tl.constexpr):
+        """q's scores against the block means `oc` (kmc: this head's [NB, D] rows) -> [BG, tile], in float32
+        accuracy (they decide the selection): blocks not yet complete at the NEG fill, those past NB at -inf."""
+        km = tl.load(kmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
+        s = _scores(q, km.to(tl.float32), DOT_NB, EXACT) * scale
+        s = tl.where((oc < n_complete)[None, :], s, _NEG)
+        return tl.where(mc[None, :], s, float("-inf"))
+
+    @triton.jit
     def _store_importance(imp_ptr, bh, NB, p, oc, mc, n_complete, ic):
         """The selection's importance of blocks `oc` (p [BG, tile]: the compressed probabilities, summed
         over the group), incomplete blocks at NEG, the forced blocks (first, previous, own) ranked on top."""
@@ -106,11 +115,8 @@ if triton is not None:
         oc = sp * BLOCK_NB + tl.arange(0, BLOCK_NB)
         mc = oc < NB
         kmc, vmc = km_ptr + bh * NB * D, vm_ptr + bh * NB * D
-        km = tl.load(kmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
         vm = tl.load(vmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
-        s = _scores(q, km.to(tl.float32), DOT_NB, EXACT) * scale
-        s = tl.where((oc < (pos + 1) // BS)[None, :], s, _NEG)
-        s = tl.where(mc[None, :], s, float("-inf"))
+        s = _compressed_scores(q, kmc, oc, mc, od, md, (pos + 1) // BS, scale, D, DOT_NB)
         tl.store(s_ptr + (bh * G + og[:, None]) * NB + oc[None, :], s, mask=mg[:, None] & mc[None, :])
         m = tl.max(s, 1)  # finite: every tile holds at least one block (sp * BLOCK_NB < NB)
         p = tl.exp(s - m[:, None])
@@ -177,20 +183,14 @@ if triton is not None:
             for c0 in range(0, NB, BLOCK_NB):
                 oc = c0 + tl.arange(0, BLOCK_NB)
                 mc = oc < NB
-                km = tl.load(kmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
-                s = _scores(q, km.to(tl.float32), DOT_NB, EXACT) * scale
-                s = tl.where((oc < n_complete)[None, :], s, _NEG)
-                s = tl.where(mc[None, :], s, float("-inf"))
+                s = _compressed_scores(q, kmc, oc, mc, od, md, n_complete, scale, D, DOT_NB)
                 m_new = tl.maximum(m, tl.max(s, 1))
                 lsum = lsum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
                 m = m_new
             for c0 in range(0, NB, BLOCK_NB):
                 oc = c0 + tl.arange(0, BLOCK_NB)
                 mc = oc < NB
-                km = tl.load(kmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
-                s = _scores(q, km.to(tl.float32), DOT_NB, EXACT) * scale
-                s = tl.where((oc < n_complete)[None, :], s, _NEG)
-                s = tl.where(mc[None, :], s, float("-inf"))
+                s = _compressed_scores(q, kmc, oc, mc, od, md, n_complete, scale, D, DOT_NB)
                 p = tl.where(mg[:, None], tl.exp(s - m[:, None]) / lsum[:, None], 0.0)
                 vm = tl.load(vmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
                 acc_c += _mix(p, vm.to(tl.float32), DOT_NB, FAST)
@@ -274,8 +274,10 @@ def nsa_decode_triton(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor,
     dot = BG >= 16 and BD >= 16  # tl.dot wants every dimension >= 16
     nsplit = triton.cdiv(NB, BNB)
     split = nsplit > 1  # several tiles of block means: score them in parallel programs first
-    BSP = block_split or min(_pow2(nsplit), 8)  # [8, 16, 64] fp32 partials per load: 32 registers a thread
-    BIMP = block_imp or min(_pow2(NB, 16), 512)  # [16, 512] fp32 scores per load: as many
+    # after the split: [8, 16, 64] fp32 partials and [16, 512] fp32 scores per load, 32 registers a thread each;
+    # fixed where there is no split (unused there: no extra specializations of the one-program kernel)
+    BSP = (block_split or min(_pow2(nsplit), 8)) if split else 1
+    BIMP = (block_imp or min(_pow2(NB, 16), 512)) if split else 16
     if split:
         scores = torch.empty(B * H, G, NB, dtype=torch.float32, device=q.device)
         pm = torch.empty(B * H, nsplit, G, dtype=torch.float32, device=q.device)
