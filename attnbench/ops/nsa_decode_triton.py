@@ -1,5 +1,4 @@
-"""NSA's one-token decode step in Triton: one kernel launch per layer, two at long contexts (the maths
-of ops/nsa.py::nsa_decode).
+"""NSA's one-token decode step in Triton: one kernel launch per layer (the maths of ops/nsa.py::nsa_decode).
 
 At batch 1 a decode step is launch-bound: the PyTorch `nsa_decode` issues 23 compute ops per layer
 (counted eagerly; projections aside: matmuls for the compressed branch, a softmax, the importance sum,
@@ -15,14 +14,19 @@ Here one program per (sequence, KV head) does all of it for the G query heads of
 4. the gated sum of the three branches.
 
 Step 1 walks the block means in tiles of 64. With one tile it runs inside the program (two passes: row
-max and sum, then the rest). With several, which is from 2,048 tokens of context at block size 32, a
-first kernel scores one tile per program in parallel, flash-decoding style. It keeps each tile's
-scores, row max, row sum and unnormalised output. The main program combines those partials and reads
-the kept scores for the importance, eight tiles' partials and 512 scores per load: at batch 1 it is the
-only program of its layer, so each load waits for the one before, and few wide loads beat many narrow
-ones. On the H200 (CUDA graph, whole model) the one-program version took 0.339 ms/token after a 128-token
-prompt and 0.481 after 16k (session 5); the split with one tile per load 0.425 after 16k (session 6), 0.306
-with the step compiled (session 7). The wide loads are not timed on a GPU yet.
+max and sum, then the rest). With several, which is from 2,048 tokens of context at block size 32, it
+splits flash-decoding style: one program per tile scores its tile and keeps the tile's scores, row max,
+row sum and unnormalised output; the last program of the row to finish (an atomic counter per row) goes
+on with the rest, so the split costs no second launch (`fused=False`: the tiles in a launch of their own).
+That program combines the partials and reads the kept scores for the importance, eight tiles' partials and
+512 scores per load: at batch 1 it is the only program left in its layer, so each load waits for the one
+before, and few wide loads beat many narrow ones. The selection then reads the importance row once and
+runs its rounds in registers (to 64k tokens; beyond, each round scans the row in memory).
+
+On the H200 (CUDA graph, whole model, ms/token after 128 / 1k / 16k-token prompts): the one-program
+version 0.339 / - / 0.481 (session 5); the split, one tile per load, 0.425 at 16k (session 6); with the step
+compiled 0.222 / 0.240 / 0.306 (session 7); with the wide loads 0.222 / 0.242 / 0.302
+(session 8, before the fused split and the selection in registers).
 
 Float32 values throughout (the cache may be bf16). Products run on tensor cores in tf32 with float32
 accumulation; the compressed scores, which decide the selection, run in 3xtf32 (float32 accuracy;
@@ -31,9 +35,10 @@ at the seed's shape:
 
 | kernel | warps | registers | spills |
 | --- | --- | --- | --- |
-| one program | 8 | 255 | 96 B |
-| main program, split (8 tiles' partials, 512 scores per load) | 8 | 253 | none |
-| split scoring | 4 | 152 | none |
+| one program | 8 | 255 | 76 B |
+| split, fused (8 tiles' partials, 512 scores per load) | 8 | 250 | none |
+| split, own launch: main program | 8 | 236 | none |
+| split, own launch: tile scoring | 4 | 152 | none |
 
 Shapes are static and the position is read on the device, so the step is CUDA-graph safe. `nsa_decode`
 calls it for CUDA tensors (backend 'auto') after checking, once per shape, that it matches the PyTorch
@@ -101,22 +106,15 @@ if triton is not None:
         tl.store(imp_ptr + bh * NB + oc, imp, mask=mc)
 
     @triton.jit
-    def _compressed_split_kernel(q_ptr, km_ptr, vm_ptr, s_ptr, pm_ptr, pl_ptr, pacc_ptr, pos_ptr, NB, NSPLIT, scale,
-                                 G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                                 BS: tl.constexpr, BLOCK_NB: tl.constexpr, DOT_NB: tl.constexpr):
-        """One tile of BLOCK_NB block means per program (flash-decoding's split): the compressed scores
-        (kept for the importance), and the tile's softmax partials: row max, sum, unnormalised output."""
-        bh, sp = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-        pos = tl.load(pos_ptr)
-        og, od = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
-        mg, md = og < G, od < D
-        q = tl.load(q_ptr + (bh * G + og[:, None]) * D + od[None, :], mask=mg[:, None] & md[None, :],
-                    other=0.0).to(tl.float32)
+    def _split_tile(q, km_ptr, vm_ptr, s_ptr, pm_ptr, pl_ptr, pacc_ptr, bh, sp, NB, NSPLIT, n_complete, scale,
+                    og, od, mg, md, G: tl.constexpr, D: tl.constexpr, BLOCK_NB: tl.constexpr, DOT_NB: tl.constexpr):
+        """Tile `sp` of BLOCK_NB block means (flash-decoding's split): the compressed scores (kept for the
+        importance), and the tile's softmax partials: row max, sum, unnormalised output."""
         oc = sp * BLOCK_NB + tl.arange(0, BLOCK_NB)
         mc = oc < NB
         kmc, vmc = km_ptr + bh * NB * D, vm_ptr + bh * NB * D
         vm = tl.load(vmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
-        s = _compressed_scores(q, kmc, oc, mc, od, md, (pos + 1) // BS, scale, D, DOT_NB)
+        s = _compressed_scores(q, kmc, oc, mc, od, md, n_complete, scale, D, DOT_NB)
         tl.store(s_ptr + (bh * G + og[:, None]) * NB + oc[None, :], s, mask=mg[:, None] & mc[None, :])
         m = tl.max(s, 1)  # finite: every tile holds at least one block (sp * BLOCK_NB < NB)
         p = tl.exp(s - m[:, None])
@@ -127,26 +125,64 @@ if triton is not None:
                  mask=mg[:, None] & md[None, :])
 
     @triton.jit
+    def _compressed_split_kernel(q_ptr, km_ptr, vm_ptr, s_ptr, pm_ptr, pl_ptr, pacc_ptr, pos_ptr, NB, NSPLIT, scale,
+                                 G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 BS: tl.constexpr, BLOCK_NB: tl.constexpr, DOT_NB: tl.constexpr):
+        """The split's tiles in their own launch, one per program (where no tile counter is at hand)."""
+        bh, sp = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+        og, od = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
+        mg, md = og < G, od < D
+        q = tl.load(q_ptr + (bh * G + og[:, None]) * D + od[None, :], mask=mg[:, None] & md[None, :],
+                    other=0.0).to(tl.float32)
+        _split_tile(q, km_ptr, vm_ptr, s_ptr, pm_ptr, pl_ptr, pacc_ptr, bh, sp, NB, NSPLIT,
+                    (tl.load(pos_ptr) + 1) // BS, scale, og, od, mg, md, G, D, BLOCK_NB, DOT_NB)
+
+    @triton.jit
     def _nsa_decode_kernel(q_ptr, gate_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, imp_ptr, o_ptr, pos_ptr,
-                           s_ptr, pm_ptr, pl_ptr, pacc_ptr, L, NB, NSPLIT, scale,
+                           s_ptr, pm_ptr, pl_ptr, pacc_ptr, cnt_ptr, L, NB, NSPLIT, scale,
                            G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                            BS: tl.constexpr, S: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
                            BLOCK_NB: tl.constexpr, BLOCK_SEL: tl.constexpr, DOT_NB: tl.constexpr,
-                           DOT_BS: tl.constexpr, DOT_W: tl.constexpr, SPLIT: tl.constexpr,
-                           BLOCK_SPLIT: tl.constexpr, BLOCK_IMP: tl.constexpr):
+                           DOT_BS: tl.constexpr, DOT_W: tl.constexpr, SPLIT: tl.constexpr, FUSED: tl.constexpr,
+                           BLOCK_SPLIT: tl.constexpr, BLOCK_IMP: tl.constexpr, ONE_SEL: tl.constexpr):
         bh = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr)
         og, od = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
         mg, md = og < G, od < D
         q = tl.load(q_ptr + (bh * G + og[:, None]) * D + od[None, :], mask=mg[:, None] & md[None, :],
                     other=0.0).to(tl.float32)
+        n_complete = (pos + 1) // BS  # blocks 0..n_complete-1 are complete (visible)
+        if FUSED:
+            # every program scores one tile of the split; the last to finish (a per-row counter) goes on with
+            # the rest, so the split costs no second launch. The barrier orders the program's stores before
+            # the counter's release; the last program resets the counter for the next launch.
+            _split_tile(q, km_ptr, vm_ptr, s_ptr, pm_ptr, pl_ptr, pacc_ptr, bh, tl.program_id(1).to(tl.int64), NB,
+                        NSPLIT, n_complete, scale, og, od, mg, md, G, D, BLOCK_NB, DOT_NB)
+            tl.debug_barrier()
+            last = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu") == NSPLIT - 1
+        else:
+            last = True
+        if last:
+            _decode_rest(q, gate_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, imp_ptr, o_ptr, s_ptr, pm_ptr, pl_ptr, pacc_ptr,
+                         bh, pos, n_complete, L, NB, NSPLIT, scale, og, od, mg, md, G, D, BLOCK_G, BLOCK_D, BS, S, W,
+                         BLOCK_W, BLOCK_NB, BLOCK_SEL, DOT_NB, DOT_BS, DOT_W, SPLIT, BLOCK_SPLIT, BLOCK_IMP, ONE_SEL)
+            if FUSED:
+                tl.store(cnt_ptr + bh, 0)
+
+    @triton.jit
+    def _decode_rest(q, gate_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, imp_ptr, o_ptr, s_ptr, pm_ptr, pl_ptr, pacc_ptr,
+                     bh, pos, n_complete, L, NB, NSPLIT, scale, og, od, mg, md, G: tl.constexpr, D: tl.constexpr,
+                     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
+                     BLOCK_W: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_SEL: tl.constexpr, DOT_NB: tl.constexpr,
+                     DOT_BS: tl.constexpr, DOT_W: tl.constexpr, SPLIT: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+                     BLOCK_IMP: tl.constexpr, ONE_SEL: tl.constexpr):
+        """Everything after the split's tiles, in one program per (sequence, KV head)."""
         gp = gate_ptr + (bh * G + og) * 3
         g_cmp = tl.load(gp, mask=mg, other=0.0).to(tl.float32)
         g_slc = tl.load(gp + 1, mask=mg, other=0.0).to(tl.float32)
         g_swa = tl.load(gp + 2, mask=mg, other=0.0).to(tl.float32)
         kc, vc = k_ptr + bh * L * D, v_ptr + bh * L * D
         kmc, vmc = km_ptr + bh * NB * D, vm_ptr + bh * NB * D
-        n_complete = (pos + 1) // BS  # blocks 0..n_complete-1 are complete (visible)
         ic = pos // BS
 
         # 1. compressed branch: softmax over all NB block means, incomplete ones at the NEG fill
@@ -154,21 +190,21 @@ if triton is not None:
         lsum = tl.zeros([BLOCK_G], tl.float32)
         acc_c = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         if SPLIT:
-            # the tiles' partials (_compressed_split_kernel), BLOCK_SPLIT tiles per load, combined with an
-            # online softmax; then the importance from the scores the split kernel kept, BLOCK_IMP blocks
-            # per load. One program walks these loops (batch 1: one program per layer), and each round
-            # trip to memory waits for the one before: wide loads make few of them.
+            # the tiles' partials, BLOCK_SPLIT tiles per load, combined with an online softmax; then the
+            # importance from the scores the tiles kept, BLOCK_IMP blocks per load. One program walks these
+            # loops (batch 1: one program per layer), and each round trip to memory waits for the one before:
+            # wide loads make few of them. '.cg': other programs wrote these in this launch (L2, not L1).
             osp = tl.arange(0, BLOCK_SPLIT)
             for s0 in range(0, NSPLIT, BLOCK_SPLIT):
                 ms2 = ((s0 + osp) < NSPLIT)[:, None] & mg[None, :]
                 part = (bh * NSPLIT + s0 + osp[:, None]) * G + og[None, :]  # [BLOCK_SPLIT, BLOCK_G]
-                m_t = tl.load(pm_ptr + part, mask=ms2, other=float("-inf"))
+                m_t = tl.load(pm_ptr + part, mask=ms2, other=float("-inf"), cache_modifier=".cg")
                 m_new = tl.where(mg, tl.maximum(m, tl.max(m_t, 0)), 0.0)  # padded rows: 0, not -inf - -inf
                 w = tl.where(ms2, tl.exp(m_t - m_new[None, :]), 0.0)
                 a = tl.where(mg, tl.exp(m - m_new), 0.0)  # the first round: exp(-inf) = 0
-                lsum = lsum * a + tl.sum(tl.load(pl_ptr + part, mask=ms2, other=0.0) * w, 0)
+                lsum = lsum * a + tl.sum(tl.load(pl_ptr + part, mask=ms2, other=0.0, cache_modifier=".cg") * w, 0)
                 pacc = tl.load(pacc_ptr + part[:, :, None] * D + od[None, None, :],
-                               mask=ms2[:, :, None] & md[None, None, :], other=0.0)
+                               mask=ms2[:, :, None] & md[None, None, :], other=0.0, cache_modifier=".cg")
                 acc_c = acc_c * a[:, None] + tl.sum(pacc * w[:, :, None], 0)
                 m = m_new
             acc_c = tl.where(mg[:, None], acc_c / lsum[:, None], 0.0)
@@ -176,7 +212,7 @@ if triton is not None:
                 oc = c0 + tl.arange(0, BLOCK_IMP)
                 mc = oc < NB
                 s = tl.load(s_ptr + (bh * G + og[:, None]) * NB + oc[None, :], mask=mg[:, None] & mc[None, :],
-                            other=float("-inf"))
+                            other=float("-inf"), cache_modifier=".cg")
                 p = tl.where(mg[:, None], tl.exp(s - m[:, None]) / lsum[:, None], 0.0)
                 _store_importance(imp_ptr, bh, NB, p, oc, mc, n_complete, ic)
         else:  # one program: two passes over the block means (row max and sum, then the rest)
@@ -197,28 +233,26 @@ if triton is not None:
                 _store_importance(imp_ptr, bh, NB, p, oc, mc, n_complete, ic)
         tl.debug_barrier()
 
-        # 2. selection: block_counts rounds of argmax; each chosen block attended as it is chosen
+        # 2. selection: block_counts rounds of argmax; each chosen block attended as it is chosen. Where the
+        # importance row fits one scan tile (to 64k tokens at the defaults) it is read once and the rounds
+        # run in registers; otherwise each round scans the row in memory and marks its choice there.
         ob = tl.arange(0, BS)
+        osel = tl.arange(0, BLOCK_SEL)
+        if ONE_SEL:
+            row = tl.load(imp_ptr + bh * NB + osel, mask=osel < NB, other=float("-inf"))
         m_s = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_s = tl.zeros([BLOCK_G], tl.float32)
         acc_s = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         for _ in tl.static_range(S):
-            best_v = tl.full([1], float("-inf"), tl.float32)
-            best_i = tl.zeros([1], tl.int64)
-            for c0 in range(0, NB, BLOCK_SEL):  # one wide tile: the row is 1-D, cheap in registers
-                oc = c0 + tl.arange(0, BLOCK_SEL)
-                imp = tl.load(imp_ptr + bh * NB + oc, mask=oc < NB, other=float("-inf"))
-                tile_v = tl.max(imp, 0)
-                tile_i = c0 + tl.argmax(imp, 0)
-                better = tile_v > best_v
-                best_i = tl.where(better, tile_i, best_i)
-                best_v = tl.where(better, tile_v, best_v)
-            tl.debug_barrier()
+            if ONE_SEL:
+                best_v = tl.max(row, 0)
+                best_i = tl.argmax(row, 0).to(tl.int64)
+                row = tl.where(osel == best_i, float("-inf"), row)
+            else:
+                best_v, best_i = _select_in_memory(imp_ptr, bh, NB, BLOCK_SEL)
             valid = best_v > float("-inf")  # fewer blocks than block_counts: nothing left to choose
-            tl.store(imp_ptr + bh * NB + best_i, tl.full([1], float("-inf"), tl.float32), mask=valid)
-            tl.debug_barrier()
-            ids = tl.sum(best_i, 0) * BS + ob
-            keep = (ids <= pos) & tl.sum(valid.to(tl.int32), 0).to(tl.int1)
+            ids = best_i * BS + ob
+            keep = tl.where(valid, ids <= pos, False)
             kb = tl.load(kc + ids[:, None] * D + od[None, :], mask=keep[:, None] & md[None, :], other=0.0)
             vb = tl.load(vc + ids[:, None] * D + od[None, :], mask=keep[:, None] & md[None, :], other=0.0)
             s = tl.where(keep[None, :], _scores(q, kb.to(tl.float32), DOT_BS, FAST) * scale, _NEG)
@@ -244,20 +278,57 @@ if triton is not None:
             out += g_swa[:, None] * _mix(p, vw.to(tl.float32), DOT_W, FAST) / tl.sum(p, 1)[:, None]
         tl.store(o_ptr + (bh * G + og[:, None]) * D + od[None, :], out, mask=mg[:, None] & md[None, :])
 
+    @triton.jit
+    def _select_in_memory(imp_ptr, bh, NB, BLOCK_SEL: tl.constexpr):
+        """One selection round over an importance row wider than a tile: its argmax (value, index), the
+        chosen entry set to -inf in memory for the next round."""
+        best_v = tl.full([1], float("-inf"), tl.float32)
+        best_i = tl.zeros([1], tl.int64)
+        for c0 in range(0, NB, BLOCK_SEL):
+            oc = c0 + tl.arange(0, BLOCK_SEL)
+            imp = tl.load(imp_ptr + bh * NB + oc, mask=oc < NB, other=float("-inf"))
+            tile_v = tl.max(imp, 0)
+            tile_i = c0 + tl.argmax(imp, 0)
+            better = tile_v > best_v
+            best_i = tl.where(better, tile_i, best_i)
+            best_v = tl.where(better, tile_v, best_v)
+        tl.debug_barrier()
+        v, i = tl.max(best_v, 0), tl.sum(best_i, 0)
+        tl.store(imp_ptr + bh * NB + i, float("-inf"), mask=v > float("-inf"))
+        tl.debug_barrier()
+        return v, i
+
 
 def _pow2(n: int, lo: int = 1) -> int:
     return max(lo, 1 << (max(n, 1) - 1).bit_length())
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: the split's tile counters, zero between launches
+
+
+def _tile_counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """n zeroed int32 counters that live across calls (each launch leaves them at zero), or None where a
+    CUDA graph is being captured and none as large exist yet (an allocation there would belong to the graph)."""
+    cnt = _COUNTERS.get(device)
+    if cnt is None or cnt.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        cnt = _COUNTERS[device] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+    return cnt
+
+
 def nsa_decode_triton(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor, pos: torch.Tensor,
                       gates: torch.Tensor, block_size: int, block_counts: int, window_size: int,
                       scale: float, block_sel: int | None = None, block_nb: int | None = None,
-                      block_split: int | None = None, block_imp: int | None = None) -> torch.Tensor:
-    """nsa_decode's result (its layouts; no block_indices override): one kernel launch per call, two
-    where the block means span several tiles. `block_sel` (a power of two >= 16) and `block_nb` (a power of
-    two; >= 16 where G and D are) override the selection scan's and the compressed pass's tiles;
-    `block_split` and `block_imp` (powers of two) how many tiles' partials and how many block scores the
-    main program reads per load after the split (tests: several tiles and loads at small sizes)."""
+                      block_split: int | None = None, block_imp: int | None = None,
+                      fused: bool = True) -> torch.Tensor:
+    """nsa_decode's result (its layouts; no block_indices override): one kernel launch per call. `block_sel`
+    (a power of two >= 16) and `block_nb` (a power of two; >= 16 where G and D are) override the selection
+    scan's and the compressed pass's tiles; `block_split` and `block_imp` (powers of two) how many tiles'
+    partials and how many block scores the main program reads per load after the split (tests: several
+    tiles and loads at small sizes). `fused=False` scores the split's tiles in a launch of their own.
+
+    Launches on one device must not overlap (one stream): with `fused`, they share the tile counters."""
     B, _, HQ, D = q.shape
     _, _, H, L, _ = kv.shape
     G, NB = HQ // H, kv_means.shape[3]
@@ -278,19 +349,22 @@ def nsa_decode_triton(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor,
     # fixed where there is no split (unused there: no extra specializations of the one-program kernel)
     BSP = (block_split or min(_pow2(nsplit), 8)) if split else 1
     BIMP = (block_imp or min(_pow2(NB, 16), 512)) if split else 16
+    cnt = _tile_counters(q.device, B * H) if split and fused else None
     if split:
         scores = torch.empty(B * H, G, NB, dtype=torch.float32, device=q.device)
         pm = torch.empty(B * H, nsplit, G, dtype=torch.float32, device=q.device)
         pl = torch.empty_like(pm)
         pacc = torch.empty(B * H, nsplit, G, D, dtype=torch.float32, device=q.device)
-        _compressed_split_kernel[(B * H, nsplit)](
-            qh, kv_means[0], kv_means[1], scores, pm, pl, pacc, pos, NB, nsplit, float(scale),
-            G=G, D=D, BLOCK_G=BG, BLOCK_D=BD, BS=block_size, BLOCK_NB=BNB, DOT_NB=dot, num_warps=4)
+        if cnt is None:
+            _compressed_split_kernel[(B * H, nsplit)](
+                qh, kv_means[0], kv_means[1], scores, pm, pl, pacc, pos, NB, nsplit, float(scale),
+                G=G, D=D, BLOCK_G=BG, BLOCK_D=BD, BS=block_size, BLOCK_NB=BNB, DOT_NB=dot, num_warps=4)
     else:
         scores = pm = pl = pacc = imp  # not read
-    _nsa_decode_kernel[(B * H,)](
-        qh, g, kv[0], kv[1], kv_means[0], kv_means[1], imp, o, pos, scores, pm, pl, pacc, L, NB, nsplit,
+    _nsa_decode_kernel[(B * H, nsplit if cnt is not None else 1)](
+        qh, g, kv[0], kv[1], kv_means[0], kv_means[1], imp, o, pos, scores, pm, pl, pacc,
+        imp if cnt is None else cnt, L, NB, nsplit,
         float(scale), G=G, D=D, BLOCK_G=BG, BLOCK_D=BD, BS=block_size, S=block_counts, W=window_size,
         BLOCK_W=BW, BLOCK_NB=BNB, BLOCK_SEL=BSEL, DOT_NB=dot, DOT_BS=dot and block_size >= 16, DOT_W=dot,
-        SPLIT=split, BLOCK_SPLIT=BSP, BLOCK_IMP=BIMP, num_warps=8)
+        SPLIT=split, FUSED=cnt is not None, BLOCK_SPLIT=BSP, BLOCK_IMP=BIMP, ONE_SEL=NB <= BSEL, num_warps=8)
     return o.view(B, 1, HQ, D)
