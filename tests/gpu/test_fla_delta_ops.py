@@ -112,7 +112,8 @@ def test_fla_gated_forward_only(family, T):
 @pytest.mark.parametrize("family", ["gdn", "gdp"])
 def test_auto_falls_back_on_hopper(family):
     if not hopper_gated_backward_broken():
-        pytest.skip("this machine runs FLA's gated backward; nothing to fall back from")
+        pytest.skip("a route runs the gated backward here (FLA's, TileLang or attnbench's dqkwg step; "
+                    "test_gated_backward_route_on_this_machine says which): nothing to fall back from")
     x = make(family, 256)
     with pytest.raises(AttnbenchError, match="Hopper"):
         forward_backward(family, x, oracle=False, backend="fla")
