@@ -15,11 +15,10 @@ from attnbench.ops.nsa import nsa_block_means
 
 VARIANTS = {  # name -> nsa_decode_triton keyword arguments
     "default": {},
-    "split in own launch": dict(fused=False),
-    "own launch, scores in one load": dict(fused=False, block_imp=1024),
-    "own launch, tiles of 32": dict(fused=False, block_nb=32),
-    "fused, tiles of 32": dict(block_nb=32),
-    "selection in memory": dict(block_sel=16),
+    "one chosen block per gather": dict(sel_gather=1),
+    "split tiles of 32": dict(block_nb=32),
+    "split tiles of 128": dict(block_nb=128),
+    "16 tiles' partials per load": dict(block_split=16),
 }
 
 

@@ -139,50 +139,26 @@ if triton is not None:
 
     @triton.jit
     def _nsa_decode_kernel(q_ptr, gate_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, imp_ptr, o_ptr, pos_ptr,
-                           s_ptr, pm_ptr, pl_ptr, pacc_ptr, cnt_ptr, L, NB, NSPLIT, scale,
+                           s_ptr, pm_ptr, pl_ptr, pacc_ptr, L, NB, NSPLIT, scale,
                            G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                            BS: tl.constexpr, S: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
-                           BLOCK_NB: tl.constexpr, BLOCK_SEL: tl.constexpr, DOT_NB: tl.constexpr,
-                           DOT_BS: tl.constexpr, DOT_W: tl.constexpr, SPLIT: tl.constexpr, FUSED: tl.constexpr,
-                           BLOCK_SPLIT: tl.constexpr, BLOCK_IMP: tl.constexpr, ONE_SEL: tl.constexpr):
+                           BLOCK_NB: tl.constexpr, BLOCK_SEL: tl.constexpr, DOT: tl.constexpr,
+                           SPLIT: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+                           BLOCK_IMP: tl.constexpr, ONE_SEL: tl.constexpr, BLOCK_S: tl.constexpr,
+                           CH: tl.constexpr, BLOCK_SB: tl.constexpr):
         bh = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr)
         og, od = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
         mg, md = og < G, od < D
         q = tl.load(q_ptr + (bh * G + og[:, None]) * D + od[None, :], mask=mg[:, None] & md[None, :],
                     other=0.0).to(tl.float32)
-        n_complete = (pos + 1) // BS  # blocks 0..n_complete-1 are complete (visible)
-        if FUSED:
-            # every program scores one tile of the split; the last to finish (a per-row counter) goes on with
-            # the rest, so the split costs no second launch. The barrier orders the program's stores before
-            # the counter's release; the last program resets the counter for the next launch.
-            _split_tile(q, km_ptr, vm_ptr, s_ptr, pm_ptr, pl_ptr, pacc_ptr, bh, tl.program_id(1).to(tl.int64), NB,
-                        NSPLIT, n_complete, scale, og, od, mg, md, G, D, BLOCK_NB, DOT_NB)
-            tl.debug_barrier()
-            last = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu") == NSPLIT - 1
-        else:
-            last = True
-        if last:
-            _decode_rest(q, gate_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, imp_ptr, o_ptr, s_ptr, pm_ptr, pl_ptr, pacc_ptr,
-                         bh, pos, n_complete, L, NB, NSPLIT, scale, og, od, mg, md, G, D, BLOCK_G, BLOCK_D, BS, S, W,
-                         BLOCK_W, BLOCK_NB, BLOCK_SEL, DOT_NB, DOT_BS, DOT_W, SPLIT, BLOCK_SPLIT, BLOCK_IMP, ONE_SEL)
-            if FUSED:
-                tl.store(cnt_ptr + bh, 0)
-
-    @triton.jit
-    def _decode_rest(q, gate_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, imp_ptr, o_ptr, s_ptr, pm_ptr, pl_ptr, pacc_ptr,
-                     bh, pos, n_complete, L, NB, NSPLIT, scale, og, od, mg, md, G: tl.constexpr, D: tl.constexpr,
-                     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
-                     BLOCK_W: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_SEL: tl.constexpr, DOT_NB: tl.constexpr,
-                     DOT_BS: tl.constexpr, DOT_W: tl.constexpr, SPLIT: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
-                     BLOCK_IMP: tl.constexpr, ONE_SEL: tl.constexpr):
-        """Everything after the split's tiles, in one program per (sequence, KV head)."""
         gp = gate_ptr + (bh * G + og) * 3
         g_cmp = tl.load(gp, mask=mg, other=0.0).to(tl.float32)
         g_slc = tl.load(gp + 1, mask=mg, other=0.0).to(tl.float32)
         g_swa = tl.load(gp + 2, mask=mg, other=0.0).to(tl.float32)
         kc, vc = k_ptr + bh * L * D, v_ptr + bh * L * D
         kmc, vmc = km_ptr + bh * NB * D, vm_ptr + bh * NB * D
+        n_complete = (pos + 1) // BS  # blocks 0..n_complete-1 are complete (visible)
         ic = pos // BS
 
         # 1. compressed branch: softmax over all NB block means, incomplete ones at the NEG fill
@@ -193,18 +169,18 @@ if triton is not None:
             # the tiles' partials, BLOCK_SPLIT tiles per load, combined with an online softmax; then the
             # importance from the scores the tiles kept, BLOCK_IMP blocks per load. One program walks these
             # loops (batch 1: one program per layer), and each round trip to memory waits for the one before:
-            # wide loads make few of them. '.cg': other programs wrote these in this launch (L2, not L1).
+            # wide loads make few of them.
             osp = tl.arange(0, BLOCK_SPLIT)
             for s0 in range(0, NSPLIT, BLOCK_SPLIT):
                 ms2 = ((s0 + osp) < NSPLIT)[:, None] & mg[None, :]
                 part = (bh * NSPLIT + s0 + osp[:, None]) * G + og[None, :]  # [BLOCK_SPLIT, BLOCK_G]
-                m_t = tl.load(pm_ptr + part, mask=ms2, other=float("-inf"), cache_modifier=".cg")
+                m_t = tl.load(pm_ptr + part, mask=ms2, other=float("-inf"))
                 m_new = tl.where(mg, tl.maximum(m, tl.max(m_t, 0)), 0.0)  # padded rows: 0, not -inf - -inf
                 w = tl.where(ms2, tl.exp(m_t - m_new[None, :]), 0.0)
                 a = tl.where(mg, tl.exp(m - m_new), 0.0)  # the first round: exp(-inf) = 0
-                lsum = lsum * a + tl.sum(tl.load(pl_ptr + part, mask=ms2, other=0.0, cache_modifier=".cg") * w, 0)
+                lsum = lsum * a + tl.sum(tl.load(pl_ptr + part, mask=ms2, other=0.0) * w, 0)
                 pacc = tl.load(pacc_ptr + part[:, :, None] * D + od[None, None, :],
-                               mask=ms2[:, :, None] & md[None, None, :], other=0.0, cache_modifier=".cg")
+                               mask=ms2[:, :, None] & md[None, None, :], other=0.0)
                 acc_c = acc_c * a[:, None] + tl.sum(pacc * w[:, :, None], 0)
                 m = m_new
             acc_c = tl.where(mg[:, None], acc_c / lsum[:, None], 0.0)
@@ -212,55 +188,60 @@ if triton is not None:
                 oc = c0 + tl.arange(0, BLOCK_IMP)
                 mc = oc < NB
                 s = tl.load(s_ptr + (bh * G + og[:, None]) * NB + oc[None, :], mask=mg[:, None] & mc[None, :],
-                            other=float("-inf"), cache_modifier=".cg")
+                            other=float("-inf"))
                 p = tl.where(mg[:, None], tl.exp(s - m[:, None]) / lsum[:, None], 0.0)
                 _store_importance(imp_ptr, bh, NB, p, oc, mc, n_complete, ic)
         else:  # one program: two passes over the block means (row max and sum, then the rest)
             for c0 in range(0, NB, BLOCK_NB):
                 oc = c0 + tl.arange(0, BLOCK_NB)
                 mc = oc < NB
-                s = _compressed_scores(q, kmc, oc, mc, od, md, n_complete, scale, D, DOT_NB)
+                s = _compressed_scores(q, kmc, oc, mc, od, md, n_complete, scale, D, DOT)
                 m_new = tl.maximum(m, tl.max(s, 1))
                 lsum = lsum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
                 m = m_new
             for c0 in range(0, NB, BLOCK_NB):
                 oc = c0 + tl.arange(0, BLOCK_NB)
                 mc = oc < NB
-                s = _compressed_scores(q, kmc, oc, mc, od, md, n_complete, scale, D, DOT_NB)
+                s = _compressed_scores(q, kmc, oc, mc, od, md, n_complete, scale, D, DOT)
                 p = tl.where(mg[:, None], tl.exp(s - m[:, None]) / lsum[:, None], 0.0)
                 vm = tl.load(vmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
-                acc_c += _mix(p, vm.to(tl.float32), DOT_NB, FAST)
+                acc_c += _mix(p, vm.to(tl.float32), DOT, FAST)
                 _store_importance(imp_ptr, bh, NB, p, oc, mc, n_complete, ic)
         tl.debug_barrier()
 
-        # 2. selection: block_counts rounds of argmax; each chosen block attended as it is chosen. Where the
-        # importance row fits one scan tile (to 64k tokens at the defaults) it is read once and the rounds
-        # run in registers; otherwise each round scans the row in memory and marks its choice there.
-        ob = tl.arange(0, BS)
-        osel = tl.arange(0, BLOCK_SEL)
+        # 2. selection: block_counts rounds of argmax over the importance row. Where the row fits one scan tile
+        # (to 64k tokens at the defaults) it is read once and the rounds run in registers; otherwise each
+        # round scans the row in memory and marks its choice there. Then the chosen blocks' keys are gathered,
+        # CH blocks per load (all of them at the seed's shape), and attended with an online softmax.
+        osl = tl.arange(0, BLOCK_S)
+        sel = tl.full([BLOCK_S], -1, tl.int64)  # the chosen blocks; -1: nothing left to choose
         if ONE_SEL:
+            osel = tl.arange(0, BLOCK_SEL)
             row = tl.load(imp_ptr + bh * NB + osel, mask=osel < NB, other=float("-inf"))
-        m_s = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_s = tl.zeros([BLOCK_G], tl.float32)
-        acc_s = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for _ in tl.static_range(S):
+        for r in tl.static_range(S):
             if ONE_SEL:
-                best_v = tl.max(row, 0)
-                best_i = tl.argmax(row, 0).to(tl.int64)
+                best_v, best_i = tl.max(row, 0, return_indices=True)
                 row = tl.where(osel == best_i, float("-inf"), row)
             else:
                 best_v, best_i = _select_in_memory(imp_ptr, bh, NB, BLOCK_SEL)
-            valid = best_v > float("-inf")  # fewer blocks than block_counts: nothing left to choose
-            ids = best_i * BS + ob
-            keep = tl.where(valid, ids <= pos, False)
+            sel = tl.where(osl == r, tl.where(best_v > float("-inf"), best_i.to(tl.int64), -1), sel)
+        oj = tl.arange(0, BLOCK_SB)
+        slot, within = oj // BS, oj % BS
+        m_s = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_s = tl.zeros([BLOCK_G], tl.float32)
+        acc_s = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for c0 in tl.static_range(0, S, CH):
+            blk = tl.sum(tl.where(osl[None, :] == (c0 + slot)[:, None], sel[None, :], 0), 1)  # [BLOCK_SB]
+            ids = blk * BS + within
+            keep = (slot < CH) & (c0 + slot < S) & (blk >= 0) & (ids <= pos)
             kb = tl.load(kc + ids[:, None] * D + od[None, :], mask=keep[:, None] & md[None, :], other=0.0)
             vb = tl.load(vc + ids[:, None] * D + od[None, :], mask=keep[:, None] & md[None, :], other=0.0)
-            s = tl.where(keep[None, :], _scores(q, kb.to(tl.float32), DOT_BS, FAST) * scale, _NEG)
+            s = tl.where(keep[None, :], _scores(q, kb.to(tl.float32), DOT, FAST) * scale, _NEG)
             m_new = tl.maximum(m_s, tl.max(s, 1))
             alpha = tl.exp(m_s - m_new)
             p = tl.exp(s - m_new[:, None])
             l_s = l_s * alpha + tl.sum(p, 1)
-            acc_s = acc_s * alpha[:, None] + _mix(p, vb.to(tl.float32), DOT_BS, FAST)
+            acc_s = acc_s * alpha[:, None] + _mix(p, vb.to(tl.float32), DOT, FAST)
             m_s = m_new
         out = g_slc[:, None] * acc_s / l_s[:, None]
         out += (g_cmp * (n_complete > 0).to(tl.float32))[:, None] * acc_c
@@ -272,10 +253,10 @@ if triton is not None:
             keep = (ids >= 0) & (ow < W)
             kw = tl.load(kc + ids[:, None] * D + od[None, :], mask=keep[:, None] & md[None, :], other=0.0)
             vw = tl.load(vc + ids[:, None] * D + od[None, :], mask=keep[:, None] & md[None, :], other=0.0)
-            s = tl.where(keep[None, :], _scores(q, kw.to(tl.float32), DOT_W, FAST) * scale, _NEG)
+            s = tl.where(keep[None, :], _scores(q, kw.to(tl.float32), DOT, FAST) * scale, _NEG)
             mw = tl.max(s, 1)
             p = tl.exp(s - mw[:, None])
-            out += g_swa[:, None] * _mix(p, vw.to(tl.float32), DOT_W, FAST) / tl.sum(p, 1)[:, None]
+            out += g_swa[:, None] * _mix(p, vw.to(tl.float32), DOT, FAST) / tl.sum(p, 1)[:, None]
         tl.store(o_ptr + (bh * G + og[:, None]) * D + od[None, :], out, mask=mg[:, None] & md[None, :])
 
     @triton.jit
@@ -303,32 +284,17 @@ def _pow2(n: int, lo: int = 1) -> int:
     return max(lo, 1 << (max(n, 1) - 1).bit_length())
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: the split's tile counters, zero between launches
-
-
-def _tile_counters(device: torch.device, n: int) -> torch.Tensor | None:
-    """n zeroed int32 counters that live across calls (each launch leaves them at zero), or None where a
-    CUDA graph is being captured and none as large exist yet (an allocation there would belong to the graph)."""
-    cnt = _COUNTERS.get(device)
-    if cnt is None or cnt.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        cnt = _COUNTERS[device] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-    return cnt
-
-
 def nsa_decode_triton(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor, pos: torch.Tensor,
                       gates: torch.Tensor, block_size: int, block_counts: int, window_size: int,
                       scale: float, block_sel: int | None = None, block_nb: int | None = None,
                       block_split: int | None = None, block_imp: int | None = None,
-                      fused: bool = True) -> torch.Tensor:
-    """nsa_decode's result (its layouts; no block_indices override): one kernel launch per call. `block_sel`
-    (a power of two >= 16) and `block_nb` (a power of two; >= 16 where G and D are) override the selection
-    scan's and the compressed pass's tiles; `block_split` and `block_imp` (powers of two) how many tiles'
-    partials and how many block scores the main program reads per load after the split (tests: several
-    tiles and loads at small sizes). `fused=False` scores the split's tiles in a launch of their own.
-
-    Launches on one device must not overlap (one stream): with `fused`, they share the tile counters."""
+                      sel_gather: int | None = None) -> torch.Tensor:
+    """nsa_decode's result (its layouts; no block_indices override): one kernel launch per call, two
+    where the block means span several tiles. `block_sel` (a power of two >= 16) and `block_nb` (a power of
+    two; >= 16 where G and D are) override the selection scan's and the compressed pass's tiles;
+    `block_split` and `block_imp` (powers of two) how many tiles' partials and how many block scores the
+    main program reads per load after the split; `sel_gather` how many chosen blocks' keys are gathered
+    per load (tests: several tiles, loads and gathers at small sizes)."""
     B, _, HQ, D = q.shape
     _, _, H, L, _ = kv.shape
     G, NB = HQ // H, kv_means.shape[3]
@@ -342,6 +308,7 @@ def nsa_decode_triton(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor,
     BNB = block_nb or min(_pow2(NB, 16), 64)  # 64 x 64 fp32 tiles: on sm_90 (8 warps) ~100 B of spills; 128 spilled 1.6 KB
     BSEL = block_sel or min(_pow2(NB, 16), 2048)  # the selection scans the 1-D importance row: one tile to 64k tokens
     BW = _pow2(window_size, 16) if window_size > 0 else 16
+    CH = sel_gather or max(1, min(block_counts, 128 // block_size))  # gathers of <= 128 keys, like the window's 64
     dot = BG >= 16 and BD >= 16  # tl.dot wants every dimension >= 16
     nsplit = triton.cdiv(NB, BNB)
     split = nsplit > 1  # several tiles of block means: score them in parallel programs first
@@ -349,22 +316,19 @@ def nsa_decode_triton(q: torch.Tensor, kv: torch.Tensor, kv_means: torch.Tensor,
     # fixed where there is no split (unused there: no extra specializations of the one-program kernel)
     BSP = (block_split or min(_pow2(nsplit), 8)) if split else 1
     BIMP = (block_imp or min(_pow2(NB, 16), 512)) if split else 16
-    cnt = _tile_counters(q.device, B * H) if split and fused else None
     if split:
         scores = torch.empty(B * H, G, NB, dtype=torch.float32, device=q.device)
         pm = torch.empty(B * H, nsplit, G, dtype=torch.float32, device=q.device)
         pl = torch.empty_like(pm)
         pacc = torch.empty(B * H, nsplit, G, D, dtype=torch.float32, device=q.device)
-        if cnt is None:
-            _compressed_split_kernel[(B * H, nsplit)](
-                qh, kv_means[0], kv_means[1], scores, pm, pl, pacc, pos, NB, nsplit, float(scale),
-                G=G, D=D, BLOCK_G=BG, BLOCK_D=BD, BS=block_size, BLOCK_NB=BNB, DOT_NB=dot, num_warps=4)
+        _compressed_split_kernel[(B * H, nsplit)](
+            qh, kv_means[0], kv_means[1], scores, pm, pl, pacc, pos, NB, nsplit, float(scale),
+            G=G, D=D, BLOCK_G=BG, BLOCK_D=BD, BS=block_size, BLOCK_NB=BNB, DOT_NB=dot, num_warps=4)
     else:
         scores = pm = pl = pacc = imp  # not read
-    _nsa_decode_kernel[(B * H, nsplit if cnt is not None else 1)](
-        qh, g, kv[0], kv[1], kv_means[0], kv_means[1], imp, o, pos, scores, pm, pl, pacc,
-        imp if cnt is None else cnt, L, NB, nsplit,
+    _nsa_decode_kernel[(B * H,)](
+        qh, g, kv[0], kv[1], kv_means[0], kv_means[1], imp, o, pos, scores, pm, pl, pacc, L, NB, nsplit,
         float(scale), G=G, D=D, BLOCK_G=BG, BLOCK_D=BD, BS=block_size, S=block_counts, W=window_size,
-        BLOCK_W=BW, BLOCK_NB=BNB, BLOCK_SEL=BSEL, DOT_NB=dot, DOT_BS=dot and block_size >= 16, DOT_W=dot,
-        SPLIT=split, FUSED=cnt is not None, BLOCK_SPLIT=BSP, BLOCK_IMP=BIMP, ONE_SEL=NB <= BSEL, num_warps=8)
+        BLOCK_W=BW, BLOCK_NB=BNB, BLOCK_SEL=BSEL, DOT=dot, SPLIT=split, BLOCK_SPLIT=BSP, BLOCK_IMP=BIMP,
+        ONE_SEL=NB <= BSEL, BLOCK_S=_pow2(block_counts), CH=CH, BLOCK_SB=_pow2(CH * block_size, 16), num_warps=8)
     return o.view(B, 1, HQ, D)

@@ -34,9 +34,9 @@ def interpreted():
     (1, 2, 8, 5, 120),    # S * BS > L: fewer blocks than block_counts early on; tiny window
     (1, 16, 4, 64, 300),  # 16 query heads per KV head (the seed's NSA): tl.dot on every product
 ])
-@pytest.mark.parametrize("split,fused", [(False, True), (True, True), (True, False)],
-                         ids=["one-program", "split", "split-own-launch"])
-def test_kernel_equals_the_pytorch_step(interpreted, H, G, S, W, L, split, fused):
+@pytest.mark.parametrize("split,gather", [(False, None), (True, None), (False, 3)],
+                         ids=["one-program", "split", "gathers-of-3-blocks"])
+def test_kernel_equals_the_pytorch_step(interpreted, H, G, S, W, L, split, gather):
     T = 100
     q, k, v, *gates = make_inputs(2, T, H, G, seed=S + W)
     kv, means = cache_of(k.float(), v.float(), L, fill=7.0)
@@ -50,12 +50,9 @@ def test_kernel_equals_the_pytorch_step(interpreted, H, G, S, W, L, split, fused
         args = (torch.tensor([t]), gates_at(gates, t), BS, S, W)
         ref = nsa_decode(q[:, t:t + 1], kv.double(), means.double(), *args)  # float64 PyTorch step
         got = interpreted.nsa_decode_triton(q[:, t:t + 1].float(), kv, means.float(), args[0], args[1].float(),
-                                            BS, S, W, D ** -0.5, block_nb=block_nb, fused=fused, **wide)
+                                            BS, S, W, D ** -0.5, block_nb=block_nb, sel_gather=gather, **wide)
         assert got.shape == ref.shape and got.dtype == torch.float32
         assert rel_err(got, ref) < 1e-5, t
-        # the fused split's last program leaves the tile counters at zero for the next launch
-        if split and fused:
-            assert not interpreted._COUNTERS[q.device].any()
 
 
 def test_kernel_at_the_seed_shape_with_a_bf16_cache_over_several_tiles(interpreted):
@@ -70,7 +67,7 @@ def test_kernel_at_the_seed_shape_with_a_bf16_cache_over_several_tiles(interpret
     # three tiles' partials in two loads and the 157 scores in three (the defaults: one load each)
     for t, block_sel, wide in ((5, None, {}), (32, None, {}), (700, 16, {}), (T - 1, None, {}), (T - 1, 32, {}),
                                (T - 1, None, dict(block_split=2, block_imp=64)),
-                               (1500, None, dict(block_split=2, block_imp=64))):
+                               (1500, None, dict(block_split=2, block_imp=64)), (1500, None, dict(sel_gather=3))):
         q, gates = torch.randn(B, 1, H * G, D).bfloat16(), torch.rand(B, 1, H * G, 3).bfloat16()
         ref = nsa_decode(q.double(), kv.double(), means.double(), torch.tensor([t]), gates.double(), bs, S, W)
         got = interpreted.nsa_decode_triton(q, kv, means, torch.tensor([t]), gates, bs, S, W, D ** -0.5,
@@ -134,17 +131,18 @@ def compile(fn, sig, const):
 
 sig = dict(q_ptr="*bf16", gate_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", km_ptr="*fp32", vm_ptr="*fp32",
            imp_ptr="*fp32", o_ptr="*bf16", pos_ptr="*i64", s_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32",
-           pacc_ptr="*fp32", cnt_ptr="*i32", L="i32", NB="i32", NSPLIT="i32", scale="fp32")
+           pacc_ptr="*fp32", L="i32", NB="i32", NSPLIT="i32", scale="fp32")
 SHAPES = ((dict(G=16, D=64, BLOCK_G=16, BLOCK_D=64, BS=32, S=4, W=64, BLOCK_W=64, BLOCK_NB=64, BLOCK_SEL=1024,
-                DOT_NB=True, DOT_BS=True, DOT_W=True), dict(BLOCK_SPLIT=8, BLOCK_IMP=512)),
+                DOT=True), dict(BLOCK_SPLIT=8, BLOCK_IMP=512)),
           (dict(G=2, D=16, BLOCK_G=2, BLOCK_D=16, BS=16, S=4, W=0, BLOCK_W=16, BLOCK_NB=16, BLOCK_SEL=16,
-                DOT_NB=False, DOT_BS=False, DOT_W=False), dict(BLOCK_SPLIT=2, BLOCK_IMP=16)))
-# one program; the split in its own launch; the split fused (the default): each with the selection in
-# registers and in memory
-for split, fused in ((False, False), (True, False), (True, True)):
+                DOT=False), dict(BLOCK_SPLIT=2, BLOCK_IMP=16)))
+# with and without the split; the selection in registers and in memory; all chosen blocks in one gather and
+# one per gather
+for split in (False, True):
     for const, wide in SHAPES:  # the constexprs in the kernel's parameter order: compile() places them so
-        for one_sel in (True, False):
-            compile(m._nsa_decode_kernel, sig, {**const, "SPLIT": split, "FUSED": fused, **wide, "ONE_SEL": one_sel})
+        for one_sel, ch in ((True, 4), (False, 1)):
+            compile(m._nsa_decode_kernel, sig, {**const, "SPLIT": split, **wide, "ONE_SEL": one_sel, "BLOCK_S": 4,
+                                                "CH": ch, "BLOCK_SB": max(16, ch * const["BS"])})
 split_sig = dict(q_ptr="*bf16", km_ptr="*fp32", vm_ptr="*fp32", s_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32",
                  pacc_ptr="*fp32", pos_ptr="*i64", NB="i32", NSPLIT="i32", scale="fp32")
 compile(m._compressed_split_kernel, split_sig, dict(G=16, D=64, BLOCK_G=16, BLOCK_D=64, BS=32, BLOCK_NB=64,
