@@ -65,25 +65,30 @@ tokens_per_batch = 32
 
 
 def test_gpu_test_sessions_preload_and_capture_their_fla_kernels(monkeypatch):
-    """conftest's session start (tests/helpers.start_gpu_test_session): on CUDA with GPU tests collected,
-    FLA's kernels of earlier GPU test sessions ("tests:gpu") are preloaded and the session is captured
-    until its end; CPU sessions and sessions without GPU tests do neither."""
+    """conftest's session start (tests/helpers.start_gpu_test_session): on CUDA with GPU tests of several
+    files collected, FLA's kernels of earlier GPU test sessions ("tests:gpu") are preloaded, and the session
+    is captured until its end; CPU sessions and sessions without GPU tests do neither."""
     import contextlib
     from types import SimpleNamespace
 
     from attnbench.ops import fla_preload
-    from helpers import record_fla_captures, start_gpu_test_session
+    from helpers import PRELOAD_MIN_FILES, record_fla_captures, start_gpu_test_session
 
     events = record_fla_captures(monkeypatch)
     preloads = []
     monkeypatch.setattr(fla_preload, "preload_for_run",
                         lambda mixer, phase: preloads.append((mixer, phase)) or {"kernels": 3, "seconds": 0.1})
-    gpu, cpu = SimpleNamespace(keywords={"gpu": True}), SimpleNamespace(keywords={})
+    gpu = [SimpleNamespace(keywords={"gpu": True}, path=f"tests/gpu/test_{i}.py") for i in range(PRELOAD_MIN_FILES)]
+    cpu = SimpleNamespace(keywords={}, path="tests/test_cpu.py")
     with contextlib.ExitStack() as stack:
-        assert start_gpu_test_session([cpu, gpu], stack, cuda=True) == {"kernels": 3, "seconds": 0.1}
+        assert start_gpu_test_session([cpu, *gpu], stack, cuda=True) == {"kernels": 3, "seconds": 0.1}
         assert preloads == [("tests", "gpu")] and events == [("tests", "gpu")]
     assert events[-1] == "left"
     with contextlib.ExitStack() as stack:
         assert start_gpu_test_session([cpu], stack, cuda=True) is None
-        assert start_gpu_test_session([cpu, gpu], stack, cuda=False) is None
+        assert start_gpu_test_session([cpu, *gpu], stack, cuda=False) is None
     assert len(preloads) == 1 and len(events) == 2
+    # a narrow run (GPU tests of fewer files, however many tests) is captured but preloads nothing
+    with contextlib.ExitStack() as stack:
+        assert start_gpu_test_session([cpu, *gpu[1:], gpu[1]], stack, cuda=True) is None
+    assert len(preloads) == 1 and events[-2:] == [("tests", "gpu"), "left"]

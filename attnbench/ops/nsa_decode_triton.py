@@ -1,4 +1,5 @@
-"""NSA's one-token decode step in Triton: one kernel launch per layer (the maths of ops/nsa.py::nsa_decode).
+"""NSA's one-token decode step in Triton: one kernel launch per layer, two at long contexts (the maths
+of ops/nsa.py::nsa_decode).
 
 At batch 1 a decode step is launch-bound: the PyTorch `nsa_decode` issues 23 compute ops per layer
 (counted eagerly; projections aside: matmuls for the compressed branch, a softmax, the importance sum,
@@ -8,25 +9,27 @@ Here one program per (sequence, KV head) does all of it for the G query heads of
 1. compressed branch: softmax over the complete blocks' means, its matmul with the value means, and the
    importance of each block (its probability summed over the group), stored to a scratch row;
 2. selection: `block_counts` rounds of argmax over the importance row, the forced blocks (first,
-   previous, own) ranked on top as in nsa_decode, each chosen block's keys attended with an online
-   softmax as it is chosen;
+   previous, own) ranked on top as in nsa_decode, then the chosen blocks' keys attended;
 3. the sliding window over the last `window_size` positions;
 4. the gated sum of the three branches.
 
 Step 1 walks the block means in tiles of 64. With one tile it runs inside the program (two passes: row
-max and sum, then the rest). With several, which is from 2,048 tokens of context at block size 32, it
-splits flash-decoding style: one program per tile scores its tile and keeps the tile's scores, row max,
-row sum and unnormalised output; the last program of the row to finish (an atomic counter per row) goes
-on with the rest, so the split costs no second launch (`fused=False`: the tiles in a launch of their own).
-That program combines the partials and reads the kept scores for the importance, eight tiles' partials and
-512 scores per load: at batch 1 it is the only program left in its layer, so each load waits for the one
-before, and few wide loads beat many narrow ones. The selection then reads the importance row once and
-runs its rounds in registers (to 64k tokens; beyond, each round scans the row in memory).
+max and sum, then the rest). With several, which is from 2,048 tokens of context at block size 32, a
+first kernel scores one tile per program in parallel, flash-decoding style. It keeps each tile's
+scores, row max, row sum and unnormalised output. The main program combines those partials and reads
+the kept scores for the importance, eight tiles' partials and 512 scores per load: at batch 1 it is the
+only program of its layer, so each load waits for the one before, and few wide loads beat many narrow
+ones. For the same reason the selection reads the importance row once and runs its argmax rounds in
+registers (to 64k tokens; beyond, each round scans the row in memory), then gathers the chosen blocks'
+keys in one load (up to 128 keys) and attends them with one softmax, instead of a dependent round trip
+per block.
 
-On the H200 (CUDA graph, whole model, ms/token after 128 / 1k / 16k-token prompts): the one-program
-version 0.339 / - / 0.481 (session 5); the split, one tile per load, 0.425 at 16k (session 6); with the step
-compiled 0.222 / 0.240 / 0.306 (session 7); with the wide loads 0.222 / 0.242 / 0.302
-(session 8, before the fused split and the selection in registers).
+On the H200 (whole model, step compiled and replayed from a CUDA graph, ms/token after 128 / 1k / 4k / 16k
+prompts): one tile per load 0.222 / 0.240 / - / 0.306 (session 7); the wide loads 0.222 / 0.242 / - / 0.302;
+the selection in registers and gathered 0.209 / 0.219 / 0.232 / 0.276 (session 8; the kernel alone, six calls
+in one graph: 7.4 / 9.5 / - / 18.7 µs per call, scripts/nsa_decode_kernel_bench.py). Tried and dropped
+there: the split's tiles in the main kernel's own launch (the last program to finish going on, after an
+atomic counter) was 3.6 µs per call slower at 16k than the second launch.
 
 Float32 values throughout (the cache may be bf16). Products run on tensor cores in tf32 with float32
 accumulation; the compressed scores, which decide the selection, run in 3xtf32 (float32 accuracy;
@@ -36,9 +39,8 @@ at the seed's shape:
 | kernel | warps | registers | spills |
 | --- | --- | --- | --- |
 | one program | 8 | 255 | 76 B |
-| split, fused (8 tiles' partials, 512 scores per load) | 8 | 250 | none |
-| split, own launch: main program | 8 | 236 | none |
-| split, own launch: tile scoring | 4 | 152 | none |
+| main program after the split (8 tiles' partials, 512 scores per load) | 8 | 255 | none |
+| split's tile scoring | 4 | 152 | none |
 
 Shapes are static and the position is read on the device, so the step is CUDA-graph safe. `nsa_decode`
 calls it for CUDA tensors (backend 'auto') after checking, once per shape, that it matches the PyTorch
