@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from attnbench.ops import nsa_decode_triton as ndt
-from attnbench.ops.nsa import nsa_block_means
+from attnbench.ops.nsa import nsa_cache_means
 
 VARIANTS = {  # name -> nsa_decode_triton keyword arguments
     "default": {},
@@ -55,7 +55,7 @@ def main() -> None:
         L = T + 64
         kv = torch.zeros(2, 1, 1, L, 64, dtype=torch.bfloat16, device="cuda")
         kv[:, :, :, :T] = torch.randn(2, 1, 1, T, 64, device="cuda").bfloat16()
-        means = torch.stack([nsa_block_means(kv[i].transpose(1, 2), 32) for i in range(2)]).transpose(2, 3).contiguous()
+        means = nsa_cache_means(kv, 32)
         q = torch.randn(1, 1, 16, 64, device="cuda").bfloat16()
         gates = torch.rand(1, 1, 16, 3, device="cuda").bfloat16()
         pos = torch.tensor([T - 1], device="cuda")

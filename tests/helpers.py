@@ -10,6 +10,17 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / norm if norm > 0 else diff
 
 
+def nsa_random_cache(L: int, T: int, device: str = "cpu", D: int = 64, block_size: int = 32, seed: int = 0):
+    """A bf16 NSA decode cache of L positions (one sequence, one KV head), the first T random, and its block
+    means: (kv `[2, 1, 1, L, D]`, kv_means `[2, 1, 1, ceil(L / BS), D]`)."""
+    from attnbench.ops.nsa import nsa_cache_means
+
+    torch.manual_seed(seed)
+    kv = torch.zeros(2, 1, 1, L, D, dtype=torch.bfloat16, device=device)
+    kv[:, :, :, :T] = torch.randn(2, 1, 1, T, D, device=device).bfloat16()
+    return kv, nsa_cache_means(kv, block_size)
+
+
 def fla_selection(q: torch.Tensor, k: torch.Tensor, block_size: int, block_counts: int) -> torch.Tensor:
     """The block_indices FLA's `parallel_nsa` computes internally, by the same calls
     (fla/ops/nsa/parallel.py), so a reference can be fed FLA's own selection (GPU tests only)."""

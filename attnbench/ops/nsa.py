@@ -323,6 +323,12 @@ def nsa_block_means(k: torch.Tensor, block_size: int, dtype: torch.dtype | None 
     return kf.reshape(B, n, block_size, H, D).mean(2)
 
 
+def nsa_cache_means(kv: torch.Tensor, block_size: int) -> torch.Tensor:
+    """A decode cache's keys and values kv `[2, B, H, L, D]` -> their block means kv_means
+    `[2, B, H, ceil(L / BS), D]` (nsa_block_means of each, contiguous: nsa_decode's layouts)."""
+    return torch.stack([nsa_block_means(x.transpose(1, 2), block_size) for x in kv]).transpose(2, 3).contiguous()
+
+
 @dataclass
 class NSADecodePlan:
     """The constants of `nsa_decode` for one cache length: static sizes and index tables, built once

@@ -108,15 +108,22 @@ if triton is not None:
         tl.store(imp_ptr + bh * NB + oc, imp, mask=mc)
 
     @triton.jit
-    def _split_tile(q, km_ptr, vm_ptr, s_ptr, pm_ptr, pl_ptr, pacc_ptr, bh, sp, NB, NSPLIT, n_complete, scale,
-                    og, od, mg, md, G: tl.constexpr, D: tl.constexpr, BLOCK_NB: tl.constexpr, DOT_NB: tl.constexpr):
-        """Tile `sp` of BLOCK_NB block means (flash-decoding's split): the compressed scores (kept for the
-        importance), and the tile's softmax partials: row max, sum, unnormalised output."""
+    def _compressed_split_kernel(q_ptr, km_ptr, vm_ptr, s_ptr, pm_ptr, pl_ptr, pacc_ptr, pos_ptr, NB, NSPLIT, scale,
+                                 G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 BS: tl.constexpr, BLOCK_NB: tl.constexpr, DOT_NB: tl.constexpr):
+        """One tile of BLOCK_NB block means per program (flash-decoding's split): the compressed scores
+        (kept for the importance), and the tile's softmax partials: row max, sum, unnormalised output."""
+        bh, sp = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+        pos = tl.load(pos_ptr)
+        og, od = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
+        mg, md = og < G, od < D
+        q = tl.load(q_ptr + (bh * G + og[:, None]) * D + od[None, :], mask=mg[:, None] & md[None, :],
+                    other=0.0).to(tl.float32)
         oc = sp * BLOCK_NB + tl.arange(0, BLOCK_NB)
         mc = oc < NB
         kmc, vmc = km_ptr + bh * NB * D, vm_ptr + bh * NB * D
         vm = tl.load(vmc + oc[:, None] * D + od[None, :], mask=mc[:, None] & md[None, :], other=0.0)
-        s = _compressed_scores(q, kmc, oc, mc, od, md, n_complete, scale, D, DOT_NB)
+        s = _compressed_scores(q, kmc, oc, mc, od, md, (pos + 1) // BS, scale, D, DOT_NB)
         tl.store(s_ptr + (bh * G + og[:, None]) * NB + oc[None, :], s, mask=mg[:, None] & mc[None, :])
         m = tl.max(s, 1)  # finite: every tile holds at least one block (sp * BLOCK_NB < NB)
         p = tl.exp(s - m[:, None])
@@ -125,19 +132,6 @@ if triton is not None:
         tl.store(pl_ptr + part, tl.sum(p, 1), mask=mg)
         tl.store(pacc_ptr + part[:, None] * D + od[None, :], _mix(p, vm.to(tl.float32), DOT_NB, FAST),
                  mask=mg[:, None] & md[None, :])
-
-    @triton.jit
-    def _compressed_split_kernel(q_ptr, km_ptr, vm_ptr, s_ptr, pm_ptr, pl_ptr, pacc_ptr, pos_ptr, NB, NSPLIT, scale,
-                                 G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                                 BS: tl.constexpr, BLOCK_NB: tl.constexpr, DOT_NB: tl.constexpr):
-        """The split's tiles in their own launch, one per program (where no tile counter is at hand)."""
-        bh, sp = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-        og, od = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
-        mg, md = og < G, od < D
-        q = tl.load(q_ptr + (bh * G + og[:, None]) * D + od[None, :], mask=mg[:, None] & md[None, :],
-                    other=0.0).to(tl.float32)
-        _split_tile(q, km_ptr, vm_ptr, s_ptr, pm_ptr, pl_ptr, pacc_ptr, bh, sp, NB, NSPLIT,
-                    (tl.load(pos_ptr) + 1) // BS, scale, og, od, mg, md, G, D, BLOCK_NB, DOT_NB)
 
     @triton.jit
     def _nsa_decode_kernel(q_ptr, gate_ptr, k_ptr, v_ptr, km_ptr, vm_ptr, imp_ptr, o_ptr, pos_ptr,

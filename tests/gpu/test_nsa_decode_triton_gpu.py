@@ -8,20 +8,16 @@ import torch
 from attnbench.ops import nsa as nsa_ops
 from attnbench.ops import nsa_decode_triton as ndt
 from attnbench.ops.backend import record_backends
-from attnbench.ops.nsa import nsa_block_means, nsa_decode
-from helpers import rel_err
+from attnbench.ops.nsa import nsa_decode
+from helpers import nsa_random_cache, rel_err
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
               pytest.mark.skipif(not ndt.available(), reason="needs triton")]
 
 
-def seed_cache(L: int, T: int, G: int = 16, D: int = 64, bs: int = 32):
-    torch.manual_seed(0)
-    kv = torch.zeros(2, 1, 1, L, D, dtype=torch.bfloat16, device="cuda")
-    kv[:, :, :, :T] = torch.randn(2, 1, 1, T, D, device="cuda").bfloat16()
-    means = torch.stack([nsa_block_means(kv[i].transpose(1, 2), bs) for i in range(2)]).transpose(2, 3).contiguous()
-    return kv, means
+def seed_cache(L: int, T: int):
+    return nsa_random_cache(L, T, device="cuda")
 
 
 @pytest.mark.parametrize("gather", [None, 1], ids=["one-gather", "one-block-per-gather"])

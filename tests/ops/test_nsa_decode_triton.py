@@ -12,8 +12,8 @@ import torch
 
 from attnbench.ops import nsa as nsa_ops
 from attnbench.ops import nsa_decode_triton as ndt
-from attnbench.ops.nsa import nsa_block_means, nsa_decode
-from helpers import rel_err
+from attnbench.ops.nsa import nsa_decode
+from helpers import nsa_random_cache, rel_err
 from ops.test_nsa_ops import BS, cache_of, gates_at, make_inputs
 
 pytestmark = [pytest.mark.skipif(not ndt.available(), reason="needs the triton package (its interpreter)"),
@@ -58,11 +58,8 @@ def test_kernel_equals_the_pytorch_step(interpreted, H, G, S, W, L, split, gathe
 def test_kernel_at_the_seed_shape_with_a_bf16_cache_over_several_tiles(interpreted):
     """G = 16, D = 64, BS = 32, S = 4, W = 64 (configs/nsa.toml), a bf16 cache of 5000 positions: 157 block
     means, three tiles of the compressed pass, scored by the split kernel; bf16 out, float32 inside."""
-    torch.manual_seed(0)
     B, H, G, D, bs, S, W, L, T = 1, 1, 16, 64, 32, 4, 64, 5000, 4200
-    kv = torch.zeros(2, B, H, L, D, dtype=torch.bfloat16)
-    kv[:, :, :, :T] = torch.randn(2, B, H, T, D).bfloat16()
-    means = torch.stack([nsa_block_means(kv[i].transpose(1, 2), bs) for i in range(2)]).transpose(2, 3).contiguous()
+    kv, means = nsa_random_cache(L, T, D=D, block_size=bs)
     # block_sel 16, 32: several selection scan tiles; block_split 2, block_imp 64: the main program reads the
     # three tiles' partials in two loads and the 157 scores in three (the defaults: one load each)
     for t, block_sel, wide in ((5, None, {}), (32, None, {}), (700, 16, {}), (T - 1, None, {}), (T - 1, 32, {}),
@@ -79,11 +76,8 @@ def test_kernel_at_16k_with_its_default_loads(interpreted):
     """The H200 benchmark's longest prompt: a 16,448-position bf16 cache holds 514 block means, nine tiles for
     the split kernel; the main program reads their partials in two loads (8 + 1) and the 514 scores in two
     (512 + 2), the defaults, both ragged."""
-    torch.manual_seed(1)
     B, H, G, D, bs, S, W, L, T = 1, 1, 16, 64, 32, 4, 64, 16448, 16384
-    kv = torch.zeros(2, B, H, L, D, dtype=torch.bfloat16)
-    kv[:, :, :, :T] = torch.randn(2, B, H, T, D).bfloat16()
-    means = torch.stack([nsa_block_means(kv[i].transpose(1, 2), bs) for i in range(2)]).transpose(2, 3).contiguous()
+    kv, means = nsa_random_cache(L, T, D=D, block_size=bs, seed=1)
     assert means.shape[3] == 514
     for t in (T - 1, 9000, 100):
         q, gates = torch.randn(B, 1, H * G, D).bfloat16(), torch.rand(B, 1, H * G, 3).bfloat16()

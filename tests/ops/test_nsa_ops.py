@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from attnbench.errors import AttnbenchError, ConfigError
-from attnbench.ops.nsa import (NSADecodePlan, fla_supported, nsa, nsa_block_means, nsa_decode, nsa_reference,
-                               nsa_select_blocks, nsa_torch, validate_nsa_args)
+from attnbench.ops.nsa import (NSADecodePlan, fla_supported, nsa, nsa_block_means, nsa_cache_means, nsa_decode,
+                               nsa_reference, nsa_select_blocks, nsa_torch, validate_nsa_args)
 from helpers import OpLog, out_and_grads, rel_err
 
 BS, D, W = 16, 16, 32
@@ -200,8 +200,7 @@ def cache_of(k: torch.Tensor, v: torch.Tensor, L: int, fill: float = 0.0) -> tup
     B, T, H, D_ = k.shape
     kv = torch.full((2, B, H, L, D_), fill, dtype=k.dtype)
     kv[0, :, :, :T], kv[1, :, :, :T] = k.transpose(1, 2), v.transpose(1, 2)
-    means = torch.stack([nsa_block_means(kv[i].transpose(1, 2), BS) for i in range(2)]).transpose(2, 3)
-    return kv, means.contiguous()
+    return kv, nsa_cache_means(kv, BS)
 
 
 def gates_at(gates, t):
