@@ -1,5 +1,6 @@
 """attnbench: fair, verified comparisons of sequence mixers in parameter-matched small GPTs."""
-from .config import GPTConfig, ModelConfig, RunConfig, load_config
+from .config import GPTConfig, ModelConfig, RunConfig
+from .resolve import load_config
 from .errors import AttnbenchError, ConfigError
 from .model import GPT
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_model, save_model
 
-from .io import _fsync_dir, atomic_write_json
+from .files import fsync_dir, atomic_write_json
 
 MODEL_FILE, STATE_FILE, LATEST = "model.safetensors", "state.pt", "latest.json"
 
@@ -40,7 +40,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dic
     for f in (MODEL_FILE, STATE_FILE):
         _fsync_file(tmp / f)
     os.replace(tmp, ckdir / name)
-    _fsync_dir(ckdir)
+    fsync_dir(ckdir)
     atomic_write_json(ckdir / LATEST, {"step": step, "dir": name})
     _prune(ckdir, keep, current=name)
     return ckdir / name

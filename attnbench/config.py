@@ -8,7 +8,6 @@ naming the key and the nearest valid one, raised before any file is written.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import json
 import tomllib
@@ -18,7 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .errors import ConfigError
+from .counts import parse_count
+from .errors import ConfigError, did_you_mean
 
 POS_EMBS = ("learned", "rope", "none")
 DEVICES = ("auto", "cpu", "cuda")
@@ -120,13 +120,13 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        """Parsed, not validated: attnbench.resolve.load_config validates and resolves shapes."""
         cfg = cls()
         _apply_tree(cfg, d, source="config")
-        validate(cfg)
         return cfg
 
     def save(self, path: str | Path) -> None:
-        from .io import atomic_write_text
+        from .files import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
@@ -217,11 +217,6 @@ def coerce_value(val: Any, tp: Any, key: str) -> Any:
 # ---------------------------------------------------------------- applying files and overrides
 
 
-def _suggest(key: str, candidates: list[str]) -> str:
-    near = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
-    return f"; did you mean {near[0]!r}?" if near else ""
-
-
 def all_keys() -> list[str]:
     """Every settable dotted key, e.g. 'train.max_iters'."""
     out = []
@@ -245,7 +240,7 @@ def _set(cfg: RunConfig, dotted: str, val: Any, source: str) -> None:
             raise ConfigError(f"{source}: key {dotted!r} is ambiguous; write one of " + ", ".join(f"{o}.{dotted}" for o in owners))
         else:
             bare = [k.split(".", 1)[1] for k in all_keys()]
-            raise ConfigError(f"{source}: unknown key {dotted!r}{_suggest(dotted, bare + all_keys())}")
+            raise ConfigError(f"{source}: unknown key {dotted!r}{did_you_mean(dotted, bare + all_keys())}")
     sec_name, rest = parts[0], parts[1:]
     section = getattr(cfg, sec_name)
     if not rest:
@@ -253,7 +248,7 @@ def _set(cfg: RunConfig, dotted: str, val: Any, source: str) -> None:
     names = {f.name: f for f in fields(section)}
     key = rest[0]
     if key not in names:
-        raise ConfigError(f"{source}: unknown key {sec_name}.{key}{_suggest(key, list(names))}")
+        raise ConfigError(f"{source}: unknown key {sec_name}.{key}{did_you_mean(key, list(names))}")
     if sec_name == "model" and key == "mixer_args" and len(rest) > 1:
         # mixer_args.<name>: raw value, coerced and checked by the mixer's Args dataclass in validate()
         sub = ".".join(rest[1:])
@@ -291,8 +286,10 @@ def parse_overrides(args: list[str] | dict[str, Any] | None) -> list[tuple[str, 
     return out
 
 
-def load_config(path: str | Path | dict | RunConfig | None = None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
-    """Build and validate a RunConfig from a TOML file (or dict, or RunConfig) plus overrides."""
+def parse_config(path: str | Path | dict | RunConfig | None = None,
+                 overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """A RunConfig from a TOML file (or dict, or RunConfig) plus overrides: keys and types checked, values
+    not yet validated and `n_embd = "match"` not yet resolved (that needs the mixers: attnbench.resolve)."""
     if isinstance(path, RunConfig):
         cfg = RunConfig()
         _apply_tree(cfg, path.to_dict(), source="config")
@@ -311,7 +308,6 @@ def load_config(path: str | Path | dict | RunConfig | None = None, overrides: li
             _apply_tree(cfg, tree, source=str(p))
     for k, v in parse_overrides(overrides):
         _set(cfg, k, v, source=f"override --{k}")
-    validate(cfg)
     return cfg
 
 
@@ -324,11 +320,12 @@ def _nearest_divisor(n: int, target: int) -> int:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Impossible values and combinations, each reported with the key and a valid suggestion."""
-    from . import mixers
-
+    """Impossible values and combinations, each reported with the key and a valid suggestion. The
+    mixer's own arguments are checked by its Args dataclass (attnbench.resolve)."""
     m, o, t = cfg.model, cfg.optim, cfg.train
-    _resolve_match(m)
+    check_match_request(m)
+    if isinstance(m.n_embd, str):
+        raise ConfigError("model.n_embd = 'match' must be resolved before validation (attnbench.resolve.load_config)")
     for key, val in [("model.n_layer", m.n_layer), ("model.n_head", m.n_head), ("model.n_embd", m.n_embd),
                      ("model.block_size", m.block_size), ("model.vocab_size", m.vocab_size),
                      ("train.batch_size", t.batch_size), ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
@@ -347,7 +344,7 @@ def validate(cfg: RunConfig) -> None:
                               ("train.compile_scope", t.compile_scope, COMPILE_SCOPES),
                               ("train.compile_mode", t.compile_mode, COMPILE_MODES)]:
         if val not in allowed:
-            raise ConfigError(f"{key}={val!r} is not one of {allowed}{_suggest(val, list(allowed))}")
+            raise ConfigError(f"{key}={val!r} is not one of {allowed}{did_you_mean(val, list(allowed))}")
     if t.cuda_graph and t.dtype == "float16":
         raise ConfigError("train.cuda_graph=true cannot capture float16's loss scaling (its overflow check reads the GPU "
                           "from the host every step); use train.dtype='bfloat16' (or 'auto') or train.cuda_graph=false")
@@ -363,24 +360,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("optim.warmup_iters, optim.grad_clip and optim.weight_decay must be >= 0")
     if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
         raise ConfigError(f"optim.beta1 and optim.beta2 must be in [0, 1), got {o.beta1}, {o.beta2}")
-    # the mixer exists, and its own arguments are valid for this shape
-    cls = mixers.get(m.mixer)
-    args = cls.Args.from_dict(m.mixer_args, m.mixer)
-    args.validate(m.n_embd, m.n_head)
-    cls.check_config(m)
 
 
-def _resolve_match(m: ModelConfig) -> None:
-    """n_embd = "match": replace n_embd, n_head and mixer_args in place by the shape whose parameter
-    count is closest to model.param_budget (attnbench.params.match_shape; mixer args already set are
-    kept fixed). A resolved config has concrete values, so a saved config.json never searches again."""
+def check_match_request(m: ModelConfig) -> None:
+    """A readable param_budget, and `n_embd = "match"` only with one (the search itself is
+    attnbench.params.resolve_match)."""
     if m.param_budget is not None:
-        from .params import parse_budget
-
-        try:
-            parse_budget(m.param_budget)
-        except ConfigError as e:
-            raise ConfigError(f"model.param_budget: {e}") from None
+        parse_count(m.param_budget, what="model.param_budget")
     if not isinstance(m.n_embd, str):
         return
     if m.n_embd != "match":
@@ -391,7 +377,3 @@ def _resolve_match(m: ModelConfig) -> None:
     for key in ("n_layer", "block_size", "vocab_size"):
         if getattr(m, key) < 1:
             raise ConfigError(f"model.{key} must be >= 1, got {getattr(m, key)}")
-    from .params import resolve_match
-
-    r = resolve_match(m)
-    m.n_embd, m.n_head, m.mixer_args = r.n_embd, r.n_head, dict(r.mixer_args)

@@ -1,4 +1,12 @@
-"""The one exception type users see: bad input, named and with a fix, raised before any work starts."""
+"""The exception types users see, and the one "did you mean" helper their messages use.
+
+Bad input is named, with a fix, and raised before any work starts; the CLI prints the message and exits
+with code 2.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
 
 
 class AttnbenchError(Exception):
@@ -7,3 +15,18 @@ class AttnbenchError(Exception):
 
 class ConfigError(AttnbenchError):
     """A configuration key, type or combination is invalid."""
+
+
+def did_you_mean(word: str, candidates: Iterable[str], prefix: str = "", list_all: bool = False,
+                 cutoff: float = 0.5) -> str:
+    """'; did you mean <prefix>X?' for the nearest candidate, else the valid choices (with list_all) or ''.
+
+    Appended to an error message: `f"unknown key {k!r}{did_you_mean(k, keys)}"`.
+    """
+    names = list(candidates)
+    near = difflib.get_close_matches(str(word), names, n=1, cutoff=cutoff)
+    if near:
+        return f"; did you mean {prefix}{near[0]!r}?" if not prefix else f"; did you mean {prefix}{near[0]}?"
+    if list_all:
+        return f"; valid choices: {', '.join(names) or '(none)'}"
+    return ""

@@ -48,6 +48,7 @@ import torch
 
 from . import mixers
 from .config import ModelConfig
+from .counts import parse_count
 from .errors import ConfigError
 
 TARGET_HEAD_DIM = 64  # the softmax baseline's head dim (nanoGPT shakespeare_char: 384 / 6)
@@ -68,20 +69,8 @@ _CHECK_ERRORS = (ConfigError, ValueError, ZeroDivisionError)
 
 
 def parse_budget(value: str | int | float) -> int:
-    """'10.7M', '10700000', '1.5e7', '850k' (also G/B for 1e9, '_' and ',' separators) -> int."""
-    if isinstance(value, bool):
-        raise ConfigError(f"parameter budget must be a number like '10.7M', got {value!r}")
-    if isinstance(value, (int, float)):
-        n = float(value)
-    else:
-        s = str(value).strip().replace("_", "").replace(",", "")
-        m = re.fullmatch(r"((?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*([kmgb]?)", s, flags=re.I)
-        if not m:
-            raise ConfigError(f"parameter budget {value!r} is not a number like '10.7M', '850k', '1.5e7' or '10700000'")
-        n = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}[m.group(2).lower()]
-    if not math.isfinite(n) or n < 1:
-        raise ConfigError(f"parameter budget must be a positive number of parameters, got {value!r}")
-    return int(round(n))
+    """A parameter budget such as '10.7M' (attnbench.counts.parse_count)."""
+    return parse_count(value, what="parameter budget")
 
 
 def count_params(model_cfg: ModelConfig) -> int:
@@ -500,7 +489,7 @@ def match_all(budget: int | str, mixers: Optional[list[str]] = None, n_layer: in
 
 def resolve_match(model_cfg: ModelConfig) -> ModelConfig:
     """A ModelConfig with n_embd = 'match' -> the matched one (concrete n_embd, n_head, mixer_args).
-    Called by config.validate; the mixer args already in model_cfg are held fixed."""
+    Called by attnbench.resolve; the mixer args already in model_cfg are held fixed."""
     if model_cfg.param_budget is None:
         raise ConfigError("model.n_embd = 'match' needs model.param_budget (e.g. param_budget = '10.7M'); "
                           "or set model.n_embd to a width")
@@ -571,7 +560,7 @@ def _cli(a: argparse.Namespace) -> int:
         if a.json == "-":
             print(text)
         else:
-            from .io import atomic_write_text
+            from .files import atomic_write_text
 
             atomic_write_text(a.json, text + "\n")
             print(f"wrote {a.json}", file=sys.stderr)

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AttnbenchError
-from .io import atomic_write_text, read_jsonl
+from .files import atomic_write_text, read_jsonl
 
 # One colour per mixer, fixed, so every figure (and every report) reads the same way.
 MIXER_COLORS = {

@@ -9,6 +9,7 @@ import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import RunConfig
+from .resolve import load_config
 from .errors import AttnbenchError
 from .model import GPT
 
@@ -18,7 +19,7 @@ def load_run(out_dir: str | Path, device: str = "cpu") -> tuple[GPT, RunConfig]:
     run = Path(out_dir)
     if not (run / "config.json").is_file():
         raise AttnbenchError(f"{run} is not a run folder (no config.json); pass the --out_dir of a training run")
-    cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    cfg = load_config(json.loads((run / "config.json").read_text()))
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         raise AttnbenchError(f"{run} has no checkpoint yet; train it first (attnbench train ...)")

@@ -77,7 +77,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as _dt
-import difflib
 import hashlib
 import json
 import os
@@ -91,9 +90,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import SECTIONS, RunConfig, load_config
-from .errors import AttnbenchError, ConfigError
-from .io import atomic_write_json, atomic_write_text, read_jsonl
+from .config import SECTIONS, RunConfig
+from .resolve import load_config
+from .errors import AttnbenchError, ConfigError, did_you_mean
+from .counts import parse_count
+from .files import atomic_write_json, atomic_write_text, read_jsonl
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the repository (configs/ lives here)
 RUN_FILE, MANIFEST, LOCK = "run.json", "sweep.json", ".sweep.lock"
@@ -114,7 +115,7 @@ SWEEP_KEYS = {
     "devices": "'auto', 'cpu' or GPU indices '0,1' (CLI --devices wins)",
     "nproc_per_node": "processes (GPUs) per run under torchrun (CLI --nproc_per_node wins)",
     "cuda_mps": "true: runs sharing a GPU (jobs_per_device > 1) train under a private CUDA MPS daemon, so their "
-                "kernels overlap instead of taking turns (attnbench/mps.py; CLI --cuda_mps / --no-cuda_mps wins)",
+                "kernels overlap instead of taking turns (attnbench/cuda_mps.py; CLI --cuda_mps / --no-cuda_mps wins)",
     "overrides": "table of RunConfig keys for every run",
     "mixer_overrides": "table of tables: RunConfig keys per mixer",
     "bench": "table: enabled, benches, options",
@@ -133,11 +134,6 @@ ID_EXCLUDE = {"train.out_dir", "train.progress", "train.resume", "train.keep_che
 
 def _now() -> str:
     return _dt.datetime.now().isoformat(timespec="seconds")
-
-
-def _suggest(key: str, candidates: list[str] | tuple[str, ...]) -> str:
-    near = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
-    return f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(candidates)}"
 
 
 # ---------------------------------------------------------------------------------------- the file
@@ -250,7 +246,7 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     for k in tree:
         if k not in SWEEP_KEYS:
-            raise ConfigError(f"{path}: unknown sweep key {k!r}{_suggest(k, list(SWEEP_KEYS))}")
+            raise ConfigError(f"{path}: unknown sweep key {k!r}{did_you_mean(k, list(SWEEP_KEYS), list_all=True)}")
     if "base_config" not in tree:
         raise ConfigError(f"{path}: base_config is missing: name the run TOML every run starts from, "
                           "e.g. base_config = \"configs/shakespeare_char.toml\"")
@@ -297,7 +293,7 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: mixer_overrides must hold one table per mixer, e.g. [mixer_overrides.nsa]")
     for m, table in mo.items():
         if m not in mixers:
-            raise ConfigError(f"{path}: [mixer_overrides.{m}] names a mixer that is not in mixers{_suggest(m, mixers)}")
+            raise ConfigError(f"{path}: [mixer_overrides.{m}] names a mixer that is not in mixers{did_you_mean(m, mixers, list_all=True)}")
         sw.mixer_overrides[m] = [(_canonical_key(k), v) for k, v in _flatten(table)]
     for key, _ in sw.overrides + [kv for t in sw.mixer_overrides.values() for kv in t]:
         if key in _AXIS_KEYS:
@@ -323,7 +319,7 @@ def _parse_bench(tree: Any, path: Path) -> BenchSpec:
         raise ConfigError(f"{path}: bench must be a table: [bench] enabled = true")
     for k in tree:
         if k not in BENCH_KEYS:
-            raise ConfigError(f"{path}: unknown key bench.{k}{_suggest(k, BENCH_KEYS)}")
+            raise ConfigError(f"{path}: unknown key bench.{k}{did_you_mean(k, BENCH_KEYS, list_all=True)}")
     spec = BenchSpec()
     if "enabled" in tree:
         if not isinstance(tree["enabled"], bool):
@@ -335,7 +331,7 @@ def _parse_bench(tree: Any, path: Path) -> BenchSpec:
             raise ConfigError(f"{path}: bench.benches must be a non-empty list out of {list(BENCHES)}")
         for x in b:
             if x not in BENCHES:
-                raise ConfigError(f"{path}: bench.benches: unknown benchmark {x!r}{_suggest(str(x), BENCHES)}")
+                raise ConfigError(f"{path}: bench.benches: unknown benchmark {x!r}{did_you_mean(str(x), BENCHES, list_all=True)}")
         spec.benches = list(b)
     if "options" in tree:
         if not isinstance(tree["options"], dict):
@@ -346,19 +342,9 @@ def _parse_bench(tree: Any, path: Path) -> BenchSpec:
 
 def _parse_budget(budget: str, path: Path | str) -> int:
     try:
-        from .params import parse_budget
-    except ImportError:
-        parse_budget = _parse_budget_fallback
-    try:
-        return int(parse_budget(budget))
-    except (ValueError, TypeError, AttnbenchError) as e:
-        raise ConfigError(f"{path}: param_budget {budget!r} is not a parameter count such as '10.7M' or '800k' ({e})") from None
-
-
-def _parse_budget_fallback(s: str) -> int:
-    s = str(s).strip().upper().replace("_", "")
-    mult = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}.get(s[-1:], 1)
-    return int(round(float(s[:-1] if s[-1:] in "KMBG" else s) * mult))
+        return parse_count(budget, what="param_budget")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------- the plan
@@ -848,7 +834,7 @@ def _training_env(sweep: Sweep, out: Path, slots: list[Slot], man: _Manifest, tr
     if not (training and wants_mps(sweep, slots)):
         yield
         return
-    from .mps import ENV_KEYS, mps_daemon
+    from .cuda_mps import ENV_KEYS, mps_daemon
 
     # the probe opens a context where the first run will (a sweep's slots are all GPUs or all the CPU)
     with mps_daemon(out / "logs", _say, probe_env={"CUDA_VISIBLE_DEVICES": slots[0].env["CUDA_VISIBLE_DEVICES"]}) as env:
@@ -1028,7 +1014,7 @@ def check_bench_options(spec: BenchSpec, path: Path | str) -> None:
                               "output file); remove it")
         if k not in known:
             raise ConfigError(f"{path}: unknown option bench.options.{k} for `attnbench bench "
-                              f"{'/'.join(bench_tasks(spec))}`{_suggest(k, sorted(known - _BENCH_RESERVED))}")
+                              f"{'/'.join(bench_tasks(spec))}`{did_you_mean(k, sorted(known - _BENCH_RESERVED), list_all=True)}")
 
 
 def _shape_sets(model: dict[str, Any]) -> list[str]:

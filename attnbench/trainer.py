@@ -17,12 +17,13 @@ import torch.nn as nn
 
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import RunConfig, load_config
+from .config import RunConfig
+from .resolve import load_config
 from .data import BatchSampler, Corpus, val_windows
 from .errors import AttnbenchError
 from .flops import train_flops_per_token
 from .graphed_step import GraphedStep, make_graph_safe, set_lr
-from .io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from .files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from .model import GPT
 from .ops import fla_preload
 from .ops.backend import gated_backward_route, record_backends

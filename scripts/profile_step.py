@@ -19,7 +19,7 @@ import time
 import torch
 
 from attnbench import GPT, mixers
-from attnbench.config import load_config
+from attnbench.resolve import load_config
 from attnbench.bench.common import precision, train_step
 from attnbench.graphed_step import GraphedStep, make_graph_safe
 from attnbench.trainer import compile_model, make_optimizer

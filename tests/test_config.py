@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from attnbench.config import load_config
+from attnbench.resolve import load_config
 from attnbench.errors import ConfigError
 
 

@@ -6,7 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from attnbench.io import read_jsonl
+from attnbench.files import read_jsonl
 from test_sweep import write_sweep
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,8 @@ import torch
 
 import attnbench
 from attnbench import graphed_step
-from attnbench.config import ConfigError, load_config
+from attnbench.errors import ConfigError
+from attnbench.resolve import load_config
 from attnbench.errors import AttnbenchError
 from attnbench.graphed_step import GraphedStep, make_graph_safe, set_lr
 from conftest import tiny_run_config

@@ -8,7 +8,8 @@ import torch
 
 from attnbench import mixers
 from attnbench.cli import main
-from attnbench.config import ModelConfig, RunConfig, load_config
+from attnbench.config import ModelConfig, RunConfig
+from attnbench.resolve import load_config
 from attnbench.errors import ConfigError
 from attnbench.model import GPT
 from attnbench.params import count_params, match_all, match_shape, parse_budget, softmax_width

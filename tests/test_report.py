@@ -11,7 +11,7 @@ import pytest
 from attnbench import report as rp
 from attnbench import sweep as sw
 from attnbench.cli import main
-from attnbench.io import read_jsonl
+from attnbench.files import read_jsonl
 from conftest import tiny_run_config
 
 FIGS = ["loss_vs_step.png", "loss_vs_time.png", "val_vs_train.png", "ppl_vs_flops.png", "lr_sensitivity.png"]

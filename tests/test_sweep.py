@@ -12,7 +12,7 @@ import pytest
 
 from attnbench import sweep as sw
 from attnbench.errors import ConfigError
-from attnbench.io import read_jsonl
+from attnbench.files import read_jsonl
 from conftest import tiny_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def test_rerunning_a_finished_sweep_does_nothing(reference, capsys):
 
 
 def test_run_id_ignores_where_and_how_but_not_what(tiny_data, tmp_path):
-    from attnbench.config import load_config
+    from attnbench.resolve import load_config
 
     cfg = load_config(tiny_run_config(tiny_data, tmp_path / "a"))
     rid = sw.run_id_for(cfg)

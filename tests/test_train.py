@@ -12,7 +12,7 @@ import torch
 import attnbench
 from attnbench import checkpoint as ck
 from attnbench.errors import AttnbenchError
-from attnbench.io import read_jsonl
+from attnbench.files import read_jsonl
 from attnbench.sample import load_run
 from conftest import tiny_run_config
 from helpers import record_fla_captures
@@ -251,7 +251,7 @@ def test_compile_scopes_train_like_eager_and_blocks_share_one_graph(tiny_data, t
 
 
 def test_bad_compile_scope_or_mode_is_a_config_error():
-    from attnbench.config import load_config
+    from attnbench.resolve import load_config
     from attnbench.errors import ConfigError
 
     with pytest.raises(ConfigError, match="train.compile_scope.*blocks"):

@@ -11,7 +11,8 @@ from pathlib import Path
 from ..errors import AttnbenchError
 from ..ops import fla_preload
 from . import latency, memory, throughput
-from .common import (DEFAULT_BUDGET, RowWriter, parse_count, parse_int_list, print_table, resolve_device,
+from ..counts import parse_count
+from .common import (DEFAULT_BUDGET, RowWriter, parse_int_list, print_table, resolve_device,
                      resolve_shapes)
 
 log = logging.getLogger("attnbench.bench")

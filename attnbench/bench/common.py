@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..config import ModelConfig, coerce_value, field_types
-from ..errors import ConfigError
+from ..counts import parse_count
+from ..errors import ConfigError, did_you_mean
 
 log = logging.getLogger("attnbench.bench")
 
@@ -38,25 +39,6 @@ DEFAULT_BUDGET = "10.7M"
 
 
 # ------------------------------------------------------------------ sizes and lists
-
-
-def parse_count(text: str | int) -> int:
-    """'10.7M' -> 10_700_000, '64k' -> 64_000, '1Mi' -> 1_048_576, '4096' -> 4096."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip().replace("_", "")
-    mult = {"k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
-    low = s.lower()
-    for suf in ("ki", "mi", "gi", "k", "m", "g"):
-        if low.endswith(suf):
-            try:
-                return int(round(float(s[: -len(suf)]) * mult[suf]))
-            except ValueError:
-                break
-    try:
-        return int(round(float(s)))
-    except ValueError:
-        raise ConfigError(f"cannot read {text!r} as a count; write e.g. 10.7M, 64k, 1Mi or 4096") from None
 
 
 def parse_int_list(text: str | None) -> list[int] | None:
@@ -93,7 +75,7 @@ def _configs_dirs() -> list[Path]:
 
 
 def _config_file_shape(mixer: str) -> tuple[ModelConfig, str]:
-    from ..config import load_config
+    from ..resolve import load_config
 
     names = [f"{mixer}.toml"] + (["shakespeare_char.toml"] if mixer == "softmax" else [])
     for d in _configs_dirs():
@@ -118,7 +100,7 @@ def _match(mixer: str, budget: int, budget_text: str, cfg: ModelConfig, source: 
             raise
         return None
     try:
-        if cfg.param_budget is not None and params.parse_budget(cfg.param_budget) == budget:
+        if cfg.param_budget is not None and parse_count(cfg.param_budget) == budget:
             return cfg, params.count_params(cfg), f"{source} (matched to {cfg.param_budget})"
         m = params.match_shape(mixer, budget, cfg.n_layer, base=cfg)
         return m.model_cfg, int(m.n_params), f"params.match_shape({budget_text}, mixer_args of {source})"
@@ -150,10 +132,7 @@ def parse_sets(items: list[str] | None, mixers: list[str]) -> tuple[dict[str, An
         elif key in model_fields and key not in ("mixer", "mixer_args"):
             glob[key] = coerce_value(val, model_fields[key], f"--set {key}")
         else:
-            import difflib
-
-            near = difflib.get_close_matches(key, list(model_fields), n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
+            hint = did_you_mean(key, model_fields)
             raise ConfigError(f"--set {item!r}: unknown model key {key!r}{hint} (use MIXER.ARG for mixer_args)")
     return glob, per
 

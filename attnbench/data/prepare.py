@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from attnbench.errors import AttnbenchError
-from attnbench.io import atomic_write
+from attnbench.files import atomic_write
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 ENV_VAR = "ATTNBENCH_DATA"

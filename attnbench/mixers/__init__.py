@@ -2,11 +2,10 @@
 `@register("name")`; every module here is imported on first use, so adding a file is enough."""
 from __future__ import annotations
 
-import difflib
 import importlib
 import pkgutil
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from .base import Mixer, MixerArgs
 
 _REGISTRY: dict[str, type[Mixer]] = {}
@@ -42,8 +41,7 @@ def available() -> list[str]:
 def get(name: str) -> type[Mixer]:
     _load_all()
     if name not in _REGISTRY:
-        near = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
+        hint = did_you_mean(name, _REGISTRY)
         raise ConfigError(f"unknown mixer {name!r} (model.mixer){hint} available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 

@@ -7,14 +7,13 @@ of one, and updates that state in place (the state also records how many tokens 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 
 
 @dataclass
@@ -31,8 +30,7 @@ class MixerArgs:
         kwargs = {}
         for key, val in d.items():
             if key not in names:
-                near = difflib.get_close_matches(key, names, n=1)
-                hint = f"; did you mean mixer_args.{near[0]}?" if near else f"; valid keys: {', '.join(names) or '(none)'}"
+                hint = did_you_mean(key, names, prefix="mixer_args.", list_all=True)
                 raise ConfigError(f"unknown key model.mixer_args.{key} for mixer {mixer!r}{hint}")
             kwargs[key] = _coerce(cls, key, val, mixer)
         return cls(**kwargs)

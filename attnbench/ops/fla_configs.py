@@ -29,7 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..io import atomic_write_text
+from ..files import atomic_write_text
 
 log = logging.getLogger("attnbench.ops")
 

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..io import atomic_write_text
+from ..files import atomic_write_text
 from .fla_configs import CONFIG_ROOT, kernel_id, read_if_versions, read_mergeable, versions
 
 log = logging.getLogger("attnbench.ops")

@@ -116,7 +116,7 @@ def test_gpu_decode_equals_forward(split, monkeypatch):
 
 def test_gpt_with_nsa_config_trains_a_step_on_fla():
     """configs/nsa.toml's model (16 query heads, 1 KV head) runs forward + backward on FLA under autocast."""
-    from attnbench.config import load_config
+    from attnbench.resolve import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "nsa.toml").model
     cfg.backend, cfg.dropout = "fla", 0.0

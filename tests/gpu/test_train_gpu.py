@@ -8,7 +8,7 @@ import torch
 
 import attnbench
 from attnbench import mixers
-from attnbench.io import read_jsonl
+from attnbench.files import read_jsonl
 from conftest import tiny_run_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -1,4 +1,4 @@
-"""The sweep's private CUDA MPS daemon (attnbench/mps.py), driven through a fake nvidia-cuda-mps-control:
+"""The sweep's private CUDA MPS daemon (attnbench/cuda_mps.py), driven through a fake nvidia-cuda-mps-control:
 started with its own pipe/log folders, handed to the training children, quit before the benchmarks;
 absent or refusing, the runs go on without it."""
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnbench import mps
+from attnbench import cuda_mps as mps
 from attnbench import sweep as sw
 from attnbench.errors import ConfigError
 

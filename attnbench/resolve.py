@@ -1,0 +1,33 @@
+"""A run's configuration made ready to train: parsed (attnbench.config), `n_embd = "match"` resolved by
+the parameter search (attnbench.params), validated, and the mixer's own arguments checked by its Args
+dataclass. Everything that builds a model from a config file goes through `load_config`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import mixers
+from .config import RunConfig, check_match_request, parse_config, validate
+from .params import resolve_match
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Resolve `n_embd = "match"` in place (a resolved config has concrete values, so a saved
+    config.json never searches again), then validate; returns cfg."""
+    m = cfg.model
+    check_match_request(m)
+    if isinstance(m.n_embd, str):
+        r = resolve_match(m)
+        m.n_embd, m.n_head, m.mixer_args = r.n_embd, r.n_head, dict(r.mixer_args)
+    validate(cfg)
+    cls = mixers.get(m.mixer)
+    cls.Args.from_dict(m.mixer_args, m.mixer).validate(m.n_embd, m.n_head)
+    cls.check_config(m)
+    return cfg
+
+
+def load_config(path: str | Path | dict | RunConfig | None = None,
+                overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """Build, resolve and validate a RunConfig from a TOML file (or dict, or RunConfig) plus overrides."""
+    return resolve(parse_config(path, overrides))
