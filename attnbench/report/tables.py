@@ -20,6 +20,7 @@ def mean_sd(xs: list[float]) -> tuple[float, float | None]:
 
 
 def _fmt(mean: float | None, sd: float | None = None, digits: int = 4) -> str:
+    """'mean ± sd' to `digits` decimals (just the mean without sd); '-' for a missing value."""
     if mean is None or (isinstance(mean, float) and not math.isfinite(mean)):
         return "-"
     s = f"{mean:.{digits}f}"
@@ -27,6 +28,7 @@ def _fmt(mean: float | None, sd: float | None = None, digits: int = 4) -> str:
 
 
 def _fmt_num(x: float | None) -> str:
+    """A speed or size to about three significant digits (thousands separated from 10,000)."""
     if x is None:
         return "-"
     if abs(x) >= 1e4:
