@@ -7,11 +7,13 @@ import statistics
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from attnbench import report as rp
 from attnbench import sweep as sw
 from attnbench.cli import main
 from attnbench.files import read_jsonl
+from attnbench.report.figures import fig_decode, generalisation_points
 from conftest import tiny_run_config
 
 FIGS = ["loss_vs_step.png", "loss_vs_time.png", "val_vs_train.png", "ppl_vs_flops.png", "lr_sensitivity.png"]
@@ -21,8 +23,6 @@ BENCH_FIGS = ["decode_latency.png", "memory_vs_context.png", "throughput_vs_cont
 @pytest.fixture(scope="module")
 def results(tiny_data, tmp_path_factory):
     """A finished sweep: softmax at 2 learning rates x 2 seeds, two runs at a time (shared CPU)."""
-    import tomli_w
-
     d = tmp_path_factory.mktemp("results")
     (d / "base.toml").write_text(tomli_w.dumps(tiny_run_config(tiny_data, d / "unused")))
     (d / "sweep.toml").write_text("""
@@ -121,7 +121,7 @@ def test_report_from_results_folder_alone(results, tmp_path):
     assert row[3] == f"{statistics.fmean(bests):.4f} ± {statistics.stdev(bests):.4f}"
     finals = [r.final_val_loss for r in lrs[best]]
     assert row[4] == f"{statistics.fmean(finals):.4f} ± {statistics.stdev(finals):.4f}"  # final val loss beside it
-    row = row[:4] + row[5:]  # the remaining columns as before
+    row = row[:4] + row[5:]  # without final val loss: the checks below index the columns after it
     ppl = [math.exp(x) for x in bests]
     assert row[4] == f"{statistics.fmean(ppl):.3f} ± {statistics.stdev(ppl):.3f}"
     bpc = [r.summary["best_val_bpc"] for r in lrs[best]]
@@ -221,7 +221,7 @@ def test_generalisation_points_pair_each_evaluation_with_recent_training_loss():
     r.config = {"train": {"eval_interval": 10}}
     r.train_rows = [{"step": s, "loss": 3.0 - 0.1 * s} for s in range(1, 21)]
     r.eval_rows = [{"step": 0, "val_loss": 4.0}, {"step": 10, "val_loss": 2.5}, {"step": 20, "val_loss": 2.0}]
-    pts = rp.generalisation_points(r)
+    pts = generalisation_points(r)
     # steps 6..10 -> mean loss 3.0 - 0.8 = 2.2; steps 16..20 -> 1.2; the step-0 evaluation has no training loss
     assert [(round(a, 6), b) for a, b in pts] == [(2.2, 2.5), (1.2, 2.0)]
 
@@ -273,15 +273,15 @@ def test_report_names_the_kernels_behind_training_and_each_benchmark(results, tm
 
 
 def test_a_crowded_legend_goes_beside_the_plot(tmp_path):
-    """Decode latency with three modes per mixer is 15 series: their legend inside the axes covered the
-    curves (the H200 seed report, 2026-12-02), so it is drawn to the right of the plot instead."""
+    """Decode latency with three modes per mixer is 15 series: a legend inside the axes would cover the
+    curves, so it is drawn to the right of the plot."""
     import matplotlib.image as mpimg
 
     rows = [{"bench": "latency", "metric": "decode_ms_per_token", "mixer": m, "mode": mode, "context": P,
              "value": v * (1 + i), "min": v * (1 + i) * 0.9, "max": v * (1 + i) * 1.1}
             for i, m in enumerate(["softmax", "deltanet", "gated_deltanet", "gated_deltaproduct", "nsa"])
             for mode, v in (("eager", 2.0), ("recompute", 40.0), ("cuda_graph", 0.25)) for P in (128, 1024, 16384)]
-    img = mpimg.imread(rp.fig_decode(rows, tmp_path))
+    img = mpimg.imread(fig_decode(rows, tmp_path))
     (tmp_path / "few").mkdir()
-    few = mpimg.imread(rp.fig_decode([r for r in rows if r["mixer"] == "softmax"], tmp_path / "few"))
+    few = mpimg.imread(fig_decode([r for r in rows if r["mixer"] == "softmax"], tmp_path / "few"))
     assert img.shape[1] / img.shape[0] > 1.25 * few.shape[1] / few.shape[0]  # widened by the legend beside it

@@ -1,0 +1,27 @@
+"""One colour and one place per mixer, the same in every figure and table of every report."""
+from __future__ import annotations
+
+import zlib
+
+MIXER_COLORS = {
+    "softmax": "#1f77b4",  # blue
+    "deltanet": "#ff7f0e",  # orange
+    "gated_deltanet": "#2ca02c",  # green
+    "gated_deltaproduct": "#d62728",  # red
+    "nsa": "#9467bd",  # purple
+}
+# colours for mixers not listed above, picked by a hash of the name
+_SPARE = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#843c39"]
+MIXER_ORDER = list(MIXER_COLORS)  # tables and legends list mixers in this order, then the others by name
+
+
+def mixer_color(mixer: str) -> str:
+    if mixer in MIXER_COLORS:
+        return MIXER_COLORS[mixer]
+    return _SPARE[zlib.crc32(mixer.encode()) % len(_SPARE)]  # stable across runs and machines
+
+
+def mixer_key(m: str) -> tuple:
+    """Sort key for mixer names (MIXER_ORDER)."""
+    return (MIXER_ORDER.index(m) if m in MIXER_ORDER else len(MIXER_ORDER), m)
+
