@@ -54,7 +54,8 @@ _FILES = ("train_inputs", "train_labels", "test_inputs", "test_labels")
 
 @dataclass(frozen=True)
 class MQARConfig:
-    """One MQAR dataset. Defaults are Zoology's (vocabulary 8192, power_a 0.01, 100k train, 3k test).
+    """One MQAR dataset. Defaults follow Zoology's figure-2 grid: vocabulary 8192, power_a 0.01, 100k train
+    and 3k test examples, and its smallest (seq_len, num_kv_pairs) point (64, 4).
 
     random_non_queries: Zoology's generator defaults to True (uniform random fillers), but the published
     figure-2 grid (`zoology/experiments/paper_configs/iclr24_zoology_figure2/configs.py`) passes False
