@@ -1,0 +1,31 @@
+"""Synthetic tasks: generated examples with labels only where the task asks a question, and their metrics."""
+
+from .mqar import (
+    IGNORE_INDEX,
+    MQARConfig,
+    MQARData,
+    accuracy,
+    example_accuracies,
+    gap_weights,
+    load_mqar,
+    make_mqar,
+    masked_loss,
+    prepare_mqar,
+    sample_examples,
+    split_stream,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "MQARConfig",
+    "MQARData",
+    "accuracy",
+    "example_accuracies",
+    "gap_weights",
+    "load_mqar",
+    "make_mqar",
+    "masked_loss",
+    "prepare_mqar",
+    "sample_examples",
+    "split_stream",
+]
