@@ -42,34 +42,38 @@ if not CHECK:
 
 import torch  # noqa: E402
 
-from attnbench.bench import common, latency  # noqa: E402
+from attnbench.bench import latency  # noqa: E402
+from attnbench.bench.rows import base_row  # noqa: E402
+from attnbench.bench.shapes import BenchShape, bench_config, build_model, resolve_shapes  # noqa: E402
+from attnbench.bench.timing import precision  # noqa: E402
+from attnbench.bench.training_step import make_optimizer, random_batch, train_step  # noqa: E402
 from attnbench.ops import fla_configs, fla_preload  # noqa: E402
 from attnbench.ops.backend import fla_available, gated_backward_route  # noqa: E402
 
 FLA_MIXERS = ("deltanet", "gated_deltanet", "gated_deltaproduct", "nsa")
 
 
-def exercise(shape: common.BenchShape) -> tuple[float, float]:
+def exercise(shape: BenchShape) -> tuple[float, float]:
     """Training steps, an evaluation forward and a cached decode; (first step s, second step s)."""
-    cfg = common.bench_config(shape.cfg, 1024 + 64)
-    train = common.precision("autocast", "cuda", inference=False)
-    model = common.build_model(cfg, "cuda").train()
-    opt = common.make_optimizer(model, "cuda")
-    x, y = common.random_batch(cfg.vocab_size, 64, 256, "cuda")
+    cfg = bench_config(shape.cfg, 1024 + 64)
+    train = precision("autocast", "cuda", inference=False)
+    model = build_model(cfg, "cuda").train()
+    opt = make_optimizer(model, "cuda")
+    x, y = random_batch(cfg.vocab_size, 64, 256, "cuda")
     times = []
     for _ in range(3):
         t = time.perf_counter()
-        common.train_step(model, opt, x, y, train, "cuda")
+        train_step(model, opt, x, y, train, "cuda")
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     with torch.no_grad(), train.context("cuda"):
-        model.eval()(common.random_batch(cfg.vocab_size, 128, 256, "cuda")[0])
+        model.eval()(random_batch(cfg.vocab_size, 128, 256, "cuda")[0])
     del model, opt
-    infer = common.precision("auto", "cuda", inference=True)
-    model = infer.prepare(common.build_model(cfg, "cuda")).eval()
+    infer = precision("auto", "cuda", inference=True)
+    model = infer.prepare(build_model(cfg, "cuda")).eval()
     opts = latency.LatencyOptions(prompt_lens=[1024], decode_steps=5, decode_warmup=2, prefill_repeats=1,
                                   prefill_warmup=1, recompute_steps=0, cuda_graph=False)
-    base = common.base_row("latency", shape, cfg, model.num_params(), "cuda", infer)
+    base = base_row("latency", shape, cfg, model.num_params(), "cuda", infer)
     latency.measure_prompt(model, 1024, opts, "cuda", infer, base)
     return times[0], times[1]
 
@@ -137,7 +141,7 @@ def main() -> None:
     label = "autotuning" if not a.check else "saved choices, preloaded" if fla_preload.enabled() else "saved choices"
     record = a.check and not fla_preload.enabled()  # the chosen configurations only (autotuning compiles all)
     gpu = torch.cuda.get_device_name(0)
-    for shape in common.resolve_shapes(a.mixers.split(",")):
+    for shape in resolve_shapes(a.mixers.split(",")):
         if a.check and fla_preload.enabled():  # the kernels the first check recorded, in threads, first
             n, failed, secs = fla_preload.preload(f"{shape.mixer}:train", fla_preload.file_for(gpu, a.outdir))
             print(f"{shape.mixer} ({label}): preloaded {n} FLA kernels in {secs:.1f} s ({failed} failed)", flush=True)

@@ -31,8 +31,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from attnbench import mixers
-from attnbench.bench.common import (Precision, bench_config, device_name, precision, resolve_device, resolve_shapes,
-                                    summarize, sync, time_calls)
+from attnbench.bench.shapes import bench_config, resolve_shapes
+from attnbench.bench.timing import Precision, device_name, precision, resolve_device, summarize, sync, time_calls
 from attnbench.bench.latency import (LatencyOptions, build_bench_model, count_mixer_tokens, graph_decode, greedy_step,
                                      random_prompt)
 from profile_step import kernel_group  # scripts/ is on sys.path when this runs as a script

@@ -20,7 +20,8 @@ import torch
 
 from attnbench import GPT, mixers
 from attnbench.resolve import load_config
-from attnbench.bench.common import precision, train_step
+from attnbench.bench.timing import precision
+from attnbench.bench.training_step import train_step
 from attnbench.graphed_step import GraphedStep, make_graph_safe
 from attnbench.trainer import compile_model, make_optimizer
 

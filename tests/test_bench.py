@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from attnbench import mixers
-from attnbench.bench import common, latency, memory, throughput
+from attnbench.bench import latency, memory, options, throughput
+from attnbench.bench.rows import RowWriter, base_row
+from attnbench.bench.shapes import bench_config, build_model, resolve_shapes
+from attnbench.bench.timing import precision
 from attnbench.cli import main
 from helpers import record_fla_captures
 
@@ -82,7 +85,7 @@ def test_decode_is_the_cached_path(latency_rows):
 def test_token_counter_catches_a_recomputing_decode():
     """The check the latency bench relies on: a 'decode' that re-runs the prefix is reported as such."""
     torch.manual_seed(0)
-    m = common.build_model(common.bench_config(common.resolve_shapes(["softmax"], match=False,
+    m = build_model(bench_config(resolve_shapes(["softmax"], match=False,
                                                                      sets=["n_layer=2", "n_embd=32", "n_head=2"])[0].cfg, 64), "cpu")
     m.eval()
     x = torch.randint(0, 65, (1, 20))
@@ -100,13 +103,13 @@ def test_token_counter_catches_a_recomputing_decode():
 @pytest.mark.parametrize("mixer", [m for m in ("deltanet", "gated_deltanet", "gated_deltaproduct") if m in ALL])
 def test_delta_decode_time_does_not_grow_with_prompt(mixer):
     """A recurrent state makes a decode step cost the same after 1000 prompt tokens as after 16."""
-    shape = common.resolve_shapes([mixer], match=False, sets=["n_layer=2", "n_embd=32", "n_head=2"])[0]
+    shape = resolve_shapes([mixer], match=False, sets=["n_layer=2", "n_embd=32", "n_head=2"])[0]
     opts = latency.LatencyOptions(prompt_lens=[16, 1024], decode_steps=30, decode_warmup=3, prefill_repeats=1,
                                   prefill_warmup=0)
-    cfg = common.bench_config(shape.cfg, 1024 + opts.decode_budget())
-    prec = common.precision("float32", "cpu", inference=True)
-    model = common.build_model(cfg, "cpu").eval()
-    base = common.base_row("latency", shape, cfg, model.num_params(), "cpu", prec)
+    cfg = bench_config(shape.cfg, 1024 + opts.decode_budget())
+    prec = precision("float32", "cpu", inference=True)
+    model = build_model(cfg, "cpu").eval()
+    base = base_row("latency", shape, cfg, model.num_params(), "cpu", prec)
     med = {}
     for P in (16, 1024, 16):  # short prompt twice: the better of the two is the fair reference
         dec = next(r for r in latency.measure_prompt(model, P, opts, "cpu", prec, base)
@@ -116,7 +119,7 @@ def test_delta_decode_time_does_not_grow_with_prompt(mixer):
 
 
 def test_a_failing_stage_is_a_row_and_keeps_what_was_measured(monkeypatch):
-    shape = common.resolve_shapes(["softmax"], match=False, sets=["n_layer=2", "n_embd=32", "n_head=2"])[0]
+    shape = resolve_shapes(["softmax"], match=False, sets=["n_layer=2", "n_embd=32", "n_head=2"])[0]
     calls = []
 
     def broken_counter(model):  # first use: the prefill (fine); second: the decode stage (raises)
@@ -129,7 +132,7 @@ def test_a_failing_stage_is_a_row_and_keeps_what_was_measured(monkeypatch):
     monkeypatch.setattr(latency, "count_mixer_tokens", broken_counter)
     opts = latency.LatencyOptions(prompt_lens=[8, 16], decode_steps=2, decode_warmup=0, prefill_repeats=1,
                                   prefill_warmup=0)
-    rows = latency.run([shape], "cpu", opts, common.RowWriter(None))
+    rows = latency.run([shape], "cpu", opts, RowWriter(None))
     assert [(r["context"], r["metric"], r.get("mode"), r["error"]) for r in rows] == [
         (8, "prefill_ms", None, None), (8, "decode_ms_per_token", "eager", "RuntimeError: decode exploded"),
         (16, "prefill_ms", None, None), (16, "decode_ms_per_token", "eager", "RuntimeError: decode exploded")]
@@ -155,8 +158,8 @@ def _tiny_model_and_cache(mixer, prompt=12, extra=16, sets=()):
     sets = ["n_layer=2", "n_embd=32", "n_head=2", *sets]
     if mixer == "nsa":
         sets += ["nsa.n_kv_head=1", "nsa.head_dim=16", "nsa.block_size=4", "nsa.block_counts=2", "nsa.window_size=8"]
-    shape = common.resolve_shapes([mixer], match=False, sets=sets)[0]
-    m = common.build_model(common.bench_config(shape.cfg, prompt + extra), "cpu").eval()
+    shape = resolve_shapes([mixer], match=False, sets=sets)[0]
+    m = build_model(bench_config(shape.cfg, prompt + extra), "cpu").eval()
     torch.manual_seed(1)
     with torch.no_grad():
         cache = m.new_cache(2, prompt + extra)
@@ -269,9 +272,9 @@ def test_find_threshold_retimes_repeated_small_spikes_too():
 
 
 def test_oom_in_process_is_a_result_and_frees_the_step():
-    shape = common.resolve_shapes(["softmax"], match=False, sets=["n_layer=2", "n_embd=32", "n_head=2"])[0]
-    cfg = common.bench_config(shape.cfg, 0)
-    prec = common.precision("float32", "cpu", inference=False)
+    shape = resolve_shapes(["softmax"], match=False, sets=["n_layer=2", "n_embd=32", "n_head=2"])[0]
+    cfg = bench_config(shape.cfg, 0)
+    prec = precision("float32", "cpu", inference=False)
     r = memory.measure_in_process(cfg, 64, 2, "cpu", prec, oom_above=32)
     assert r["oom"] is True and "simulated out of memory" in r["error"]
     assert memory.LAST_MODEL is not None and memory.LAST_MODEL() is None, "the failed step's model is still alive"
@@ -416,12 +419,10 @@ def test_cli_errors_are_clean(capsys):
     assert "did you mean 'n_layer'" in capsys.readouterr().err
 
 
-def test_parse_count():
-    assert common.parse_count("10.7M") == 10_700_000
-    assert common.parse_count("64k") == 64_000
-    assert common.parse_count("1Mi") == 2**20
-    assert common.parse_count("4096") == 4096
-    assert common.parse_int_list("128,1k") == [128, 1000]
+def test_parse_counts():
+    assert options.parse_counts("128,1k,1Mi") == [128, 1000, 2**20]
+    assert options.parse_counts([64, "4k"]) == [64, 4000]
+    assert options.parse_counts(None) is None
 
 
 def test_find_threshold_retimes_a_compilation_spike_instead_of_stopping():

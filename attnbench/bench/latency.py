@@ -33,8 +33,9 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..ops.backend import record_backends
-from .common import (BenchShape, Precision, RowWriter, base_row, bench_config, backend_summary, build_model,
-                     is_oom, measured, precision, print_table, time_calls)
+from .rows import RowWriter, backend_summary, base_row, measured, print_table
+from .shapes import BenchShape, bench_config, build_model
+from .timing import Precision, is_oom, precision, time_calls
 
 log = logging.getLogger("attnbench.bench")
 

@@ -40,8 +40,10 @@ import torch
 
 from ..config import ModelConfig
 from ..ops.backend import record_backends
-from .common import (BenchShape, Precision, RowWriter, backend_summary, base_row, bench_config, build_model,
-                     is_oom, make_optimizer, measured, precision, print_table, random_batch, train_step)
+from .rows import RowWriter, backend_summary, base_row, measured, print_table
+from .shapes import BenchShape, bench_config, build_model
+from .timing import Precision, is_oom, precision
+from .training_step import make_optimizer, random_batch, train_step
 
 log = logging.getLogger("attnbench.bench")
 

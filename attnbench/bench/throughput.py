@@ -15,9 +15,10 @@ import torch
 
 from ..graphed_step import GraphedStep, make_graph_safe
 from ..ops.backend import record_backends
-from .common import (BenchShape, RowWriter, backend_summary, base_row, bench_config, build_model, doubling, is_oom,
-                     make_optimizer, measured, precision, print_table, random_batch, time_calls,
-                     train_step)
+from .rows import RowWriter, backend_summary, base_row, measured, print_table
+from .shapes import BenchShape, bench_config, build_model
+from .timing import is_oom, precision, time_calls
+from .training_step import make_optimizer, random_batch, train_step
 
 log = logging.getLogger("attnbench.bench")
 
@@ -40,6 +41,15 @@ class ThroughputOptions:
             # attention only beyond 16k tokens (H200: DeltaNet 364k tokens/s vs softmax 1.02M at 16k)
             return cls(contexts=doubling(256, 65536), tokens_per_batch=64 * 1024, cuda_graph=True)
         return cls(contexts=doubling(64, 512), tokens_per_batch=2048, steps=2, warmup_steps=1)
+
+
+def doubling(lo: int, hi: int) -> list[int]:
+    """lo, 2 lo, 4 lo, ... up to hi."""
+    out, n = [], lo
+    while n <= hi:
+        out.append(n)
+        n *= 2
+    return out
 
 
 def crossover(baseline: dict[int, float], other: dict[int, float]) -> tuple[float | None, str]:

@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from attnbench import mixers
-from attnbench.bench import common, latency, memory
+from attnbench.bench import latency, memory
+from attnbench.bench.rows import base_row
+from attnbench.bench.shapes import bench_config, build_model, resolve_shapes
+from attnbench.bench.timing import precision
 from attnbench.cli import main
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -22,16 +25,16 @@ GRAPH_SAFE = [m for m in ("softmax", "deltanet", "gated_deltanet", "gated_deltap
 
 @pytest.fixture(scope="module")
 def shapes():
-    return {s.mixer: s for s in common.resolve_shapes()}
+    return {s.mixer: s for s in resolve_shapes()}
 
 
 def _latency_rows(shape, P=512, steps=30):
     opts = latency.LatencyOptions(prompt_lens=[P], decode_steps=steps, decode_warmup=5, prefill_repeats=2,
                                   prefill_warmup=1, cuda_graph=True)
-    cfg = common.bench_config(shape.cfg, P + opts.decode_budget())
-    prec = common.precision("auto", "cuda", inference=True)
-    model = prec.prepare(common.build_model(cfg, "cuda")).eval()
-    base = common.base_row("latency", shape, cfg, model.num_params(), "cuda", prec)
+    cfg = bench_config(shape.cfg, P + opts.decode_budget())
+    prec = precision("auto", "cuda", inference=True)
+    model = prec.prepare(build_model(cfg, "cuda")).eval()
+    base = base_row("latency", shape, cfg, model.num_params(), "cuda", prec)
     return latency.measure_prompt(model, P, opts, "cuda", prec, base)
 
 
@@ -53,8 +56,8 @@ def test_graph_decode(mixer, shapes):
 
 
 def test_real_oom_is_a_row_and_the_process_stays_usable(shapes):
-    cfg = common.bench_config(shapes["softmax"].cfg, 0)
-    prec = common.precision("auto", "cuda", inference=False)
+    cfg = bench_config(shapes["softmax"].cfg, 0)
+    prec = precision("auto", "cuda", inference=False)
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
     r = memory.measure_in_process(cfg, 2**23, 16, "cuda", prec)  # the embedding output alone is > 200 GB
@@ -94,10 +97,10 @@ def test_compiled_graph_decode(mixer, shapes):
     P = 512
     opts = latency.LatencyOptions(prompt_lens=[P], decode_steps=50, decode_warmup=5, prefill_repeats=1,
                                   prefill_warmup=0, cuda_graph=True, compile=True)
-    cfg = common.bench_config(shape.cfg, P + opts.decode_budget())
-    prec = common.precision("auto", "cuda", inference=True)
-    model = prec.prepare(common.build_model(cfg, "cuda")).eval()
-    base = common.base_row("latency", shape, cfg, model.num_params(), "cuda", prec)
+    cfg = bench_config(shape.cfg, P + opts.decode_budget())
+    prec = precision("auto", "cuda", inference=True)
+    model = prec.prepare(build_model(cfg, "cuda")).eval()
+    base = base_row("latency", shape, cfg, model.num_params(), "cuda", prec)
     torch._dynamo.reset()
     rows = latency.measure_prompt(model, P, opts, "cuda", prec, base)
     graph = next(r for r in rows if r.get("mode") == "cuda_graph")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnbench.bench import common
+from attnbench.bench.shapes import bench_config, build_model, resolve_shapes
+from attnbench.bench.timing import precision
+from attnbench.bench.training_step import make_optimizer, random_batch, train_step
 from attnbench.ops import fla_configs
 from attnbench.ops.backend import fla_available
 
@@ -29,11 +31,11 @@ def test_a_seed_training_step_times_no_autotuning_candidates(mixer, monkeypatch)
         return bench(self, *args, **kwargs)
 
     monkeypatch.setattr(Autotuner, "_bench", recording_bench)
-    (shape,) = common.resolve_shapes([mixer])
-    cfg = common.bench_config(shape.cfg, 256)
-    model = common.build_model(cfg, "cuda").train()
-    opt = common.make_optimizer(model, "cuda")
-    x, y = common.random_batch(cfg.vocab_size, 64, 256, "cuda")  # the seed preset's training batch
-    common.train_step(model, opt, x, y, common.precision("autocast", "cuda", inference=False), "cuda")
+    (shape,) = resolve_shapes([mixer])
+    cfg = bench_config(shape.cfg, 256)
+    model = build_model(cfg, "cuda").train()
+    opt = make_optimizer(model, "cuda")
+    x, y = random_batch(cfg.vocab_size, 64, 256, "cuda")  # the seed preset's training batch
+    train_step(model, opt, x, y, precision("autocast", "cuda", inference=False), "cuda")
     torch.cuda.synchronize()
     assert sorted(set(timed)) == [], f"autotuned despite the saved file: {sorted(set(timed))}"
