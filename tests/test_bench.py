@@ -12,6 +12,7 @@ from attnbench.bench.rows import RowWriter, base_row
 from attnbench.bench.shapes import bench_config, build_model, resolve_shapes
 from attnbench.bench.timing import precision
 from attnbench.cli import main
+from attnbench.errors import ConfigError
 from helpers import record_fla_captures
 
 # Tiny shapes every mixer takes on the CPU (NSA's blocks shrunk as in tests/test_model.py).
@@ -441,3 +442,75 @@ def test_find_threshold_retimes_a_compilation_spike_instead_of_stopping():
     assert s["limited_by"] == "oom" and s["fits"] <= 20000 < s["first_oom"]
     retimed = [r for T, r in points if "first_step_s" in r]
     assert retimed and all(r["first_step_s"] == 100.0 and r["step_s"] == 0.01 for r in retimed)
+
+
+# ------------------------------------------------------------------ options from a sweep file
+
+
+def test_check_options_accepts_the_options_of_the_named_benches():
+    opts = {"prompt_lens": [64, 256], "decode_steps": 10, "start": 128, "max_len": "1Mi", "tol": 0.2,
+            "time_budget_s": 10, "contexts": "64,1k", "tokens_per_batch": "64k", "no_isolate": True,
+            "cuda_graph": False, "compile": True, "dtype": "float32", "set": ["n_layer=2"]}
+    options.check_options(opts, ["all"], "sweep.toml [bench.options]")
+    options.check_options({"batch": 2, "prompt_lens": [8]}, ["latency", "memory"], "w")
+
+
+@pytest.mark.parametrize("opts,benches,match", [
+    ({"decode_step": 3}, ["latency"], r"^w: unknown option 'decode_step' .*did you mean 'decode_steps'"),
+    ({"contexts": [16]}, ["latency"], r"unknown option 'contexts' for `attnbench bench latency`"),
+    ({"batch": 2}, ["all"], r"unknown option 'batch' for `attnbench bench all`"),  # `all` runs default batches
+    ({"device": "cpu"}, ["latency"], r"^w: device is not a benchmark option.*remove it"),
+    ({"json": "x"}, ["memory"], r"json is not a benchmark option"),
+    ({"decode_steps": "10"}, ["latency"], r"^w: decode_steps = '10': expected a whole number"),
+    ({"decode_steps": True}, ["latency"], r"decode_steps = True: expected a whole number"),
+    ({"no_isolate": "yes"}, ["memory"], r"no_isolate = 'yes': expected true or false"),
+    ({"tokens_per_batch": "64q"}, ["throughput"], r"^w: tokens_per_batch: cannot read tokens_per_batch '64q'"),
+    ({"prompt_lens": [64, "x"]}, ["latency"], r"^w: prompt_lens: cannot read"),
+    ({"prompt_lens": [True]}, ["latency"], r"prompt_lens = \[True\]: expected a list of counts"),
+    ({"tol": "0.1"}, ["memory"], r"tol = '0.1': expected a number"),
+    ({"dtype": "fp16"}, ["latency"], r"dtype = 'fp16': expected one of 'auto', 'float32'"),
+    ({"cuda_graph": "yes"}, ["throughput"], r"cuda_graph = 'yes': expected one of 'auto', 'on', 'off' \(or true/false\)"),
+    ({"set": ["n_layer"]}, ["latency"], r"set = \['n_layer'\]: expected a list of 'KEY=VALUE'"),
+    ({}, ["latncy"], r"^w: unknown benchmark 'latncy'; did you mean 'latency'"),
+])
+def test_check_options_names_the_bad_key(opts, benches, match):
+    with pytest.raises(ConfigError, match=match):
+        options.check_options(opts, benches, "w")
+
+
+def test_options_to_argv_writes_the_flags_of_one_bench():
+    opts = {"prompt_lens": [64, 256], "decode_steps": 10, "start": 128, "tokens_per_batch": "64k",
+            "no_isolate": True, "compile": False, "cuda_graph": False, "set": ["n_layer=2", "nsa.block_size=4"],
+            "dtype": "float32", "tol": 0.2}
+    assert options.options_to_argv(opts, "latency") == [
+        "--prompt_lens", "64,256", "--decode_steps", "10", "--cuda_graph", "off",
+        "--set", "n_layer=2", "--set", "nsa.block_size=4", "--dtype", "float32"]
+    assert options.options_to_argv(opts, "memory") == [
+        "--start", "128", "--no_isolate", "--set", "n_layer=2", "--set", "nsa.block_size=4", "--dtype", "float32",
+        "--tol", "0.2"]
+    assert options.options_to_argv({"tokens_per_batch": "64k", "cuda_graph": True, "set": "n_layer=2"},
+                                   "throughput") == ["--tokens_per_batch", "64k", "--cuda_graph", "on",
+                                                     "--set", "n_layer=2"]
+    assert options.options_to_argv({"batch": 2, "prompt_lens": [8]}, "all") == ["--prompt_lens", "8"]
+    with pytest.raises(ConfigError, match="unknown option 'decode_step'.*did you mean 'decode_steps'"):
+        options.options_to_argv({"decode_step": 3}, "latency")
+
+
+@pytest.mark.parametrize("bench", ["latency", "memory", "throughput", "all"])
+def test_options_to_argv_is_what_the_cli_parses(bench):
+    """Every option a sweep file may give reaches the bench command line as the same value."""
+    import argparse
+
+    from attnbench.bench import cli
+
+    opts = {"prompt_lens": [64, 256], "decode_steps": 10, "batch": 2, "start": "1k", "max_len": "1Mi",
+            "tol": 0.2, "no_isolate": True, "contexts": [16, 32], "tokens_per_batch": "64k", "steps": 3,
+            "compile": True, "cuda_graph": "off", "dtype": "float32", "set": ["n_layer=2"]}
+    opts = {k: v for k, v in opts.items() if k in options.option_fields(bench)}
+    options.check_options(opts, [bench], "w")
+    root = argparse.ArgumentParser()
+    cli.register_cli(root.add_subparsers())
+    ns = root.parse_args(["bench", bench, *options.options_to_argv(opts, bench)])
+    want = {"prompt_lens": [64, 256], "start": 1000, "max_len": 2**20, "contexts": [16, 32], "tokens_per_batch": 64000}
+    for k, v in opts.items():
+        assert getattr(ns, k) == want.get(k, v), k
