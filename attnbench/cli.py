@@ -42,7 +42,7 @@ def _optional_commands() -> list:
     import importlib
 
     mods = []
-    for name in ("attnbench.params", "attnbench.bench.cli", "attnbench.sweep", "attnbench.report", "attnbench.run"):
+    for name in ("attnbench.params_cli", "attnbench.bench.cli", "attnbench.sweep", "attnbench.report", "attnbench.run"):
         try:
             mods.append(importlib.import_module(name))
         except ModuleNotFoundError as e:

@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence, Union
 from . import mixers as registry
 from .config import ModelConfig
 from .mixers.base import Mixer
+from .params import Match, match_all, match_shape
 
 __all__ = ["model_flops_per_token", "train_flops_per_token", "state_numbers", "flops_table", "crossover_T",
            "format_flops_table"]
@@ -70,8 +71,6 @@ def state_numbers(model_cfg: ModelConfig, T: int) -> int:
 
 def _matches(budget_or_matches: Any, mixers_: Optional[Sequence[str]], n_layer: int,
              base: Optional[ModelConfig]) -> list:
-    from .params import Match, match_all
-
     if isinstance(budget_or_matches, (list, tuple)) and all(isinstance(m, Match) for m in budget_or_matches):
         return list(budget_or_matches)
     return match_all(budget_or_matches, list(mixers_) if mixers_ else None, n_layer, base)
@@ -108,8 +107,6 @@ def flops_table(budget: Any, Ts: Sequence[int] = (256, 8192), mixers: Optional[S
 def _cfg(x: Union[str, ModelConfig], budget: Any, n_layer: int, base: Optional[ModelConfig]) -> ModelConfig:
     if isinstance(x, ModelConfig):
         return x
-    from .params import match_shape
-
     return match_shape(x, budget, n_layer, base).model_cfg
 
 

@@ -1,4 +1,4 @@
-"""Parameter matching (attnbench/params.py): exact counts, the search, the CLI and n_embd = "match"."""
+"""Parameter matching (attnbench/params/, attnbench/params_cli.py): exact counts, the search, the CLI and n_embd = "match"."""
 import json
 import time
 from dataclasses import replace

@@ -1,10 +1,4 @@
-"""Parameter matching: for a budget, find each mixer's GPT shape whose trainable parameter count is closest.
-
-Fair by construction: every mixer gets the same n_layer, MLP, embeddings and head, and its width and
-heads are searched so that `count_params` (an exact count of the built model) is as close to the budget
-as the mixer's own constraints allow. Nothing here knows a particular mixer: the search space comes
-from the model config (n_embd, n_head) and the fields the mixer's `Args` dataclass has, and validity
-from the mixer itself (`Args.validate` / `check_config` / its constructor raising ConfigError).
+"""The shape search behind match_shape.
 
 What is searched, per mixer
 - n_embd: even widths (the config also needs n_head | n_embd);
@@ -34,11 +28,7 @@ builds instead.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import re
-import sys
 from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
@@ -46,13 +36,13 @@ from typing import Any, Optional
 
 import torch
 
-from . import mixers
-from .config import ModelConfig
-from .counts import parse_count
-from .errors import ConfigError
+from .. import mixers as registry
+from ..config import ModelConfig
+from ..errors import ConfigError
+from ..model import Block
+from .count import count_params
 
 TARGET_HEAD_DIM = 64  # the softmax baseline's head dim (nanoGPT shakespeare_char: 384 / 6)
-REQUIRED_TOL = 0.01  # the band every mixer must reach (and the default search band)
 MAX_N_HEAD = 32
 HEAD_DIM_VALUES = (32, 48, 64, 80, 96, 112, 128)  # multiples of 16: tl.dot tiles and FLA's head-dim limits
 KV_HEAD_VALUES = (1, 2, 4, 8)
@@ -63,62 +53,6 @@ SEARCHED_ARGS: dict[str, tuple[int, ...]] = {
     "num_kv_heads": KV_HEAD_VALUES,
 }
 _CHECK_ERRORS = (ConfigError, ValueError, ZeroDivisionError)
-
-
-# ---------------------------------------------------------------- budgets and exact counts
-
-
-def parse_budget(value: str | int | float) -> int:
-    """A parameter budget such as '10.7M' (attnbench.counts.parse_count)."""
-    return parse_count(value, what="parameter budget")
-
-
-def count_params(model_cfg: ModelConfig) -> int:
-    """Trainable parameters of `GPT(model_cfg)`, tied weights once: the model is built on the meta
-    device (no memory, no init cost) and `p.numel()` summed over `parameters()`, which yields a shared
-    tensor once. Equal to `sum(p.numel() for p in GPT(cfg).parameters())` by construction. Built with
-    backend='torch' (parameters never depend on the backend) so that kernel notices stay quiet."""
-    from .model import GPT
-
-    cfg = replace(model_cfg, backend="torch")
-    try:
-        with torch.device("meta"):
-            model = GPT(cfg)
-    except (NotImplementedError, RuntimeError):  # a mixer init that needs real data: build it for real
-        model = GPT(cfg)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-# ---------------------------------------------------------------- the result
-
-
-@dataclass
-class Match:
-    """One mixer's matched shape. `deviation` = n_params / budget - 1 (signed)."""
-
-    mixer: str
-    model_cfg: ModelConfig
-    n_params: int
-    deviation: float
-    head_dim: int
-    heads: int = 0  # the mixer's (query) heads
-    kv_heads: Optional[int] = None  # where the mixer has its own KV heads
-    budget: int = 0
-    kernel_ok: bool = True  # the mixer accepted this shape with backend='fla'
-
-    @property
-    def within(self) -> bool:
-        return abs(self.deviation) <= REQUIRED_TOL
-
-    def to_row(self) -> dict[str, Any]:
-        c = self.model_cfg
-        return {"mixer": self.mixer, "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head,
-                "heads": self.heads, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
-                "mixer_args": dict(c.mixer_args), "params": self.n_params, "budget": self.budget,
-                "deviation": self.deviation, "kernel_ok": self.kernel_ok}
-
-
-# ---------------------------------------------------------------- the search
 
 
 @dataclass(frozen=True)
@@ -156,7 +90,7 @@ def _searched_fields(cls: type, fixed: dict[str, Any]) -> dict[str, tuple]:
 class _Search:
     def __init__(self, mixer: str, budget: int, n_layer: int, base: ModelConfig, fixed: dict[str, Any],
                  tol: float, head_dim: int, d_ref: float):
-        self.name, self.cls = mixer, mixers.get(mixer)
+        self.name, self.cls = mixer, registry.get(mixer)
         self.budget, self.n_layer, self.tol, self.target_hd, self.d_ref = budget, n_layer, tol, head_dim, d_ref
         self.base = replace(base, mixer=mixer, n_layer=n_layer, mixer_args={})
         parsed = self.cls.Args.from_dict(fixed, mixer)  # coerces CLI strings; unknown keys: ConfigError
@@ -202,8 +136,6 @@ class _Search:
     def rest(self, d: int) -> int:
         """Everything but the mixers at width d: a GPT without blocks plus n_layer blocks' norms and MLP."""
         if d not in self._rest:
-            from .model import Block
-
             cfg = replace(self.base, n_embd=d, n_head=1, mixer="softmax", mixer_args={}, backend="torch")
             with torch.device("meta"):
                 blk = Block(cfg, 0)
@@ -420,159 +352,3 @@ def _solve(poly: tuple[Fraction, Fraction, Fraction], target: float, lo: float, 
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
     return (lo + hi) / 2
-
-
-def _base_cfg(base: Optional[ModelConfig]) -> ModelConfig:
-    base = replace(base) if base is not None else ModelConfig()
-    if not isinstance(base.n_embd, int):  # 'match': the search sets it
-        base = replace(base, n_embd=384)
-    return base
-
-
-def softmax_width(budget: int | str, n_layer: int = 6, base: Optional[ModelConfig] = None) -> float:
-    """The real-valued width at which the softmax GPT (same n_layer, vocab, block size, position
-    embedding, bias) has exactly `budget` parameters: the reference width of the preferences."""
-    budget = parse_budget(budget)
-    base = _base_cfg(base)
-    s = _Search("softmax", budget, n_layer, base, {}, REQUIRED_TOL, TARGET_HEAD_DIM, 384.0)
-    fam = _Family(1)
-    pts = [64, 256, 512]
-    return _solve(_quadratic(pts, [s.estimate(fam, p) for p in pts]), budget, 2.0, 1e6)
-
-
-def match_shape(mixer: str, budget: int | str, n_layer: int = 6, base: Optional[ModelConfig] = None,
-                mixer_args: Optional[dict[str, Any]] = None, *, tol: float = REQUIRED_TOL,
-                head_dim: int = TARGET_HEAD_DIM) -> Match:
-    """The shape of `mixer` whose GPT parameter count is closest to `budget` (see the module doc for
-    the search space and preferences). `base` supplies everything not searched (vocab_size,
-    block_size, pos_emb, bias, dropout, backend); `mixer_args` are held fixed (default: base's when
-    base.mixer == mixer); the searched args it names are not varied. n_params is exact."""
-    budget = parse_budget(budget)
-    if n_layer < 1:
-        raise ConfigError(f"model.n_layer must be >= 1 for parameter matching, got {n_layer}")
-    base = _base_cfg(base)
-    if mixer_args is None:
-        mixer_args = dict(base.mixer_args) if base.mixer == mixer else {}
-    mixers.get(mixer)  # unknown names: ConfigError with a suggestion
-    d_ref = softmax_width(budget, n_layer, base)
-    search = _Search(mixer, budget, n_layer, base, mixer_args, tol, head_dim, d_ref)
-    ranked = search.run()
-    if not ranked:
-        why = f": {search.errors.most_common(1)[0][0]}" if search.errors else ""
-        raise ConfigError(f"no valid shape of mixer {mixer!r} near {budget:,} parameters "
-                          f"(n_layer={n_layer}, mixer_args={mixer_args}){why}")
-    # the reported count is exact: rebuild the leader as a whole GPT (and a few more if it disagrees)
-    for c in ranked[:10]:
-        exact = count_params(search.cfg(c.fam, c.d))
-        if exact == c.count:
-            break
-        c.count = exact
-        c.key = search.rank_key(c)
-    top = sorted(ranked[:10], key=lambda c: c.key)[0]
-    cfg = search.cfg(top.fam, top.d)
-    if cfg.param_budget is None:  # record what the shape was matched to
-        cfg = replace(cfg, param_budget=budget)
-    n = count_params(cfg)
-    return Match(mixer=mixer, model_cfg=cfg, n_params=n, deviation=n / budget - 1,
-                 head_dim=top.head_dim, heads=top.heads, kv_heads=top.kv_heads, budget=budget,
-                 kernel_ok=top.kernel_ok)
-
-
-def match_all(budget: int | str, mixers: Optional[list[str]] = None, n_layer: int = 6,
-              base: Optional[ModelConfig] = None, **kw: Any) -> list[Match]:
-    """`match_shape` for each mixer (default: every registered one, softmax first); kw go to match_shape."""
-    from . import mixers as registry
-
-    names = mixers if mixers is not None else sorted(registry.available(), key=lambda n: (n != "softmax", n))
-    return [match_shape(m, budget, n_layer, base, **kw) for m in names]
-
-
-def resolve_match(model_cfg: ModelConfig) -> ModelConfig:
-    """A ModelConfig with n_embd = 'match' -> the matched one (concrete n_embd, n_head, mixer_args).
-    Called by attnbench.resolve; the mixer args already in model_cfg are held fixed."""
-    if model_cfg.param_budget is None:
-        raise ConfigError("model.n_embd = 'match' needs model.param_budget (e.g. param_budget = '10.7M'); "
-                          "or set model.n_embd to a width")
-    try:
-        budget = parse_budget(model_cfg.param_budget)
-    except ConfigError as e:
-        raise ConfigError(f"model.param_budget: {e}") from None
-    m = match_shape(model_cfg.mixer, budget, model_cfg.n_layer, model_cfg, dict(model_cfg.mixer_args))
-    return m.model_cfg
-
-
-# ---------------------------------------------------------------- output
-
-
-def format_table(matches: list[Match]) -> str:
-    head = ["mixer", "n_layer", "n_embd", "heads", "head dim", "parameters", "deviation", "mixer args"]
-    rows = []
-    for m in matches:
-        c = m.model_cfg
-        heads = f"{m.heads}" + (f" (kv {m.kv_heads})" if m.kv_heads is not None else "")
-        args = ", ".join(f"{k}={v}" for k, v in sorted(c.mixer_args.items())) or "-"
-        if not m.kernel_ok:
-            args += "  [no FLA kernel]"
-        rows.append([m.mixer, str(c.n_layer), str(c.n_embd), heads, str(m.head_dim), f"{m.n_params:,}",
-                     f"{m.deviation:+.2%}", args])
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    right = {1, 2, 4, 5, 6}
-    fmt = lambda r: "  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
-    lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "params", help="match every mixer's shape to a parameter budget",
-        description="Find, for each mixer, the GPT shape (width, heads, head dim) whose trainable parameter "
-                    "count is closest to --budget, with n_layer fixed. Prints a table; --json writes rows "
-                    "(to stdout, or to FILE; with --flops an object {matches, flops}); --flops adds per-token "
-                    "forward FLOPs at the matched shapes, the decoding state sizes and the context length from "
-                    "which each mixer is cheaper than softmax. Exit status 1 when a mixer misses the band.")
-    p.add_argument("--budget", default="10.7M", help="parameters, e.g. 10.7M, 850k, 1.5e7 (default 10.7M)")
-    p.add_argument("--mixers", default=None, help="comma-separated mixer names (default: all registered)")
-    p.add_argument("--n_layer", type=int, default=6)
-    p.add_argument("--block_size", type=int, default=256)
-    p.add_argument("--vocab_size", type=int, default=65)
-    p.add_argument("--pos_emb", default="learned", choices=["learned", "rope", "none"])
-    p.add_argument("--tol", type=float, default=REQUIRED_TOL, help="band around the budget as a fraction (default 0.01)")
-    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
-                   help="emit JSON rows instead of the table: to stdout, or to FILE")
-    p.add_argument("--flops", action="store_true", help="also print per-token FLOPs and softmax crossovers")
-    p.add_argument("--T", default="256,8192", help="context lengths for --flops (default 256,8192)")
-    p.set_defaults(func=_cli)
-
-
-def _cli(a: argparse.Namespace) -> int:
-    from . import flops
-
-    base = ModelConfig(n_layer=a.n_layer, block_size=a.block_size, vocab_size=a.vocab_size, pos_emb=a.pos_emb)
-    names = [n.strip() for n in a.mixers.split(",") if n.strip()] if a.mixers else None
-    matches = match_all(a.budget, names, a.n_layer, base, tol=a.tol)
-    Ts = tuple(int(float(t)) for t in a.T.split(",") if t.strip())
-    table = flops.flops_table(matches, Ts) if a.flops else None
-    if a.json is not None:
-        out: Any = [m.to_row() for m in matches]
-        if table is not None:
-            out = {"matches": out, "flops": table}
-        text = json.dumps(out, indent=2)
-        if a.json == "-":
-            print(text)
-        else:
-            from .files import atomic_write_text
-
-            atomic_write_text(a.json, text + "\n")
-            print(f"wrote {a.json}", file=sys.stderr)
-        return 0
-    budget = parse_budget(a.budget)
-    print(f"parameter budget {budget:,} (n_layer={a.n_layer}, block_size={a.block_size}, vocab_size={a.vocab_size}); "
-          f"band {a.tol:.1%}")
-    print(format_table(matches))
-    bad = [m.mixer for m in matches if not m.within]
-    if bad:
-        print(f"outside {REQUIRED_TOL:.0%}: {', '.join(bad)}")
-    if table is not None:
-        print()
-        print(flops.format_flops_table(table, matches))
-    return 1 if bad else 0
