@@ -67,13 +67,13 @@ def test_latency_rows_for_every_mixer(latency_rows):
                 assert r["backend"] == "torch" and r["batch"] == 1
             dec = next(r for r in rs if r.get("mode") == "eager")
             assert dec["repeats"] == 5 and dec["cuda_graph"] is False and dec["unit"] == "ms/token"
-            rec = next(r for r in rs if r.get("mode") == "recompute")  # the seed's uncached decoding
+            rec = next(r for r in rs if r.get("mode") == "recompute")  # uncached decoding
             assert rec["repeats"] == 3 and rec["mixer_tokens_per_decode_step"] == P + 1
 
 
 def test_decode_is_the_cached_path(latency_rows):
     """Every decode call hands every mixer exactly one token (a recomputed prompt would show P + t);
-    the 'recompute' rows are the seed's uncached method, measured for comparison."""
+    the 'recompute' rows are uncached decoding, measured for comparison."""
     for r in latency_rows:
         if r.get("mode") == "recompute":
             assert r["mixer_tokens_per_decode_step"] == r["context"] + 1, r
@@ -252,9 +252,9 @@ def test_find_threshold_doubles_then_bisects_to_tolerance():
 
 
 def test_find_threshold_retimes_repeated_small_spikes_too():
-    """NSA on the H200 (session 5, seed preset): every new length's first step paid ~1 s of compilation
-    (4.4 s at 32,768) against ~0.07 s steady; counted as steady time they stopped the search at 32,768 on
-    its 10 s budget. Retimed, the search reaches the real out-of-memory point."""
+    """Small spikes at every new length add up: a first step that pays about a second of compilation at
+    each new length (4.4 s at 32,768) against ~0.07 s steady would, counted as steady time, stop the search at
+    32,768 on a 10 s budget. Retimed, the search reaches the real out-of-memory point."""
     first_step = {256: 0.72, 512: 0.84, 1024: 0.90, 2048: 0.92, 4096: 0.07, 8192: 1.26, 16384: 0.84,
                   32768: 4.39}
     seen = set()
@@ -427,8 +427,9 @@ def test_parse_counts():
 
 
 def test_find_threshold_retimes_a_compilation_spike_instead_of_stopping():
-    """A first step at a new shape that paid Triton autotuning (16 s where the trend says 0.06 s, as FLA's
-    DeltaNet did at T=4096 on an H200) is timed again; growth goes on to the real out-of-memory point."""
+    """A first step at a new shape that paid Triton autotuning (16 s where the trend says 0.06 s: FLA's
+    DeltaNet at T=4096 on an H200, results/h200-2026-11-28-s2/README.md) is timed again; growth goes on to
+    the real out-of-memory point."""
     seen = set()
 
     def fake(T):  # 0.01 s per step, but the first step at T >= 1024 takes 100 s; OOM above 20000

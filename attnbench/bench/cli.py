@@ -171,7 +171,7 @@ def run_cli(ns: argparse.Namespace) -> int:
 
 def wait_for_go(go: Path, device: str, poll_s: float = 0.01) -> None:
     """The start-up that touches no GPU is done (on CUDA also FLA's import: FLA imports transformers and
-    parts of torch._dynamo, which took several seconds per process on the H200 host); now wait for `go`.
+    parts of torch._dynamo: seconds per process); now wait for `go`.
     A sweep starts the next benchmark process this way while the previous one measures: that process
     never shares the GPU with it, and the imports (one CPU core) are off the critical path."""
     if device == "cuda":

@@ -57,7 +57,7 @@ class LatencyOptions:
     prefill_warmup: int = 2
     cuda_graph: bool = False
     compile: bool = False  # torch.compile the captured decode step (CUDA graphs only)
-    recompute_steps: int = 3  # the seed's method, for comparison: each token re-runs the whole context
+    recompute_steps: int = 3  # uncached decoding, for comparison: each token re-runs the whole context
     dtype: str = "auto"
 
     @classmethod
@@ -388,7 +388,7 @@ def measure_prompt(model: torch.nn.Module, P: int, opts: LatencyOptions, device:
 
 def measure_recompute(model: torch.nn.Module, prompt: torch.Tensor, steps: int, device: str, base: dict,
                       common: dict) -> dict:
-    """The seed experiment's decoding, for comparison: no cache or state, every new token re-runs the
+    """Uncached decoding, for comparison: no cache or state, every new token re-runs the
     model over the whole context (prompt + tokens so far), as `generate(use_cache=False)` does."""
     ctx = prompt.clone()
 
@@ -494,7 +494,7 @@ def print_latency(rows: list[dict]) -> None:
             t["graph"] = r["value"]
             if not r["cuda_graph"]:
                 t["note"] = "no graph: " + (r.get("cuda_graph_reason") or "")[:60]
-    def speedup(t: dict) -> float | None:  # uncached (the seed's method) over the best cached figure
+    def speedup(t: dict) -> float | None:  # uncached over the best cached figure
         best = t.get("graph") or t.get("eager")
         return t["recompute"] / best if t.get("recompute") and best else None
 

@@ -67,7 +67,8 @@ class MemoryOptions:
     @classmethod
     def defaults(cls, device: str) -> "MemoryOptions":
         if device == "cuda":
-            # steps at 64k-256k tokens take 5-20 s on an H200 (Gated DeltaNet's PyTorch op: 8 s at 64k)
+            # steps at 64k-256k tokens take seconds each on an H200 (Gated DeltaProduct's PyTorch op: 18 s
+            # at 65,536; results/h200-2026-11-28-s2/README.md): a minute per mixer, all in one process
             return cls(max_len=2**20, time_budget_s=60.0, isolate=False)
         return cls(max_len=2048, time_budget_s=300.0, isolate=True)
 
@@ -226,10 +227,9 @@ def find_threshold(measure: Callable[[int], dict], start: int, max_len: int, tol
         slow = (r.get("step_s") or 0) > (2 * expected + 0.25 if expected else 0.5)
         if not r.get("oom") and slow:
             # slower than the trend (or, at the first point, than any step of these models should be): a
-            # first step at a new shape that paid Triton compilation and autotuning (FLA's kernels). Time a
-            # second step so the spike neither counts nor stops growth. (H200, session 5: NSA's first steps
-            # cost 0.7-4.4 s at every new length against ~0.07 s steady, and the old rule, 3x the trend
-            # + 1 s, let them count until the time budget stopped the search at 32,768.)
+            # first step at a new shape that paid Triton compilation and autotuning (FLA's kernels, whose
+            # keys include a token-count bucket, so it recurs at every new length). Time a second step so
+            # the spike neither counts towards the time budget nor stops growth.
             again = measure(T)
             if not again.get("oom") and again.get("step_s"):
                 r = {**again, "first_step_s": r["step_s"]}
