@@ -10,7 +10,7 @@ float32 on the CPU), a prompt of --prompt_len tokens is prefilled into a fresh c
   timing    ms/token (median of --steps) per variant, each from its own copy of the prefilled cache:
             eager (the step as is), graph (the step captured in a CUDA graph and replayed) and
             compiled+graph (the blocks torch.compile'd, then captured: the latency bench's --compile).
-            Capture, screening and verification are the latency bench's own (latency.graph_decode), so
+            Capture, screening and verification are the latency bench's own (decode_graph.graph_decode), so
             a step that is not graph-safe gets the same reason here.
   profile   one eager decode step under torch.profiler (a replay is one launch, so the kernels are
             those of the eager step): device kernels per step, the top kernels by self device time, and
@@ -33,8 +33,8 @@ from torch.profiler import ProfilerActivity, profile
 from attnbench import mixers
 from attnbench.bench.shapes import bench_config, resolve_shapes
 from attnbench.bench.timing import Precision, device_name, precision, resolve_device, summarize, sync, time_calls
-from attnbench.bench.latency import (LatencyOptions, build_bench_model, count_mixer_tokens, graph_decode, greedy_step,
-                                     random_prompt)
+from attnbench.bench.decode_graph import graph_decode
+from attnbench.bench.latency import LatencyOptions, build_bench_model, count_mixer_tokens, greedy_step, random_prompt
 from profile_step import kernel_group  # scripts/ is on sys.path when this runs as a script
 
 VARIANTS = ("eager", "graph", "compiled+graph")

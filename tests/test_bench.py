@@ -1,18 +1,25 @@
 """`attnbench bench`: every subcommand on tiny CPU shapes writes valid rows; decode is the cached path;
 out-of-memory is a measured row (injected failures), and the threshold bisection lands on it."""
+import argparse
+import copy
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from attnbench import mixers
-from attnbench.bench import latency, memory, options, throughput
+from attnbench.bench import cli, decode_graph, latency, memory, options, throughput
 from attnbench.bench.rows import RowWriter, base_row
 from attnbench.bench.shapes import bench_config, build_model, resolve_shapes
 from attnbench.bench.timing import precision
 from attnbench.cli import main
 from attnbench.errors import ConfigError
+from attnbench.ops import fla_preload
 from helpers import record_fla_captures
 
 # Tiny shapes every mixer takes on the CPU (NSA's blocks shrunk as in tests/test_model.py).
@@ -144,11 +151,11 @@ def test_a_failing_stage_is_a_row_and_keeps_what_was_measured(monkeypatch):
 
 def test_inplace_violation_names_the_replaced_tensor():
     s = torch.zeros(2, 3)
-    before = latency.state_tensors([{"recurrent": s}])
-    assert latency.inplace_violation(before, latency.state_tensors([{"recurrent": s}])) is None
+    before = decode_graph.state_tensors([{"recurrent": s}])
+    assert decode_graph.inplace_violation(before, decode_graph.state_tensors([{"recurrent": s}])) is None
     s.add_(1)  # in place: fine
-    assert latency.inplace_violation(before, latency.state_tensors([{"recurrent": s}])) is None
-    msg = latency.inplace_violation(before, latency.state_tensors([{"recurrent": s + 1}]))
+    assert decode_graph.inplace_violation(before, decode_graph.state_tensors([{"recurrent": s}])) is None
+    msg = decode_graph.inplace_violation(before, decode_graph.state_tensors([{"recurrent": s + 1}]))
     assert "states[0]['recurrent']" in msg and "in place" in msg
 
 
@@ -173,7 +180,7 @@ def test_decode_step_is_graph_safe(mixer, sets):
     """In-place state updates and no host-side position: what a CUDA-graph replay needs (CPU proxy)."""
     m, cache = _tiny_model_and_cache(mixer, sets=sets)
     tokens = torch.randint(0, 65, (4, 2, 1))
-    assert latency.host_frozen_check(m, cache, tokens) is None
+    assert decode_graph.host_frozen_check(m, cache, tokens) is None
 
 
 def test_compiled_decode_step_compiles_once_and_matches_eager():
@@ -181,7 +188,7 @@ def test_compiled_decode_step_compiles_once_and_matches_eager():
     host counters, so dynamo never recompiles; the (graph-safe) step still advances the device state
     exactly as eager steps do; afterwards the blocks run eagerly again."""
     m, cache = _tiny_model_and_cache("gated_deltanet" if "gated_deltanet" in ALL else "softmax")
-    ref = __import__("copy").deepcopy(cache)
+    ref = copy.deepcopy(cache)
     tok = torch.zeros(2, 1, dtype=torch.long)
     graphs = []
 
@@ -193,8 +200,8 @@ def test_compiled_decode_step_compiles_once_and_matches_eager():
         return m(tok, cache=cache)[0]
 
     with torch.no_grad():
-        with latency.compiled_blocks(m, backend=counting_backend):
-            run = latency.frozen_host(step, cache)
+        with decode_graph.compiled_blocks(m, backend=counting_backend):
+            run = decode_graph.frozen_host(step, cache)
             for i, t in enumerate(torch.randint(0, 65, (4, 2, 1))):
                 tok.copy_(t)
                 got = run()
@@ -223,7 +230,7 @@ def test_host_frozen_check_catches_a_host_position():
         return y + st.pos, st
 
     mixer.forward = host_reading
-    reason = latency.host_frozen_check(m, cache, torch.randint(0, 65, (4, 2, 1)))
+    reason = decode_graph.host_frozen_check(m, cache, torch.randint(0, 65, (4, 2, 1)))
     assert reason is not None and "host" in reason
 
 
@@ -365,8 +372,6 @@ def test_bench_all_runs_the_three(tmp_path, capsys):
 
 def test_a_single_mixer_bench_process_is_captured_under_its_mixer(tmp_path, monkeypatch, capsys):
     """ATTNBENCH_FLA_CAPTURE records per mixer, so only a one-mixer process (as sweeps run them) captures."""
-    from attnbench.ops import fla_preload
-
     events = record_fla_captures(monkeypatch)
     monkeypatch.setenv(fla_preload.CAPTURE_ENV, str(tmp_path / "cap"))
     args = ["--contexts", "16", "--tokens_per_batch", "32", "--steps", "1", "--warmup_steps", "1"]
@@ -379,11 +384,6 @@ def test_a_single_mixer_bench_process_is_captured_under_its_mixer(tmp_path, monk
 def test_wait_for_holds_the_measurement_until_the_go_file(tmp_path):
     """`--wait_for FILE` (how a sweep starts the next benchmark while one measures): the process starts up,
     says so and measures nothing until FILE exists."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     out, go = tmp_path / "rows.jsonl", tmp_path / "go"
     cmd = [sys.executable, "-m", "attnbench", "bench", "throughput", *tiny_args(["softmax"]), "--contexts", "16",
@@ -500,10 +500,6 @@ def test_options_to_argv_writes_the_flags_of_one_bench():
 @pytest.mark.parametrize("bench", ["latency", "memory", "throughput", "all"])
 def test_options_to_argv_is_what_the_cli_parses(bench):
     """Every option a sweep file may give reaches the bench command line as the same value."""
-    import argparse
-
-    from attnbench.bench import cli
-
     opts = {"prompt_lens": [64, 256], "decode_steps": 10, "batch": 2, "start": "1k", "max_len": "1Mi",
             "tol": 0.2, "no_isolate": True, "contexts": [16, 32], "tokens_per_batch": "64k", "steps": 3,
             "compile": True, "cuda_graph": "off", "dtype": "float32", "set": ["n_layer=2"]}

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from attnbench import GPT, GPTConfig
-from attnbench.bench import latency
+from attnbench.bench import decode_graph
 from attnbench.errors import ConfigError
 from attnbench.mixers import get
 from attnbench.ops import backend as ops_backend
@@ -195,13 +195,13 @@ def test_decode_with_frozen_host_counters_and_stable_storage():
         m(x[:, :14], st)
         ref = copy.deepcopy(st)
         frozen = st.pos
-        before = latency.state_tensors(st)
+        before = decode_graph.state_tensors(st)
         assert {"states.kv", "states.kv_means", "states.pos_t", "states.rope"} <= {p for p, _ in before}
         for t in range(14, 50):  # crosses the block boundaries at 16, 32 and 48
             st.pos = frozen
             got = m(x[:, t:t + 1], st)[0]
             assert torch.equal(got, m(x[:, t:t + 1], ref)[0]), t
-            assert latency.inplace_violation(before, latency.state_tensors(st)) is None
+            assert decode_graph.inplace_violation(before, decode_graph.state_tensors(st)) is None
     assert torch.equal(st.kv, ref.kv) and torch.equal(st.kv_means, ref.kv_means) and int(st.pos_t) == 50
 
 
@@ -215,7 +215,7 @@ def test_bench_host_frozen_check_passes():
     cache = model.new_cache(2, 40)
     with torch.no_grad():
         model(torch.randint(0, 50, (2, 11)), cache=cache)
-    assert latency.host_frozen_check(model, cache, torch.randint(0, 50, (6, 2, 1))) is None
+    assert decode_graph.host_frozen_check(model, cache, torch.randint(0, 50, (6, 2, 1))) is None
 
 
 def test_decode_step_is_static_and_lean():

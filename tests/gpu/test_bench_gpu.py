@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attnbench import mixers
-from attnbench.bench import latency, memory
+from attnbench.bench import decode_graph, latency, memory
 from attnbench.bench.rows import base_row
 from attnbench.bench.shapes import bench_config, build_model, resolve_shapes
 from attnbench.bench.timing import precision
@@ -49,7 +49,7 @@ def test_graph_decode(mixer, shapes):
     assert eager["mixer_tokens_per_decode_step"] == 1 and eager["median"] > 0
     if mixer in GRAPH_SAFE:
         assert graph["cuda_graph"] is True, graph["cuda_graph_reason"]
-        assert graph["graph_verify_rel_err"] <= latency.VERIFY_TOL
+        assert graph["graph_verify_rel_err"] <= decode_graph.VERIFY_TOL
         assert graph["median"] < eager["median"]
     else:  # not graph-safe: a row that says why, never a crash or a wrong number
         assert graph["cuda_graph"] is False and graph["value"] is None and graph["cuda_graph_reason"]
@@ -108,4 +108,4 @@ def test_compiled_graph_decode(mixer, shapes):
           f"compile_error={graph['compile_error']}, verify rel err {graph['graph_verify_rel_err']}")
     assert graph["cuda_graph"] is True, graph["cuda_graph_reason"]
     assert graph["compiled"] is True, graph["compile_error"]
-    assert graph["graph_verify_rel_err"] <= latency.VERIFY_TOL_COMPILED
+    assert graph["graph_verify_rel_err"] <= decode_graph.VERIFY_TOL_COMPILED
