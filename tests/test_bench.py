@@ -427,9 +427,8 @@ def test_parse_counts():
 
 
 def test_find_threshold_retimes_a_compilation_spike_instead_of_stopping():
-    """A first step at a new shape that paid Triton autotuning (16 s where the trend says 0.06 s: FLA's
-    DeltaNet at T=4096 on an H200, results/h200-2026-11-28-s2/README.md) is timed again; growth goes on to
-    the real out-of-memory point."""
+    """A first step at a new shape that paid Triton autotuning (16 s where the trend says 0.06 s) is timed
+    again; growth goes on to the real out-of-memory point."""
     seen = set()
 
     def fake(T):  # 0.01 s per step, but the first step at T >= 1024 takes 100 s; OOM above 20000

@@ -67,8 +67,8 @@ class MemoryOptions:
     @classmethod
     def defaults(cls, device: str) -> "MemoryOptions":
         if device == "cuda":
-            # steps at 64k-256k tokens take seconds each on an H200 (Gated DeltaProduct's PyTorch op: 18 s
-            # at 65,536; results/h200-2026-11-28-s2/README.md): a minute per mixer, all in one process
+            # steps at 64k-256k tokens take seconds each on an H200, hence a minute per mixer (with 10 s,
+            # softmax and NSA stop at the time budget: results/bakeoff-h200-2026-12-02/README.md)
             return cls(max_len=2**20, time_budget_s=60.0, isolate=False)
         return cls(max_len=2048, time_budget_s=300.0, isolate=True)
 

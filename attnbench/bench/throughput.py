@@ -37,9 +37,8 @@ class ThroughputOptions:
     @classmethod
     def defaults(cls, device: str) -> "ThroughputOptions":
         if device == "cuda":
-            # up to 64k: at ~10M parameters the linear mixers are launch-bound and overtake flash
-            # attention only past ~10k tokens (DeltaNet at ~10,500 on an H200,
-            # results/h200-2026-11-28-s3/README.md)
+            # up to 64k: at ~10M parameters the linear mixers are launch-bound, so a crossover with flash
+            # attention lies at long contexts (none up to 16k: results/bakeoff-h200-2026-12-02/README.md)
             return cls(contexts=doubling(256, 65536), tokens_per_batch=64 * 1024, cuda_graph=True)
         return cls(contexts=doubling(64, 512), tokens_per_batch=2048, steps=2, warmup_steps=1)
 
