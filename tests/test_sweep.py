@@ -335,3 +335,12 @@ options = { contexts = [16], tokens_per_batch = 32, steps = 1, warmup_steps = 1 
         assert "waiting for" in log and "go after" in log
     assert sorted(p.name for p in (out / "bench").iterdir()) == sorted(
         f"{m}-throughput.jsonl" for m in ("softmax", "deltanet", "gated_deltanet"))
+
+
+def test_presets_are_bundled_and_an_unknown_one_names_them():
+    from attnbench import run
+
+    assert run.preset_path("bakeoff-quick") == CONFIGS_DIR / "sweeps" / "bakeoff-quick.toml"
+    with pytest.raises(AttnbenchError, match=r"'bakeof' is not a preset \(presets: bakeoff, bakeoff-quick\); "
+                                             r"did you mean 'bakeoff'"):
+        run.preset_path("bakeof")
