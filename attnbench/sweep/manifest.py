@@ -136,6 +136,7 @@ def _clear_stale(run_dir: Path) -> None:
 
 
 def _write_run_file(run_dir: Path, r: PlannedRun, sweep: Sweep, launches: list[dict] | None = None) -> None:
+    """RUN_DIR/run.json: what the child trains (the resolved config) and every launch of it so far."""
     old = {}
     with contextlib.suppress(OSError, ValueError):
         old = json.loads((run_dir / RUN_FILE).read_text())

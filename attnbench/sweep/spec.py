@@ -148,7 +148,7 @@ def load_sweep(path: str | Path) -> Sweep:
     base config. ConfigError names what is wrong."""
     found = find_config_file(path)
     if found is None:
-        bundled = ", ".join(f"sweeps/{f.stem}" for f in sorted((CONFIGS_DIR / "sweeps").glob("*.toml")))
+        bundled = ", ".join(sorted(f"sweeps/{f.stem}" for f in (CONFIGS_DIR / "sweeps").glob("*.toml")))
         raise ConfigError(f"sweep file {str(Path(path))!r} not found (bundled sweeps: {bundled})")
     path = found
     text = path.read_text()
