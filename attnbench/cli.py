@@ -5,50 +5,35 @@ import argparse
 import logging
 import sys
 
+from . import params_cli, report, run, sample, sweep
+from .bench import cli as bench_cli
+from .data import prepare
 from .errors import AttnbenchError
+from .trainer import train
 
 
 def _train_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one model from a TOML config",
                        description="attnbench train CONFIG [--key=value ...]  e.g. --max_iters=2 --model.n_layer=4; "
                                    "--resume continues the run in --out_dir")
-    p.add_argument("config", help="TOML file, e.g. configs/shakespeare_char.toml")
+    p.add_argument("config", help="TOML file, or a bundled config's name, e.g. shakespeare_char or cpu_tiny")
 
-    def run(a: argparse.Namespace) -> int:
-        from .trainer import train
-
+    def run_train(a: argparse.Namespace) -> int:
         train(a.config, a.overrides)
         return 0
 
-    p.set_defaults(func=run, takes_overrides=True)
+    p.set_defaults(func=run_train, takes_overrides=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import sample
-    from .data import prepare
-
     parser = argparse.ArgumentParser(prog="attnbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     prepare.register_cli(sub)
     _train_cli(sub)
     sample.register_cli(sub)
-    for mod in _optional_commands():
+    for mod in (params_cli, bench_cli, sweep, report, run):
         mod.register_cli(sub)
     return parser
-
-
-def _optional_commands() -> list:
-    """Later stages register themselves here when their module exists."""
-    import importlib
-
-    mods = []
-    for name in ("attnbench.params_cli", "attnbench.bench.cli", "attnbench.sweep", "attnbench.report", "attnbench.run"):
-        try:
-            mods.append(importlib.import_module(name))
-        except ModuleNotFoundError as e:
-            if e.name != name and not name.startswith(str(e.name)):
-                raise
-    return [m for m in mods if hasattr(m, "register_cli")]
 
 
 def main(argv: list[str] | None = None) -> int:

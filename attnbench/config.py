@@ -3,7 +3,8 @@
 A RunConfig has sections (data, model, optim, train, log). A key may be written bare when its name
 is unique across sections (`--max_iters=2`) or dotted (`--model.n_layer=4`); a mixer's own settings
 live under `model.mixer_args` (`--model.mixer_args.chunk_size=32`). Every problem is a ConfigError
-naming the key and the nearest valid one, raised before any file is written.
+naming the key and the nearest valid one, raised before any file is written. A config file is a path
+or the name of one bundled in attnbench/configs/ (`find_config_file`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any, Optional, Union
 from .counts import parse_count
 from .errors import ConfigError, did_you_mean
 
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # the bundled run configs; sweeps/ holds the presets
 POS_EMBS = ("learned", "rope", "none")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -286,6 +288,28 @@ def parse_overrides(args: list[str] | dict[str, Any] | None) -> list[tuple[str, 
     return out
 
 
+def find_config_file(name: str | Path, near: Path | None = None) -> Path | None:
+    """A config file named on a command line or in a sweep file: the path itself when it is a file
+    (relative to `near`, then to the current folder), else the bundled file in attnbench/configs/ of that
+    name, so "shakespeare_char", "shakespeare_char.toml", "configs/shakespeare_char.toml" and
+    "sweeps/bakeoff" work from any folder. None when there is neither."""
+    p = Path(name)
+    for cand in ([near / p] if near is not None and not p.is_absolute() else []) + [p]:
+        if cand.is_file():
+            return cand
+    if p.is_absolute():
+        return None
+    parts = p.parts
+    if "configs" in parts:  # "configs/x.toml" or "attnbench/configs/x.toml": the part below configs/
+        parts = parts[len(parts) - parts[::-1].index("configs"):]
+    if not parts:
+        return None
+    bundled = CONFIGS_DIR.joinpath(*parts)
+    if bundled.suffix != ".toml":
+        bundled = bundled.with_name(bundled.name + ".toml")
+    return bundled if bundled.is_file() else None
+
+
 def parse_config(path: str | Path | dict | RunConfig | None = None,
                  overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
     """A RunConfig from a TOML file (or dict, or RunConfig) plus overrides: keys and types checked, values
@@ -298,9 +322,11 @@ def parse_config(path: str | Path | dict | RunConfig | None = None,
         if isinstance(path, dict):
             _apply_tree(cfg, path, source="config")
         elif path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file {str(p)!r} not found; pass a TOML file such as configs/shakespeare_char.toml")
+            p = find_config_file(path)
+            if p is None:
+                bundled = ", ".join(sorted(f.stem for f in CONFIGS_DIR.glob("*.toml")))
+                raise ConfigError(f"config file {str(Path(path))!r} not found; pass a TOML file or a bundled config "
+                                  f"({bundled})")
             try:
                 tree = tomllib.loads(p.read_text())
             except tomllib.TOMLDecodeError as e:

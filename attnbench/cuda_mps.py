@@ -1,6 +1,6 @@
 """A private CUDA MPS daemon for training runs that share a GPU.
 
-Several small, launch-bound runs on one GPU (the seed preset trains five ~10.7M models at once) take
+Several small, launch-bound runs on one GPU (the bakeoff preset trains five ~10.7M models at once) take
 turns on it when each process has its own CUDA context: the GPU time-slices between contexts, so one
 run's tiny kernels never overlap another's. Under MPS (NVIDIA's Multi-Process Service) the processes'
 kernels share the GPU at the same time. The sweep starts a daemon of its own (pipe and log folders in a

@@ -1,11 +1,11 @@
-"""`attnbench run [--preset seed|quick]`: the main job in one command.
+"""`attnbench run [--preset bakeoff|bakeoff-quick]`: the main job in one command.
 
 1. prepares shakespeare_char in --data_dir when it is missing (from --input, $ATTNBENCH_DATA, an
    earlier download or the network);
-2. picks the preset for the hardware unless --preset is given: a CUDA GPU -> `seed` (the seed's full
-   comparison: five mixers at ~10.7M parameters, 3000 iterations), otherwise `quick` (the same
-   comparison scaled down for a CPU; minutes, not hours);
-3. runs the sweep (configs/sweeps/<preset>.toml: training, benchmarks, report) into --out
+2. picks the preset for the hardware unless --preset is given: a CUDA GPU -> `bakeoff` (five mixers
+   at ~10.7M parameters, 3000 iterations), otherwise `bakeoff-quick` (the same comparison scaled down
+   for a CPU; minutes, not hours);
+3. runs the sweep (attnbench/configs/sweeps/<preset>.toml: training, benchmarks, report) into --out
    (default out/<preset>), printing where it is; re-running the command continues where it stopped;
 4. prints the bake-off table and the report's path.
 """
@@ -17,43 +17,38 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import AttnbenchError
+import torch
 
-PRESETS = ("seed", "quick")
+from .config import CONFIGS_DIR
+from .data import ensure_prepared, prepare_shakespeare_char
+from .data.prepare import ENV_VAR
+from .errors import AttnbenchError, did_you_mean
+from .report import bakeoff_section
+from .sweep import add_launch_options, load_sweep, run_sweep
+
+PRESETS = ("bakeoff", "bakeoff-quick")
 
 
 def preset_path(name: str) -> Path:
-    """configs/sweeps/<name>.toml of the repository (or of an installed copy's presets folder)."""
-    from .sweep import PACKAGE_ROOT, find_config_file
-
-    for cand in (f"configs/sweeps/{name}.toml", str(Path(__file__).parent / "presets" / "sweeps" / f"{name}.toml")):
-        p = find_config_file(cand)
-        if p is not None:
-            return p
-    raise AttnbenchError(f"preset {name!r} not found: expected configs/sweeps/{name}.toml in {Path.cwd()} or "
-                         f"{PACKAGE_ROOT}")
+    """The preset's sweep file, attnbench/configs/sweeps/<name>.toml."""
+    if name not in PRESETS:
+        raise AttnbenchError(f"--preset {name!r} is not a preset (presets: {', '.join(PRESETS)})"
+                             f"{did_you_mean(name, PRESETS)}")
+    return CONFIGS_DIR / "sweeps" / f"{name}.toml"
 
 
 def default_preset() -> str:
-    import torch
-
-    return "seed" if torch.cuda.is_available() else "quick"
+    return "bakeoff" if torch.cuda.is_available() else "bakeoff-quick"
 
 
 def run_main(preset: str | None = None, out: str | None = None, data_dir: str = "data", input_path: str | None = None,
              **launch: Any) -> tuple[Path, list[str]]:
     """Prepare the data, run the preset's sweep and report; returns report.md's path and the failed runs."""
-    from .data import ensure_prepared, prepare_shakespeare_char
-    from .data.prepare import ENV_VAR
-    from .report import bakeoff_section
-    from .sweep import load_sweep, run_sweep
-
     t0 = time.monotonic()
     preset = preset or default_preset()
-    if preset not in PRESETS:
-        raise AttnbenchError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    path = preset_path(preset)
     how = "given" if launch.pop("preset_given", True) else "picked for this machine"
-    sweep = load_sweep(preset_path(preset))
+    sweep = load_sweep(path)
     out = out or str(Path("out") / sweep.name)
     print(f"attnbench run: preset {preset!r} ({how}) from {sweep.path} -> {out}", flush=True)
     print(f"attnbench run: data: shakespeare_char in {data_dir}", flush=True)
@@ -76,12 +71,11 @@ def run_main(preset: str | None = None, out: str | None = None, data_dir: str = 
 
 
 def register_cli(subparsers: Any) -> None:
-    from .sweep import add_launch_options
-
     p = subparsers.add_parser("run", help="the main job: prepare data, train every mixer, benchmark, report",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=PRESETS, default=None,
-                   help="seed (GPU: the seed's full settings) or quick (CPU); default: seed with CUDA, else quick")
+    p.add_argument("--preset", default=None,
+                   help="bakeoff (GPU: five mixers at ~10.7M parameters, 3000 iterations) or bakeoff-quick (the "
+                        "same on a CPU, scaled down); default: bakeoff with CUDA, else bakeoff-quick")
     p.add_argument("--out", default=None, help="results folder (default: out/<preset>)")
     p.add_argument("--input", default=None, help="local tiny Shakespeare input.txt (else $ATTNBENCH_DATA, else download)")
     add_launch_options(p)

@@ -59,3 +59,19 @@ def test_toml_errors(tmp_path):
     p.write_text("[modle]\nn_layer = 2\n")
     with pytest.raises(ConfigError, match="model"):
         load_config(p)
+
+
+def test_config_files_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from attnbench.config import CONFIGS_DIR, find_config_file
+
+    monkeypatch.chdir(tmp_path)
+    want = CONFIGS_DIR / "shakespeare_char.toml"
+    for name in ("shakespeare_char", "shakespeare_char.toml", "configs/shakespeare_char.toml"):
+        assert find_config_file(name) == want, name
+    assert find_config_file("sweeps/bakeoff") == CONFIGS_DIR / "sweeps" / "bakeoff.toml"
+    assert find_config_file("no_such_config") is None
+    (tmp_path / "shakespeare_char.toml").write_text("[model]\nn_layer = 2\n")
+    assert find_config_file("shakespeare_char.toml") == Path("shakespeare_char.toml")  # a file that exists wins
+    assert load_config("cpu_tiny").model.n_layer == 4

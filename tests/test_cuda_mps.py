@@ -10,6 +10,8 @@ import torch
 
 from attnbench import cuda_mps as mps
 from attnbench import sweep as sw
+from attnbench.config import CONFIGS_DIR
+from attnbench.sweep import processes
 from attnbench.errors import ConfigError
 
 # Logs each call (arguments, pipe folder, stdin) to $FAKE_MPS_RECORD; `-d` writes a server log; exit code $FAKE_MPS_RC.
@@ -91,23 +93,22 @@ class _Man:
 def test_training_phase_children_get_the_daemon_and_lose_it_after(fake_control, tmp_path):
     slots = sw.make_slots(["0"], jobs_per_device=3, nproc=1)
     man = _Man()
-    with sw._training_env(_sweep(True), tmp_path, slots, man, training=True):
+    with processes._training_env(_sweep(True), tmp_path, slots, man, training=True):
         pipes = {s.env["CUDA_MPS_PIPE_DIRECTORY"] for s in slots}
         assert len(pipes) == 1 and man.data["cuda_mps"] is True and man.saved
-        env = sw._child_env(slots[0].env)
+        env = processes._child_env(slots[0].env)
         assert env["CUDA_MPS_PIPE_DIRECTORY"] in pipes and env["CUDA_VISIBLE_DEVICES"] == "0"
     assert not any(k in s.env for s in slots for k in mps.ENV_KEYS)  # benchmarks run outside MPS
     assert fake_control.read_text().splitlines()[-1].endswith("stdin=quit")
-    with sw._training_env(_sweep(True), tmp_path, slots, _Man(), training=False):  # nothing to train: no daemon
+    with processes._training_env(_sweep(True), tmp_path, slots, _Man(), training=False):  # nothing to train: no daemon
         pass
     assert len(fake_control.read_text().splitlines()) == 2
 
 
-def test_sweep_key_is_validated_and_the_seed_preset_sets_it(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    assert sw.load_sweep(root / "configs" / "sweeps" / "seed.toml").cuda_mps is True
-    assert sw.load_sweep(root / "configs" / "sweeps" / "quick.toml").cuda_mps is False
-    base = root / "configs" / "shakespeare_char.toml"
+def test_sweep_key_is_validated_and_the_bakeoff_preset_sets_it(tmp_path):
+    assert sw.load_sweep(CONFIGS_DIR / "sweeps" / "bakeoff.toml").cuda_mps is True
+    assert sw.load_sweep(CONFIGS_DIR / "sweeps" / "bakeoff-quick.toml").cuda_mps is False
+    base = CONFIGS_DIR / "shakespeare_char.toml"
     f = tmp_path / "s.toml"
     f.write_text(f'base_config = "{base}"\nmixers = ["softmax"]\ncuda_mps = "yes"\n')
     with pytest.raises(ConfigError, match="cuda_mps must be true or false"):
@@ -152,7 +153,7 @@ def test_a_sweep_under_mps_records_it_per_launch_and_the_report_says_so(fake_con
     (tmp_path / "s.toml").write_text('base_config = "base.toml"\nmixers = ["softmax"]\nseeds = [1, 2]\n'
                                      'jobs_per_device = 2\ncuda_mps = true\n[overrides]\n"train.max_iters" = 4\n'
                                      '"train.eval_interval" = 2\n[bench]\nenabled = false\n')
-    monkeypatch.setattr(sw, "wants_mps", lambda sweep, slots: sweep.cuda_mps)
+    monkeypatch.setattr(processes, "wants_mps", lambda sweep, slots: sweep.cuda_mps)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "out"
     man = sw.run_sweep(tmp_path / "s.toml", out=out, devices="cpu", report=False)

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from attnbench import sweep as sw
-from attnbench.errors import ConfigError
+from attnbench.config import CONFIGS_DIR
+from attnbench.errors import AttnbenchError, ConfigError
+from attnbench.sweep import bench_phase, manifest, processes
 from attnbench.files import read_jsonl
 from conftest import tiny_run_config
 
@@ -90,10 +92,10 @@ def test_sigkill_during_second_run_then_restart_equals_uninterrupted(tiny_data, 
     assert not (second / "summary.json").exists(), "the second run finished before the kill; test too slow to race"
     child = json.loads((out / "sweep.json").read_text())["runs"][runs[1]]["pid"]
     for _ in range(200):  # the child is gone (not left training the run behind the restart's back)
-        if not sw._still_training(child, second):
+        if not processes._still_training(child, second):
             break
         time.sleep(0.05)
-    assert not sw._still_training(child, second)
+    assert not processes._still_training(child, second)
 
     p = sweep_cli(cfg, out)
     log, _ = p.communicate(timeout=300)
@@ -198,29 +200,28 @@ def test_slots_pin_devices_and_share_cores():
     c = sw.make_slots(["cpu"], jobs_per_device=2, nproc=1)
     assert c[0].env["CUDA_VISIBLE_DEVICES"] == "" and c[0].env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
     assert c[0].env["TORCHINDUCTOR_COMPILE_THREADS"] == c[0].env["OMP_NUM_THREADS"]  # compile workers shared too
-    with pytest.raises(sw.AttnbenchError, match="devices"):
+    with pytest.raises(AttnbenchError, match="devices"):
         sw.resolve_devices("gpu0")
 
 
 def test_presets_parse_and_plan(tmp_path):
-    """configs/sweeps/*.toml: valid files that plan every (mixer, lr, seed), parameter-matched within 1%."""
+    """attnbench/configs/sweeps/*.toml: valid files that plan every (mixer, lr, seed), parameter-matched within 1%."""
     pytest.importorskip("attnbench.params")
-    files = sorted((ROOT / "configs" / "sweeps").glob("*.toml"))
-    assert {"seed", "quick"} <= {f.stem for f in files}
+    files = sorted((CONFIGS_DIR / "sweeps").glob("*.toml"))
+    assert {"bakeoff", "bakeoff-quick"} <= {f.stem for f in files}
     for f in files:
         s = sw.load_sweep(f)
         runs = sw.plan(s, tmp_path / f.stem, load_data=False)
         assert sorted({r.mixer for r in runs}) == sorted(s.mixers)
         assert len(runs) == len(s.mixers) * len(s.learning_rates or [None]) * len(s.seeds or [None])
-        if f.stem in ("seed", "quick"):
+        if f.stem in ("bakeoff", "bakeoff-quick"):
             assert len(s.mixers) == 5
         assert all(abs(r.match["deviation"]) <= 0.01 for r in runs), [(r.mixer, r.match) for r in runs]
-        if sw._bench_available():
-            sw.check_bench_options(s.bench, s.path)
+        sw.check_bench_options(s.bench, s.path)
 
 
 def test_cuda_graph_sweep_on_the_cpu_fails_before_any_file(tmp_path):
-    """The seed preset captures its steps in CUDA graphs: on a CPU the sweep refuses before writing anything
+    """The bakeoff preset captures its steps in CUDA graphs: on a CPU the sweep refuses before writing anything
     (not five runs failing one after another), and says how to go on."""
     from attnbench.data import prepare_text
     from conftest import _synthetic_text
@@ -228,9 +229,9 @@ def test_cuda_graph_sweep_on_the_cpu_fails_before_any_file(tmp_path):
     src = tmp_path / "input.txt"
     src.write_text(_synthetic_text(5000))
     prepare_text(src, "shakespeare_char", tokenizer="char", data_dir=tmp_path / "data", verbose=False)
-    out = tmp_path / "seed"
+    out = tmp_path / "bakeoff"
     with pytest.raises(ConfigError, match=r"train.cuda_graph = true needs CUDA GPUs.*cpu.*--set train.cuda_graph=false"):
-        sw.run_sweep(sw.load_sweep(ROOT / "configs" / "sweeps" / "seed.toml"), out=out, devices="cpu",
+        sw.run_sweep(sw.load_sweep("sweeps/bakeoff"), out=out, devices="cpu",
                      data_dir=str(tmp_path / "data"))
     assert not out.exists()
 
@@ -265,7 +266,7 @@ enabled = false
     man = json.loads((out / "sweep.json").read_text())
     for r in runs:
         assert man["runs"][r]["status"] == "interrupted"
-        assert not sw._still_training(man["runs"][r]["pid"], out / "runs" / r)
+        assert not processes._still_training(man["runs"][r]["pid"], out / "runs" / r)
         assert sw.run_state(out / "runs" / r)[0] == "resume"
         assert "interrupted at step" in (out / "logs" / f"{r}.log").read_text()  # the trainer stopped itself
 
@@ -289,8 +290,8 @@ benches = ["throughput"]
     s = sw.load_sweep(cfg)
     out = tmp_path / "out"
     runs = sw.plan(s, out)
-    monkeypatch.setattr(sw, "prestarts_bench", lambda device: True)
-    phase = sw._BenchPhase(s, out, runs, sw.make_slots(["cpu"], 1, 1), sw._Manifest(out, s, runs))
+    monkeypatch.setattr(bench_phase, "prestarts_bench", lambda device: True)
+    phase = bench_phase._BenchPhase(s, out, runs, sw.make_slots(["cpu"], 1, 1), manifest._Manifest(out, s, runs))
     phase.prestart()
     job = phase.waiting["cpu"]
     log = out / "logs" / "bench-softmax-throughput.log"
@@ -319,7 +320,7 @@ mixers = ["softmax", "deltanet", "gated_deltanet"]
 benches = ["throughput"]
 options = { contexts = [16], tokens_per_batch = 32, steps = 1, warmup_steps = 1 }
 """)
-    monkeypatch.setattr(sw, "prestarts_bench", lambda device: True)
+    monkeypatch.setattr(bench_phase, "prestarts_bench", lambda device: True)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "out"
     man = sw.run_sweep(cfg, out=out, devices="cpu", report=False)
@@ -334,3 +335,12 @@ options = { contexts = [16], tokens_per_batch = 32, steps = 1, warmup_steps = 1 
         assert "waiting for" in log and "go after" in log
     assert sorted(p.name for p in (out / "bench").iterdir()) == sorted(
         f"{m}-throughput.jsonl" for m in ("softmax", "deltanet", "gated_deltanet"))
+
+
+def test_presets_are_bundled_and_an_unknown_one_names_them():
+    from attnbench import run
+
+    assert run.preset_path("bakeoff-quick") == CONFIGS_DIR / "sweeps" / "bakeoff-quick.toml"
+    with pytest.raises(AttnbenchError, match=r"'bakeof' is not a preset \(presets: bakeoff, bakeoff-quick\); "
+                                             r"did you mean 'bakeoff'"):
+        run.preset_path("bakeof")

@@ -9,8 +9,6 @@ with each side choosing its own blocks is printed for information.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -118,7 +116,7 @@ def test_gpt_with_nsa_config_trains_a_step_on_fla():
     """configs/nsa.toml's model (16 query heads, 1 KV head) runs forward + backward on FLA under autocast."""
     from attnbench.resolve import load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "nsa.toml").model
+    cfg = load_config("nsa").model
     cfg.backend, cfg.dropout = "fla", 0.0
     torch.manual_seed(0)
     model = GPT(cfg).cuda()

@@ -1,0 +1,111 @@
+"""A sweep from start to end: plan, check, train (resumably), benchmark, report (`run_sweep`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..files import atomic_write_text
+from ..report import build_report
+from .bench_phase import _BenchPhase, check_bench_options
+from .manifest import _clear_stale, _folder_lock, _Manifest, _write_run_file, run_state
+from .plan import PlannedRun, plan
+from .processes import (Slot, _interruptible, _say, _train_all, _training_env, child_command, make_slots,
+                        resolve_devices)
+from .spec import Sweep, add_overrides, load_sweep
+
+
+def run_sweep(sweep: Sweep | str | Path, out: str | Path | None = None, devices: str | None = None,
+              jobs_per_device: int | None = None, nproc_per_node: int | None = None, data_dir: str | None = None,
+              bench: bool = True, report: bool = True, dry_run: bool = False, status_interval: float = 30.0,
+              overrides: list[str] | None = None, cuda_mps: bool | None = None) -> dict:
+    """Plan, train (resumably), benchmark and report. Returns the manifest (sweep.json's content).
+
+    Raises KeyboardInterrupt after a clean stop on Ctrl-C/SIGTERM, AttnbenchError on bad input. Runs
+    that fail are recorded as failed (their log's tail is printed); the other runs go on.
+    """
+    if not isinstance(sweep, Sweep):
+        sweep = load_sweep(sweep)
+    if overrides:
+        add_overrides(sweep, overrides)
+    out = Path(out or Path("out") / sweep.name)
+    jobs = jobs_per_device or sweep.jobs_per_device
+    nproc = nproc_per_node or sweep.nproc_per_node
+    runs = plan(sweep, out, data_dir=data_dir)
+    for r in runs:
+        ga = r.config["train"]["gradient_accumulation_steps"]
+        if nproc > 1 and ga % nproc:
+            raise ConfigError(f"--nproc_per_node {nproc}: train.gradient_accumulation_steps={ga} must be a multiple of "
+                              f"it (set it in [overrides]; accumulation is split across processes)")
+    if bench:
+        check_bench_options(sweep.bench, sweep.path)
+    slots = make_slots(resolve_devices(devices or sweep.devices), jobs, nproc)
+    graphed = any(r.config["train"].get("cuda_graph") for r in runs)
+    if graphed and any(not str(sl.device).startswith("cuda") for sl in slots):
+        raise ConfigError(f"{sweep.path}: train.cuda_graph = true needs CUDA GPUs, but the sweep would run on "
+                          f"{', '.join(sorted({str(sl.device) for sl in slots}))}; pass --set train.cuda_graph=false "
+                          f"(or, for `attnbench run`, --preset bakeoff-quick on a CPU)")
+    if graphed and nproc > 1:
+        raise ConfigError(f"{sweep.path}: train.cuda_graph = true does not run under torchrun (--nproc_per_node "
+                          f"{nproc}); pass --set train.cuda_graph=false")
+    if cuda_mps is not None:
+        sweep.cuda_mps = cuda_mps
+    with _folder_lock(out):
+        return _execute(sweep, out, runs, slots, bench, report, dry_run, status_interval)
+
+
+def _execute(sweep: Sweep, out: Path, runs: list[PlannedRun], slots: list[Slot], bench: bool, report: bool,
+             dry_run: bool, status_interval: float) -> dict:
+    man = _Manifest(out, sweep, runs)
+    atomic_write_text(out / "sweep.toml", sweep.text)  # the sweep file as run, next to its results
+    todo: list[PlannedRun] = []
+    states = {}
+    for r in runs:
+        rd = out / "runs" / r.run_id
+        state, step = run_state(rd)
+        states[r.run_id] = (state, step)
+        if state == "done":
+            man.data["runs"][r.run_id]["status"] = "done"
+            continue
+        if state == "stale" and not dry_run:
+            _clear_stale(rd)
+        rd.mkdir(parents=True, exist_ok=True)
+        _write_run_file(rd, r, sweep)
+        man.data["runs"][r.run_id]["status"] = "partial" if state == "resume" else "pending"
+        todo.append(r)
+    man.save()
+    n_done = len(runs) - len(todo)
+    _say(f"{sweep.name}: {len(runs)} runs ({len(sweep.mixers)} mixers x {len(runs) // len(sweep.mixers)}), "
+         f"{n_done} done, {sum(states[r.run_id][0] == 'resume' for r in todo)} to resume, "
+         f"{sum(states[r.run_id][0] != 'resume' for r in todo)} to start -> {out}")
+    for r in runs:
+        st, step = states[r.run_id]
+        m = f", {r.match['n_params'] / 1e6:.2f}M params ({100 * r.match['deviation']:+.1f}%)" if r.match else ""
+        what = {"done": "done", "resume": f"resume from step {step}", "new": "new", "stale": "restart (no checkpoint)"}[st]
+        _say(f"  {r.run_id}: {what}{m}")
+    if dry_run:
+        for r in todo:
+            rd = out / "runs" / r.run_id
+            print(" ".join(child_command(rd, slots[0].nproc)))
+        return man.data
+
+    benches = _BenchPhase(sweep, out, runs, slots, man) if bench and sweep.bench.enabled else None
+    with _interruptible():
+        try:
+            if benches is not None and todo:
+                benches.prestart()  # the first bench child starts up while the runs train (on a GPU)
+            with _training_env(sweep, out, slots, man, bool(todo)):
+                failed = _train_all(sweep, out, todo, slots, man, status_interval, n_done, len(runs))
+            if benches is not None:
+                benches.run()
+        finally:
+            if benches is not None:
+                benches.stop()
+    if report:
+        path = build_report(out)
+        man.data["report"] = str(path.relative_to(out)) if path.is_relative_to(out) else str(path)
+        man.save()
+        _say(f"report: {path}")
+    if failed:
+        _say(f"{len(failed)} run(s) failed: {', '.join(failed)}; their logs are in {out / 'logs'}; "
+             "run the sweep again to retry them")
+    return man.data

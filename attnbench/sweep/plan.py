@@ -1,0 +1,123 @@
+"""The plan: one resolved, validated RunConfig per (mixer, learning rate, seed) of a sweep, and its run id.
+
+Shapes: with `param_budget` every mixer gets the shape `params.match_all` finds for it (starting
+from the base model section, plus `<base dir>/<mixer>.toml`'s model section when that file exists,
+minus the mixer args the matcher searches, e.g. head_dim, unless [overrides] fix them); without it,
+that model section (or the base) is used as is. Precedence, last wins: base config -> mixer config's
+model section -> [overrides] -> `--set KEY=VALUE` -> [mixer_overrides.<mixer>] -> the sweep axes
+(mixer, learning rate, seed) -> matched shape. Every resolved config is validated before anything
+runs (unknown keys name the nearest valid one).
+
+The run id is `<mixer>-lr<lr>-s<seed>-<hash>`, the hash being 8 hex digits of the resolved config
+without the settings that do not change what is computed (out_dir, progress, resume, logging,
+data_dir, checkpoint retention, eval batch size, torch.compile, CUDA graphs). So re-running a sweep
+recognises its runs (attnbench/sweep/manifest.py: done, resumed or started).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import params
+from ..config import RunConfig
+from ..data import Corpus
+from ..errors import ConfigError
+from ..resolve import load_config
+from .spec import Sweep
+
+# Settings that do not change what a run computes: left out of the run id so that changing them
+# (another data folder, progress bars, logging) keeps the runs. Each is one the trainer lets a run
+# resume with (trainer._RESUMABLE), plus out_dir (the folder itself).
+ID_EXCLUDE = {"train.out_dir", "train.progress", "train.resume", "train.keep_checkpoints", "train.eval_batch_size",
+              "train.log_interval", "train.compile", "train.compile_scope", "train.compile_mode", "train.cuda_graph",
+              "data.data_dir", "log.wandb_log", "log.wandb_project", "log.wandb_run_name"}
+
+
+@dataclass
+class PlannedRun:
+    run_id: str
+    mixer: str
+    learning_rate: float
+    seed: int
+    config: dict[str, Any]  # the resolved RunConfig as a dict (out_dir set by the sweep)
+    match: dict[str, Any] | None = None  # parameter match: n_params, budget, deviation
+
+
+def run_id_for(config: RunConfig | dict[str, Any]) -> str:
+    """`<mixer>-lr<lr>-s<seed>-<8 hex>`: the hash covers every setting that changes what is computed."""
+    d = config.to_dict() if isinstance(config, RunConfig) else config
+    kept = {sec: {k: v for k, v in vals.items() if f"{sec}.{k}" not in ID_EXCLUDE} for sec, vals in d.items()}
+    h = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{d['model']['mixer']}-lr{d['optim']['learning_rate']:g}-s{d['train']['seed']}-{h}"
+
+
+def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: bool = True) -> list[PlannedRun]:
+    """Resolve and validate every run's config (before anything runs)."""
+    out = Path(out)
+    runs: list[PlannedRun] = []
+    vocab: dict[tuple[str, str], int | None] = {}
+    base_tree = tomllib.loads(sweep.base_config.read_text())
+    for mixer in sweep.mixers:
+        tree = json.loads(json.dumps(base_tree))
+        model = tree.setdefault("model", {})
+        if model.get("mixer", "softmax") != mixer:
+            model.pop("mixer_args", None)  # the base mixer's own settings do not apply to another mixer
+        # the mixer's own config next to the base (attnbench/configs/<mixer>.toml): its model section
+        mixer_cfg = sweep.base_config.parent / f"{mixer}.toml"
+        if mixer_cfg.is_file() and mixer_cfg != sweep.base_config:
+            mt = tomllib.loads(mixer_cfg.read_text()).get("model", {})
+            if mt.get("mixer", mixer) == mixer:
+                model.update(mt)
+        model["mixer"] = mixer
+        if sweep.param_budget is not None:  # the matcher searches these; the sweep's overrides may still fix them
+            for k in params.SEARCHED_ARGS:
+                model.get("mixer_args", {}).pop(k, None)
+        ov = list(sweep.overrides) + list(sweep.mixer_overrides.get(mixer, []))
+        if sweep.dataset:
+            ov.append(("data.dataset", sweep.dataset))
+        if data_dir is not None:
+            ov.append(("data.data_dir", str(data_dir)))
+        src = f"{sweep.path} (mixer {mixer})"
+        try:
+            mcfg = load_config(tree, dict(ov))
+        except ConfigError as e:
+            raise ConfigError(f"{src}: {e}") from None
+        key = (mcfg.data.data_dir, mcfg.data.dataset)
+        if load_data and key not in vocab:
+            vocab[key] = Corpus.load(*key).vocab_size
+        if vocab.get(key):
+            mcfg.model.vocab_size = vocab[key]
+        match = None
+        if sweep.param_budget is not None:
+            mcfg.model, match = _match_shape(sweep, mcfg, mixer)
+        for lr in sweep.learning_rates or [mcfg.optim.learning_rate]:
+            for seed in sweep.seeds or [mcfg.train.seed]:
+                cfg = load_config(mcfg)
+                cfg.optim.learning_rate = float(lr)
+                if sweep.min_lr_ratio is not None:
+                    cfg.optim.min_lr = float(lr) * sweep.min_lr_ratio
+                cfg.train.seed = int(seed)
+                cfg.train.progress = False
+                cfg.train.resume = False
+                try:
+                    cfg = load_config(cfg)  # validate the combination (e.g. min_lr <= learning_rate)
+                except ConfigError as e:
+                    raise ConfigError(f"{src}, learning rate {lr:g}, seed {seed}: {e}") from None
+                rid = run_id_for(cfg)
+                cfg.train.out_dir = str(out / "runs" / rid)
+                runs.append(PlannedRun(rid, mixer, float(lr), int(seed), cfg.to_dict(), match))
+    return runs
+
+
+def _match_shape(sweep: Sweep, cfg: RunConfig, mixer: str) -> tuple[Any, dict[str, Any]]:
+    """The mixer's shape at the sweep's parameter budget (attnbench.params), and the match record."""
+    m = params.match_all(params.parse_budget(sweep.param_budget), mixers=[mixer], n_layer=cfg.model.n_layer,
+                         base=cfg.model)[0]
+    row = {k: v for k, v in m.to_row().items() if isinstance(v, (int, float, str, bool, dict, type(None)))}
+    model = load_config({**cfg.to_dict(), "model": dataclasses.asdict(m.model_cfg)}).model
+    return model, {**row, "n_params": int(m.n_params)}

@@ -1,0 +1,261 @@
+"""The sweep file (`attnbench sweep FILE`): many training runs from one TOML file, then the benchmarks,
+then the report.
+
+A sweep file names a base run config, the mixers, learning rates and seeds, and the settings shared by
+every run; the sweep resolves one RunConfig per (mixer, learning rate, seed), trains each in its own
+process, benchmarks the mixers and writes the report. Example (attnbench/configs/sweeps/bakeoff.toml):
+
+    name = "bakeoff"
+    base_config = "shakespeare_char"                # a run TOML: a path (from the sweep file's folder or
+                                                    # the cwd) or a bundled config's name
+    dataset = "shakespeare_char"                    # data.dataset (optional)
+    param_budget = "10.7M"                          # shapes from attnbench.params.match_all (optional)
+    mixers = ["softmax", "deltanet"]
+    learning_rates = [1e-3]                         # optional: default the base config's
+    seeds = [1337]                                  # optional: default the base config's train.seed
+    min_lr_ratio = 0.1                              # optional: optim.min_lr = ratio * learning rate
+    jobs_per_device = 5                             # optional defaults of the CLI options of the same name
+    devices = "auto"
+    nproc_per_node = 1
+    cuda_mps = true                                 # optional: runs sharing a GPU train under a private MPS daemon
+
+    [overrides]                                     # RunConfig keys for every run (dotted or nested)
+    "train.max_iters" = 3000
+    [mixer_overrides.nsa]                           # RunConfig keys for one mixer's runs
+    "model.backend" = "torch"
+    [bench]                                         # benchmarks after training (`attnbench bench all`)
+    enabled = true
+    benches = ["latency", "memory", "throughput"]
+    options = { }                                   # extra `--key value` options for the bench command
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import mixers as mixer_registry
+from ..config import CONFIGS_DIR, SECTIONS, all_keys, find_config_file
+from ..counts import parse_count
+from ..errors import ConfigError, did_you_mean
+
+BENCHES = ("latency", "memory", "throughput")
+
+# Sweep-file keys, with what they mean (used for the "unknown key" message and `--help`).
+SWEEP_KEYS = {
+    "name": "sweep name (default: the file name); the default --out is out/<name>",
+    "description": "free text",
+    "base_config": "run TOML every run starts from",
+    "dataset": "data.dataset of every run",
+    "param_budget": "parameter budget, e.g. '10.7M': shapes from attnbench.params.match_all",
+    "mixers": "list of registered mixer names",
+    "learning_rates": "list of optim.learning_rate values",
+    "seeds": "list of train.seed values",
+    "min_lr_ratio": "optim.min_lr = ratio * learning rate (else the config's min_lr)",
+    "jobs_per_device": "runs sharing one device at a time (CLI --jobs_per_device wins)",
+    "devices": "'auto', 'cpu' or GPU indices '0,1' (CLI --devices wins)",
+    "nproc_per_node": "processes (GPUs) per run under torchrun (CLI --nproc_per_node wins)",
+    "cuda_mps": "true: runs sharing a GPU (jobs_per_device > 1) train under a private CUDA MPS daemon, so their "
+                "kernels overlap instead of taking turns (attnbench/cuda_mps.py; CLI --cuda_mps / --no-cuda_mps wins)",
+    "overrides": "table of RunConfig keys for every run",
+    "mixer_overrides": "table of tables: RunConfig keys per mixer",
+    "bench": "table: enabled, benches, options",
+}
+BENCH_KEYS = ("enabled", "benches", "options")
+# Keys set by the sweep axes; setting them in [overrides] would silently lose to the axes.
+_AXIS_KEYS = {"model.mixer": "mixers", "optim.learning_rate": "learning_rates", "train.seed": "seeds",
+              "train.out_dir": "--out", "data.dataset": "dataset"}
+
+
+@dataclass
+class BenchSpec:
+    enabled: bool = True
+    benches: list[str] = field(default_factory=lambda: list(BENCHES))
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Sweep:
+    """A parsed, validated sweep file (the runs themselves come from `plan`)."""
+
+    name: str
+    path: Path
+    base_config: Path
+    mixers: list[str]
+    learning_rates: list[float] | None = None
+    seeds: list[int] | None = None
+    dataset: str | None = None
+    param_budget: str | None = None
+    min_lr_ratio: float | None = None
+    overrides: list[tuple[str, Any]] = field(default_factory=list)
+    mixer_overrides: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)
+    bench: BenchSpec = field(default_factory=BenchSpec)
+    jobs_per_device: int = 1
+    devices: str = "auto"
+    nproc_per_node: int = 1
+    cuda_mps: bool = False
+    text: str = ""  # the file as written, kept in the manifest
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """{'train': {'max_iters': 3}, 'model.mixer_args': {'a': 1}} -> [('train.max_iters', 3), ('model.mixer_args.a', 1)]"""
+    out = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and (key in SECTIONS or key == "model.mixer_args"):
+            out.extend(_flatten(v, f"{key}."))
+        else:
+            out.append((key, v))
+    return out
+
+
+def _canonical_key(key: str) -> str:
+    """'max_iters' -> 'train.max_iters' (bare keys are allowed where unique, as on the command line)."""
+    if key.split(".")[0] in SECTIONS:
+        return key
+    owners = [k for k in all_keys() if k.split(".", 1)[1] == key]
+    return owners[0] if len(owners) == 1 else key
+
+
+def _list_of(tree: dict, key: str, typ: type, path: Path) -> list | None:
+    if key not in tree:
+        return None
+    val = tree[key]
+    if not isinstance(val, list):
+        val = [val]
+    if not val:
+        raise ConfigError(f"{path}: {key} is empty; give at least one value")
+    out = []
+    for v in val:
+        if typ is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = float(v)
+        elif typ is float and isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        if not isinstance(v, typ) or isinstance(v, bool):
+            raise ConfigError(f"{path}: {key} must be a list of {typ.__name__} values, got {v!r}")
+        out.append(v)
+    if len(set(out)) != len(out):
+        raise ConfigError(f"{path}: {key} lists a value twice ({out}); every run would be duplicated")
+    return out
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Parse and validate a sweep file (a path, or a bundled one such as "sweeps/bakeoff"): keys, mixers,
+    base config. ConfigError names what is wrong."""
+    found = find_config_file(path)
+    if found is None:
+        bundled = ", ".join(sorted(f"sweeps/{f.stem}" for f in (CONFIGS_DIR / "sweeps").glob("*.toml")))
+        raise ConfigError(f"sweep file {str(Path(path))!r} not found (bundled sweeps: {bundled})")
+    path = found
+    text = path.read_text()
+    try:
+        tree = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for k in tree:
+        if k not in SWEEP_KEYS:
+            raise ConfigError(f"{path}: unknown sweep key {k!r}{did_you_mean(k, list(SWEEP_KEYS), list_all=True)}")
+    if "base_config" not in tree:
+        raise ConfigError(f"{path}: base_config is missing: name the run TOML every run starts from, "
+                          "e.g. base_config = \"shakespeare_char\"")
+    base = find_config_file(tree["base_config"], path.parent)
+    if base is None:
+        raise ConfigError(f"{path}: base_config {tree['base_config']!r} not found (looked next to the sweep file, "
+                          f"in {Path.cwd()} and among the bundled configs in {CONFIGS_DIR})")
+    base = base.resolve()
+    mixers = _list_of(tree, "mixers", str, path)
+    if not mixers:
+        raise ConfigError(f"{path}: mixers is missing: list the mixers to compare, e.g. mixers = [\"softmax\"] "
+                          f"(available: {', '.join(mixer_registry.available())})")
+    for m in mixers:
+        mixer_registry.get(m)  # ConfigError with the nearest registered name
+    sw = Sweep(name=str(tree.get("name", path.stem)), path=path, base_config=base, mixers=mixers, text=text,
+               learning_rates=_list_of(tree, "learning_rates", float, path), seeds=_list_of(tree, "seeds", int, path))
+    for key in ("dataset", "param_budget", "devices"):
+        if key in tree:
+            if not isinstance(tree[key], (str, int, float)) or isinstance(tree[key], bool):
+                raise ConfigError(f"{path}: {key} must be a string, got {tree[key]!r}")
+            setattr(sw, key, str(tree[key]))
+    if sw.param_budget is not None:
+        _parse_budget(sw.param_budget, path)
+    if "min_lr_ratio" in tree:
+        r = tree["min_lr_ratio"]
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 <= r <= 1:
+            raise ConfigError(f"{path}: min_lr_ratio must be a number in [0, 1], got {r!r}")
+        sw.min_lr_ratio = float(r)
+    for key in ("jobs_per_device", "nproc_per_node"):
+        if key in tree:
+            v = tree[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{path}: {key} must be an integer >= 1, got {v!r}")
+            setattr(sw, key, v)
+    if "cuda_mps" in tree:
+        if not isinstance(tree["cuda_mps"], bool):
+            raise ConfigError(f"{path}: cuda_mps must be true or false, got {tree['cuda_mps']!r}")
+        sw.cuda_mps = tree["cuda_mps"]
+    ov = tree.get("overrides", {})
+    if not isinstance(ov, dict):
+        raise ConfigError(f"{path}: overrides must be a table of RunConfig keys, e.g. [overrides] \"train.max_iters\" = 100")
+    sw.overrides = [(_canonical_key(k), v) for k, v in _flatten(ov)]
+    mo = tree.get("mixer_overrides", {})
+    if not isinstance(mo, dict) or not all(isinstance(v, dict) for v in mo.values()):
+        raise ConfigError(f"{path}: mixer_overrides must hold one table per mixer, e.g. [mixer_overrides.nsa]")
+    for m, table in mo.items():
+        if m not in mixers:
+            raise ConfigError(f"{path}: [mixer_overrides.{m}] names a mixer that is not in mixers{did_you_mean(m, mixers, list_all=True)}")
+        sw.mixer_overrides[m] = [(_canonical_key(k), v) for k, v in _flatten(table)]
+    for key, _ in sw.overrides + [kv for t in sw.mixer_overrides.values() for kv in t]:
+        if key in _AXIS_KEYS:
+            raise ConfigError(f"{path}: {key} is set by the sweep itself; use the sweep key {_AXIS_KEYS[key]!r} instead")
+    sw.bench = _parse_bench(tree.get("bench", {}), path)
+    return sw
+
+
+def add_overrides(sweep: Sweep, items: list[str]) -> None:
+    """`--set train.compile=false` on the command line: one more [overrides] entry for every run."""
+    for item in items:
+        key, eq, val = item.removeprefix("--").partition("=")
+        if not eq:
+            raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. --set train.compile=false")
+        key = _canonical_key(key.strip())
+        if key in _AXIS_KEYS:
+            raise ConfigError(f"--set {key}: set by the sweep itself (sweep key {_AXIS_KEYS[key]!r})")
+        sweep.overrides.append((key, val))
+
+
+def _parse_bench(tree: Any, path: Path) -> BenchSpec:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: bench must be a table: [bench] enabled = true")
+    for k in tree:
+        if k not in BENCH_KEYS:
+            raise ConfigError(f"{path}: unknown key bench.{k}{did_you_mean(k, BENCH_KEYS, list_all=True)}")
+    spec = BenchSpec()
+    if "enabled" in tree:
+        if not isinstance(tree["enabled"], bool):
+            raise ConfigError(f"{path}: bench.enabled must be true or false, got {tree['enabled']!r}")
+        spec.enabled = tree["enabled"]
+    if "benches" in tree:
+        b = tree["benches"]
+        if not isinstance(b, list) or not b:
+            raise ConfigError(f"{path}: bench.benches must be a non-empty list out of {list(BENCHES)}")
+        for x in b:
+            if x not in BENCHES:
+                raise ConfigError(f"{path}: bench.benches: unknown benchmark {x!r}{did_you_mean(str(x), BENCHES, list_all=True)}")
+        spec.benches = list(b)
+    if "options" in tree:
+        if not isinstance(tree["options"], dict):
+            raise ConfigError(f"{path}: bench.options must be a table of `attnbench bench` options")
+        spec.options = dict(tree["options"])
+    return spec
+
+
+def _parse_budget(budget: str, path: Path | str) -> int:
+    try:
+        return parse_count(budget, what="param_budget")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
