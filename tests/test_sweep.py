@@ -344,3 +344,30 @@ def test_presets_are_bundled_and_an_unknown_one_names_them():
     with pytest.raises(AttnbenchError, match=r"'bakeof' is not a preset \(presets: bakeoff, bakeoff-quick\); "
                                              r"did you mean 'bakeoff'"):
         run.preset_path("bakeof")
+
+
+@pytest.mark.parametrize("options, match", [
+    ('prompt_len = [64]', r"prompt_len.*did you mean 'prompt_lens'"),
+    ('decode_steps = "many"', r"decode_steps"),
+    ('device = "cuda"', r"device.*remove it"),
+])
+def test_bench_options_are_checked_against_the_benchmarks_own_options(tiny_data, tmp_path, options, match):
+    cfg = write_sweep(tmp_path, tiny_data, f'base_config = "base.toml"\nmixers = ["softmax"]\n[bench]\nenabled = true\n'
+                                           f'[bench.options]\n{options}')
+    s = sw.load_sweep(cfg)
+    with pytest.raises(ConfigError, match=match):
+        sw.check_bench_options(s.bench, s.path)
+
+
+def test_bench_command_passes_only_the_options_of_its_benchmark(tiny_data, tmp_path):
+    cfg = write_sweep(tmp_path, tiny_data, 'base_config = "base.toml"\nmixers = ["softmax"]\n[bench]\nenabled = true\n'
+                                           'benches = ["latency", "throughput"]\n'
+                                           '[bench.options]\nprompt_lens = [64, 256]\ncontexts = [32]')
+    s = sw.load_sweep(cfg)
+    sw.check_bench_options(s.bench, s.path)
+    model = {"mixer": "softmax", "n_layer": 1, "n_head": 1, "n_embd": 32, "block_size": 32, "vocab_size": 65,
+             "bias": False, "pos_emb": "learned", "backend": "auto", "mixer_args": {}}
+    lat = sw.bench_command(model, "latency", "cpu", tmp_path / "x.jsonl", s.bench)
+    assert lat[lat.index("--prompt_lens") + 1] == "64,256" and "--contexts" not in lat
+    thr = sw.bench_command(model, "throughput", "cpu", tmp_path / "x.jsonl", s.bench)
+    assert thr[thr.index("--contexts") + 1] == "32" and "--prompt_lens" not in thr

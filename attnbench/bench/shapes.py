@@ -23,7 +23,7 @@ import torch
 
 from .. import mixers as registry
 from .. import params
-from ..config import ModelConfig, coerce_value, field_types
+from ..config import CONFIGS_DIR, ModelConfig, coerce_value, field_types
 from ..counts import parse_count
 from ..errors import ConfigError, did_you_mean
 from ..model import GPT
@@ -44,8 +44,8 @@ class BenchShape:
 
 
 def _configs_dirs() -> list[Path]:
-    here = Path(__file__).resolve().parents[2] / "configs"
-    return [Path.cwd() / "configs", here]
+    """A ./configs folder of the user's own first, then the bundled configs."""
+    return [Path.cwd() / "configs", CONFIGS_DIR]
 
 
 def _config_file_shape(mixer: str) -> tuple[ModelConfig, str]:

@@ -15,7 +15,7 @@ A sweep resumes: re-running the same command skips the runs that are done, resum
 checkpoint and starts the rest (manifest.py); after training each mixer is benchmarked alone on its
 device (bench_phase.py) and `<out>/report/report.md` is written with its figures.
 """
-from .bench_phase import bench_command, bench_option_names, bench_tasks, check_bench_options, prestarts_bench
+from .bench_phase import bench_command, bench_tasks, check_bench_options, prestarts_bench
 from .cli import add_launch_options, register_cli
 from .execute import run_sweep
 from .manifest import read_summary, run_state
@@ -24,6 +24,6 @@ from .processes import Slot, child_command, make_slots, resolve_devices, wants_m
 from .spec import BENCHES, SWEEP_KEYS, BenchSpec, Sweep, add_overrides, load_sweep
 
 __all__ = ["BENCHES", "ID_EXCLUDE", "SWEEP_KEYS", "BenchSpec", "PlannedRun", "Slot", "Sweep", "add_launch_options",
-           "add_overrides", "bench_command", "bench_option_names", "bench_tasks", "check_bench_options",
+           "add_overrides", "bench_command", "bench_tasks", "check_bench_options",
            "child_command", "load_sweep", "make_slots", "plan", "prestarts_bench", "read_summary", "register_cli",
            "resolve_devices", "run_id_for", "run_state", "run_sweep", "wants_mps"]

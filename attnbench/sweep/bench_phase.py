@@ -10,7 +10,6 @@ imports are off the critical path; ATTNBENCH_BENCH_PRESTART=0 turns that off).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import signal
@@ -21,26 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..bench import cli as bench_cli
-from ..errors import ConfigError, did_you_mean
+from ..bench import check_options, options_to_argv
 from ..files import read_jsonl
 from .manifest import _log_tail, _Manifest
 from .plan import PlannedRun
 from .processes import Slot, _child_env, _say, _signal_group, _spawn
 from .spec import BENCHES, BenchSpec, Sweep
-
-# Options the sweep sets itself on the bench command line.
-_BENCH_RESERVED = {"mixers", "device", "json", "budget", "no_match", "wait_for", "h", "help"}
-
-
-def bench_option_names() -> dict[str, set[str]]:
-    """{subcommand: its option names} of `attnbench bench`, read from its own parser."""
-    root = argparse.ArgumentParser()
-    bench_cli.register_cli(root.add_subparsers())
-    bench = next(a for a in root._actions if isinstance(a, argparse._SubParsersAction)).choices["bench"]
-    sub = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
-    return {name: {o.lstrip("-") for a in q._actions for o in a.option_strings} for name, q in sub.choices.items()}
-
 
 def bench_tasks(spec: BenchSpec) -> list[str]:
     """`all` when every benchmark is wanted (one process per mixer), else each one listed."""
@@ -48,18 +33,10 @@ def bench_tasks(spec: BenchSpec) -> list[str]:
 
 
 def check_bench_options(spec: BenchSpec, path: Path | str) -> None:
-    """Unknown or reserved bench options are errors before anything runs."""
-    if not spec.enabled:
-        return
-    names = bench_option_names()
-    known = set().union(*(names[t] for t in bench_tasks(spec)))
-    for k in spec.options:
-        if k in _BENCH_RESERVED:
-            raise ConfigError(f"{path}: bench.options.{k} is set by the sweep (the trained shapes, the device, the "
-                              "output file); remove it")
-        if k not in known:
-            raise ConfigError(f"{path}: unknown option bench.options.{k} for `attnbench bench "
-                              f"{'/'.join(bench_tasks(spec))}`{did_you_mean(k, sorted(known - _BENCH_RESERVED), list_all=True)}")
+    """Unknown, mistyped or reserved bench options are errors before anything runs (checked against the
+    benchmarks' own option dataclasses, attnbench.bench.options)."""
+    if spec.enabled:
+        check_options(spec.options, bench_tasks(spec), f"{path} [bench.options]")
 
 
 def _shape_sets(model: dict[str, Any]) -> list[str]:
@@ -75,19 +52,9 @@ def _shape_sets(model: dict[str, Any]) -> list[str]:
 
 def bench_command(model: dict[str, Any], task: str, device: str, json_path: Path, spec: BenchSpec) -> list[str]:
     """`python -m attnbench bench TASK --mixers M --no_match --set <trained shape> --device D --json FILE [options]`."""
-    names = bench_option_names()[task] if spec.options else set()
     cmd = [sys.executable, "-m", "attnbench", "bench", task, "--mixers", model["mixer"], "--device", device,
            "--json", str(json_path), "--no_match", *_shape_sets(model)]
-    for k, v in spec.options.items():
-        if k not in names:  # an option of another benchmark (bench.benches lists several)
-            continue
-        if isinstance(v, bool):
-            cmd += [f"--{k}"] if v else []
-        elif k == "set":
-            for item in v if isinstance(v, list) else [v]:
-                cmd += ["--set", str(item)]
-        else:
-            cmd += [f"--{k}", ",".join(map(str, v)) if isinstance(v, list) else str(v)]
+    cmd += options_to_argv(spec.options, task)  # only the options this benchmark takes
     return cmd
 
 
