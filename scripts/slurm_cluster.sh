@@ -41,6 +41,9 @@ CONF=$DIR/slurm.conf
 MUNGE_SOCKET=$DIR/munge/munge.socket
 # seconds between a plain scancel's SIGTERM and its SIGKILL (tests/test_slurm_cluster.py measures it)
 KILL_WAIT=5
+# job step credentials' lifetime, which is also how long a requeued job waits before it may start again
+# (Slurm's default of 120 s would make every preemption test wait two minutes)
+CRED_EXPIRE=5
 
 die() { echo "slurm_cluster.sh: error: $*" >&2; exit 1; }
 say() { echo "slurm_cluster.sh: $*" >&2; }
@@ -103,7 +106,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$MUNGE_SOCKET
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=$CRED_EXPIRE
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/run/slurmctld.pid
@@ -114,6 +117,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobContainerType=job_container/none
 MpiDefault=none
+MailProg=/bin/true
 SwitchType=switch/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
@@ -131,6 +135,7 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 MessageTimeout=10
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1,bf_interval=1
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
