@@ -196,19 +196,27 @@ cmd_start() {
     say "started in $((SECONDS - t0)) s: partition $PARTITION, $(nproc) CPUs; SLURM_CONF=$CONF"
 }
 
-stop_pid() {  # pid file, name: SIGTERM, then SIGKILL after 10 s
-    local pid
-    [[ -s $1 ]] || return 0
-    pid=$(cat "$1")
-    if kill -0 "$pid" 2>/dev/null; then
-        kill "$pid" 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+stop_daemons() {  # SIGTERM to all at once (each takes about 2 s to exit), SIGKILL to any left after 10 s
+    local file pid pids=()
+    for file in "$DIR/run/slurmd.pid" "$DIR/run/slurmctld.pid" "$DIR/munge/munged.pid"; do
+        if pid_alive "$file"; then
+            pid=$(cat "$file")
+            kill "$pid" 2>/dev/null && pids+=("$pid")
+        fi
+        rm -f "$file"
+    done
+    for _ in $(seq 100); do
+        local alive=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        ((alive)) || return 0
+        sleep 0.1
+    done
+    for pid in "${pids[@]}"; do
         if kill -0 "$pid" 2>/dev/null; then
-            say "$2 ($pid) ignored SIGTERM; killing it"
+            say "process $pid ignored SIGTERM for 10 s; killing it"
             kill -9 "$pid" 2>/dev/null || true
         fi
-    fi
-    rm -f "$1"
+    done
 }
 
 cmd_stop() {
@@ -222,9 +230,7 @@ cmd_stop() {
             done
         fi
     fi
-    stop_pid "$DIR/run/slurmd.pid" slurmd
-    stop_pid "$DIR/run/slurmctld.pid" slurmctld
-    stop_pid "$DIR/munge/munged.pid" munged
+    stop_daemons
     [[ ${1:-} == quiet ]] || say "stopped"
 }
 
