@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A real single-node Slurm cluster on this machine, for testing the Slurm launcher end to end:
 # munged, slurmctld and slurmd from Debian's packages, run directly as root daemons (no systemd), with
-# every file (config, munge key and socket, state, spool, logs) in one private folder, so that nothing in
-# /etc is written and a second checkout can run its own cluster beside it (give it another folder and
-# other ports).
+# every file (config, munge key and socket, state, spool, logs) in one private folder: the packages'
+# config in /etc is neither read nor written, and a second checkout can run its own cluster beside this
+# one (give it another folder and other ports).
 #
 #   scripts/slurm_cluster.sh start    installs the packages when missing, writes the config, starts the
 #                                     daemons, waits until the node is idle (does nothing when running)
@@ -29,7 +29,9 @@
 #   PATH) answers submitit's `sacct -o JobID,State,NodeList --parsable2 -j ID` from that file and squeue;
 # - SlurmdParameters=config_overrides: the node keeps the configured CPUs and memory even where the
 #   hardware that slurmd detects differs (a container's CPU limit), instead of being drained;
-# - short KillWait and MinJobAge so that cancelled jobs end in seconds and the tests stay short.
+# - short KillWait (a cancelled job ends in seconds), MinJobAge (a finished job leaves squeue in seconds;
+#   the jobcomp file keeps its end state) and cred_expire (a requeued job starts again in seconds), and
+#   a scheduler pass every second, so that the tests stay short.
 set -euo pipefail
 
 DIR=${ATTNBENCH_SLURM_DIR:-/tmp/attnbench-slurm}
@@ -54,11 +56,11 @@ pid_alive() {  # pid file -> 0 when its process runs
     [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null
 }
 
-answers() {  # 0 when slurmctld answers and the node is idle, mixed or allocated
+answers() {  # 0 when slurmctld answers and the node can run jobs (idle, mixed, allocated, completing)
     [[ -f $CONF ]] || return 1
     local state
     state=$(timeout 5 sinfo -h -p "$PARTITION" -o %t 2>/dev/null) || return 1
-    [[ $state =~ ^(idle|mix|alloc)$ ]]
+    [[ $state =~ ^(idle|mix|alloc|comp)$ ]]
 }
 
 all_running() {
@@ -67,7 +69,7 @@ all_running() {
 
 install_packages() {
     local missing=() cmd
-    for cmd in munged mungekey munge slurmctld slurmd sinfo sbatch srun squeue scontrol scancel; do
+    for cmd in munged munge unmunge slurmctld slurmd sinfo sbatch srun squeue scontrol scancel; do
         command -v "$cmd" >/dev/null || missing+=("$cmd")
     done
     [[ ${#missing[@]} -eq 0 ]] && return 0
@@ -125,6 +127,8 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$DIR/jobcomp.txt
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
+# a job that asks for no memory gets its CPUs' share, not the whole node (which would run one at a time)
+DefMemPerCPU=$((mem_mb / cpus))
 SlurmdParameters=config_overrides
 ReturnToService=2
 MinJobAge=5
@@ -148,7 +152,7 @@ start_munge() {
     chmod 700 "$DIR/munge/key"
     chmod 755 "$DIR/munge"
     if [[ ! -s $DIR/munge/key/munge.key ]]; then
-        if command -v mungekey >/dev/null; then
+        if command -v mungekey >/dev/null; then  # munge >= 0.5.14; older ones take any random bytes
             mungekey -c -b 1024 -k "$DIR/munge/key/munge.key"
         else
             dd if=/dev/urandom of="$DIR/munge/key/munge.key" bs=128 count=1 status=none
