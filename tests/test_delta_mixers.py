@@ -306,16 +306,16 @@ def test_flops_per_token_vs_counter(name, T):
 
 @pytest.mark.parametrize("name,args", [(n, {}) for n in NAMES] + [("deltanet", {"use_short_conv": False}),
                                                                   ("gated_deltaproduct", {"num_householder": 3})])
-def test_state_numbers_equal_state_size(name, args):
+def test_decode_state_elements_equal_state_size(name, args):
     cfg = GPTConfig(mixer=name, n_layer=1, n_head=NH, n_embd=D, mixer_args=args, backend="torch")
     m = mixers.get(name)(cfg, 0)
     st = m.init_state(2, 50, "cpu", torch.float32)
     assert isinstance(st, DeltaState)
     numel = sum(t.numel() for t in st.tensors()) // 2
-    assert m.state_numbers(cfg, 50) == numel
+    assert m.decode_state_elements(cfg, 50) == numel
     _, st = m(torch.randn(2, 20, D), st)
     assert sum(t.numel() for t in st.tensors()) // 2 == numel  # constant in T
-    assert m.state_numbers(cfg, 1000) == numel
+    assert m.decode_state_elements(cfg, 1000) == numel
 
 
 def fla_param_count(name: str, a: dict, d: int, H: int, hk: int, hv: int) -> int:

@@ -405,16 +405,16 @@ def test_algorithmic_flops_below_dense_and_their_relation():
 
 
 @pytest.mark.parametrize("T", [1, 37, 256])
-def test_state_numbers_are_the_kv_cache_and_block_means(T):
+def test_decode_state_elements_are_the_kv_cache_and_block_means(T):
     cfg = GPTConfig(**FLOP_CFG)
     m = NSA(cfg, 0)
     st = m.init_state(1, T, "cpu", torch.float32)
     n_blocks = -(-T // 32)
     numel = st.k.numel() + st.v.numel() + st.k_means.numel() + st.v_means.numel()
-    assert NSA.state_numbers(cfg, T) == numel == 2 * (T + n_blocks) * 1 * 32
+    assert NSA.decode_state_elements(cfg, T) == numel == 2 * (T + n_blocks) * 1 * 32
     m(torch.randn(1, T, 384), st)  # filled by a prefill of T tokens: nothing else kept
     assert st.pos == T and int(st.pos_t) == T
-    assert NSA.state_numbers(cfg, T) == st.k[:, :st.pos].numel() + st.v[:, :st.pos].numel() + \
+    assert NSA.decode_state_elements(cfg, T) == st.k[:, :st.pos].numel() + st.v[:, :st.pos].numel() + \
         st.k_means.numel() + st.v_means.numel()
 
 

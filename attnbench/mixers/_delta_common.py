@@ -277,6 +277,6 @@ class DeltaMixer(Mixer):
         return DeltaState(S, torch.zeros(batch, sum(self.qkv_dims), self.conv_size - 1, device=device, dtype=dtype))
 
     @staticmethod
-    def _state_numbers(H: int, K: int, V: int, conv_dim: int | None, conv_size: int) -> int:
+    def _decode_state_elements(H: int, K: int, V: int, conv_dim: int | None, conv_size: int) -> int:
         """H*K*V of the recurrent matrix plus W-1 inputs per channel of the q|k|v convolution."""
         return H * K * V + (conv_dim * (conv_size - 1) if conv_dim is not None else 0)

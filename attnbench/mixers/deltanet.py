@@ -84,9 +84,9 @@ class DeltaNet(DeltaMixer):
         return proj + conv + chunked_delta_flops(T, H, hk, hv, a.chunk_size) / T
 
     @classmethod
-    def state_numbers(cls, cfg: Any, T: int) -> int:
+    def decode_state_elements(cls, cfg: Any, T: int) -> int:
         """H*K*V of the recurrent matrix plus (W-1) inputs per channel of the q|k|v convolution;
         independent of T."""
         a = cls.Args.from_dict(cfg.mixer_args, "deltanet")
         H, hk, hv = a.dims(cfg.n_embd, cfg.n_head)
-        return cls._state_numbers(H, hk, hv, H * (2 * hk + hv) if a.use_short_conv else None, a.conv_size)
+        return cls._decode_state_elements(H, hk, hv, H * (2 * hk + hv) if a.use_short_conv else None, a.conv_size)

@@ -97,10 +97,10 @@ class GatedDeltaProduct(DeltaMixer):
         return proj + conv + chunked_delta_flops(T * n, H, hk, hv, FLOP_CHUNK) / T
 
     @classmethod
-    def state_numbers(cls, cfg: Any, T: int) -> int:
+    def decode_state_elements(cls, cfg: Any, T: int) -> int:
         """H*K*V of the recurrent matrix plus (W-1) inputs per channel of the q|k|v convolution
         (k and v are n times wider)."""
         a = cls.Args.from_dict(cfg.mixer_args, "gated_deltaproduct")
         H, hk, hv = a.dims(cfg.n_embd, cfg.n_head)
         n = a.num_householder
-        return cls._state_numbers(H, hk, hv, H * (hk + n * hk + n * hv), a.conv_size)
+        return cls._decode_state_elements(H, hk, hv, H * (hk + n * hk + n * hv), a.conv_size)

@@ -78,7 +78,7 @@ class NSACache:
     (only complete blocks are ever visible), a running sum before.
     `pos` tokens are filled.
 
-    Bookkeeping, not dataclass fields (so not counted as state numbers): `pos_t`, the same count as a
+    Bookkeeping, not dataclass fields (so not counted in decode_state_elements): `pos_t`, the same count as a
     device tensor, from which a decode step takes its position (as softmax's KVCache); `rope`, the
     rotation factors of every position `[max_len, 2, D]` float32, and `plan`, the constants of
     `nsa_decode`: position-indexed tables (8 D + 24 bytes per position) that save a decode step the
@@ -289,7 +289,7 @@ class NativeSparseAttention(Mixer):
         return cls._proj_flops(cfg) + HQ * mix
 
     @classmethod
-    def state_numbers(cls, cfg, T: int) -> int:
+    def decode_state_elements(cls, cfg, T: int) -> int:
         """The KV cache, post-RoPE keys and values, 2 * T * n_kv_head * head_dim, plus the block means
         the decode step keeps instead of re-pooling the cache, 2 * ceil(T / block_size) * n_kv_head *
         head_dim (1/block_size more; FLA's layer recomputes them, an NSA decoder keeps them)."""
