@@ -1,5 +1,5 @@
 """DeltaNet (Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule"), as FLA's
-`DeltaNet` layer builds it (FLA_NOTES 3.1):
+`DeltaNet` layer (fla.layers.DeltaNet) builds it:
 
     q, k, v = conv_silu(W_q x), conv_silu(W_k x), conv_silu(W_v x)    (per-channel causal convs, width 4)
     beta    = sigmoid(W_b x)  (x2 with allow_neg_eigval: eigenvalues of I - beta k k^T in [-1, 1])

@@ -1,5 +1,5 @@
 """Gated DeltaNet (Yang, Kautz & Hatamizadeh 2024, "Gated Delta Networks"), as FLA's `GatedDeltaNet`
-layer builds it (FLA_NOTES 3.2):
+layer (fla.layers.GatedDeltaNet) builds it:
 
     q, k, v = conv_silu(W_q x), conv_silu(W_k x), conv_silu(W_v x)
     g       = -exp(A_log) * softplus(W_a x + dt_bias)     (log-decay per head, float32, Mamba-2 style)

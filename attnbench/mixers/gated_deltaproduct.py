@@ -1,5 +1,5 @@
 """Gated DeltaProduct (Siems et al. 2025, "DeltaProduct"), as FLA's `GatedDeltaProduct` *layer*
-builds it (FLA_NOTES 3.3; its layer defaults, not its model-config defaults):
+builds it (fla.layers.GatedDeltaProduct; its layer defaults, not its model-config defaults):
 
     per token t: n keys, values and betas (W_k: d -> n*H*hd, W_v: d -> n*H*hv, W_b: d -> n*H),
     each sequence of n rank-1 delta steps preceded by one decay exp(g_t) and followed by one read

@@ -17,7 +17,7 @@ A one-token decode step is CUDA-graph safe (`attnbench bench latency --cuda_grap
 position from the device counter `pos_t`, writes its key/value with `index_copy_`, adds key/BS to its
 block's running mean with `index_add_`, and runs `nsa_decode` on the preallocated buffers (static
 shapes, device-side masks; it gathers the selected blocks' and the window's keys), so no state tensor
-is replaced, no Python int is read and the cost per token no longer grows with the whole cache.
+is replaced, no Python int is read and the cost per token does not grow with the whole cache.
 """
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ class NativeSparseAttention(Mixer):
     @classmethod
     def check_config(cls, cfg) -> None:
         """Every model.pos_emb is fine: NSA always applies its own RoPE and the model never rotates, so
-        'rope' does not double-rotate, and 'learned' (the seed's choice) adds absolute embeddings too."""
+        'rope' does not double-rotate, and 'learned' (the bake-off configs' choice) adds absolute embeddings too."""
 
     def forward(self, x: torch.Tensor, state: NSACache | None = None) -> tuple[torch.Tensor, NSACache | None]:
         B, T, _ = x.shape

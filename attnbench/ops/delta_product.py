@@ -1,6 +1,11 @@
-"""Gated DeltaProduct (FLA_NOTES 4.3): n Householder-like delta steps per token, one decay, one read.
+"""Gated DeltaProduct: n Householder-like delta steps per token, one decay, one read.
 
 Per token t:  S <- exp(g_t) S;  for j < n: S <- S + beta_tj k_tj (v_tj - S^T k_tj)^T;  o_t = S^T q̂_t.
+
+The token's state transition is the product of n generalised Householder matrices,
+exp(g_t) prod_j (I - beta_tj k_tj k_tj^T): with n >= 2 and beta in [0, 2] (reflections) the product can
+be a rotation, which a single delta step (one reflection at most) cannot express, so more
+state-tracking tasks become solvable at n times the recurrence's work.
 
 Shapes as FLA: q `[B, T, H, K]`; k `[B, T*n, H, K]`, v `[B, T*n, H, V]`, beta `[B, T*n, H]`, interleaved
 token-major (index t*n + j); g `[B, T, H]` or None (None = ungated DeltaProduct).

@@ -1,6 +1,9 @@
-"""Depthwise causal short convolution (FLA_NOTES 4.5), with a rolling state for prefill and decode.
+"""Depthwise causal short convolution, with a rolling state for prefill and decode.
 
     y_t[d] = act(sum_{w<W} weight[d, w] * x_{t-W+1+w}[d] + bias[d]),   weight[:, W-1] hits the current token
+
+(x_s = 0 for s < 0.) Each channel mixes its own last W inputs (W = 4 in the delta mixers), which gives
+q, k and v a little local context before the recurrence; act is SiLU there.
 
 The state `[B, D, W-1]` holds the last W-1 raw inputs (oldest first); zeros mean an empty history.
 FLA's cache is `[B, D, W]` (the last W inputs, of which its forward reads the newest W-1); we convert
