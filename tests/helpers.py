@@ -84,22 +84,22 @@ def record_fla_captures(monkeypatch) -> list:
     return events
 
 
-GPU_TESTS_KEY = ("tests", "gpu")  # preload/capture key of the GPU test sessions ("tests:gpu")
-PRELOAD_MIN_FILES = 4  # a GPU test session preloads that key only when it runs GPU tests of this many files
+GPU_TESTS_KEY = ("tests", "gpu")  # preload/capture key of the GPU test runs ("tests:gpu")
+PRELOAD_MIN_FILES = 4  # a GPU test run preloads that key only when it runs GPU tests of this many files
 
 
 def start_gpu_test_session(items: list, stack, cuda: bool | None = None) -> dict | None:
-    """For a session that runs GPU tests on CUDA: compile the FLA kernels earlier GPU test sessions compiled,
+    """For a test run with GPU tests on CUDA: compile the FLA kernels the GPU tests use (as captured before),
     in threads (key "tests:gpu" of attnbench/fla_configs/<GPU>.preload.json; only for a broad run, GPU tests
     of PRELOAD_MIN_FILES files or more), and enter the FLA capture
-    (ATTNBENCH_FLA_CAPTURE=DIR saves this session's kernels and autotuner choices; `stack` leaves it at the
-    session's end). Returns the preload's {"kernels", "failed", "seconds"}, or None."""
+    (ATTNBENCH_FLA_CAPTURE=DIR saves this run's kernels and autotuner choices; `stack` leaves it at the
+    run's end). Returns the preload's {"kernels", "failed", "seconds"}, or None."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     gpu_files = {str(getattr(item, "path", "")) for item in items if "gpu" in item.keywords}
     if not cuda or not gpu_files:
         return None
-    # the key holds every GPU test file's kernels (658 on the H200): 56.5 s to compile in threads there,
-    # which a run of one or two files (e.g. the NSA decode tests, no FLA kernel at all) would pay for nothing
+    # the key holds every GPU test file's kernels (hundreds; about a minute to compile in threads), which a
+    # run of one or two files (e.g. the NSA decode tests, no FLA kernel at all) would pay for nothing
     done = fla_preload.preload_for_run(*GPU_TESTS_KEY) if len(gpu_files) >= PRELOAD_MIN_FILES else None
     stack.enter_context(fla_preload.capturing(*GPU_TESTS_KEY))
     return done

@@ -118,7 +118,7 @@ def read_mergeable(dst: Path, src: Path) -> tuple[dict, dict[str, str | None]]:
 
 
 def merge(dst: Path, src: Path) -> int:
-    """Add the choices saved in `src` (e.g. a GPU test session's file) to `dst`; both must be for the same
+    """Add the choices saved in `src` (e.g. the GPU tests' file) to `dst`; both must be for the same
     Triton and FLA versions. Returns the number of choices taken from src."""
     data, vers = read_mergeable(dst, src)
     entries = [(name, e) for name, es in data.get("kernels", {}).items() for e in es]
