@@ -96,7 +96,7 @@ def evaluate(model: nn.Module, val_x: torch.Tensor, val_y: torch.Tensor, batch: 
     """Mean cross-entropy over every fixed validation window (sharded over ranks, then summed).
 
     Runs torch.compile'd code eagerly: an evaluation is a few forward passes, while compiling the
-    eval-mode graph (no dropout, no autograd) cost as much as compiling the training step."""
+    eval-mode graph (no dropout, no autograd) costs as much as compiling the training step."""
     was_training = model.training
     model.eval()
     with torch.compiler.set_stance("force_eager"):
