@@ -82,7 +82,7 @@ def _chunked(q, k, v, g, beta, n, scale, initial_state, output_final_state, chun
 def _fla_decode(q, k, v, g, beta, n, scale, initial_state, output_final_state, qk_l2norm):
     """One decode step on FLA: its gated delta rule recurrence over the n interleaved entries (l2-norm in
     the kernel: per entry, as here; a zero query stays zero). g=None is no decay (log-decay 0)."""
-    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule  # optional dependency (CUDA only)
 
     B, T, H, _ = q.shape
     q_il, g_il = _interleave(q, g if g is not None else q.new_zeros(B, T, H, dtype=torch.float32), n)
@@ -138,7 +138,7 @@ def gated_delta_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
     if use_fla and q.shape[1] == 1 and not needs_backward(q, k, v, g, beta, initial_state):
         return _fla_decode(q, k, v, g, beta, n, scale, initial_state, output_final_state, qk_l2norm)
     if use_fla and q.shape[1] > 1:
-        from fla.ops.gated_delta_product import chunk_gated_delta_product
+        from fla.ops.gated_delta_product import chunk_gated_delta_product  # optional dependency (CUDA only)
 
         o, S = chunk_gated_delta_product(
             q, k, v, g.float() if g is not None else None, beta.to(q.dtype), num_householder=n, scale=scale,

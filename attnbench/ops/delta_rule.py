@@ -238,7 +238,7 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
 
 
 def _fla_delta_rule(q, k, v, beta, scale, initial_state, output_final_state, qk_l2norm, chunk_size):
-    from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
+    from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule  # optional dependency (CUDA only)
 
     h0 = initial_state.float() if initial_state is not None else None
     beta = beta.to(q.dtype)

@@ -143,7 +143,7 @@ def _write_merged(path: Path, entries: list[tuple[str, dict]], device_name: str 
 def live_fla_tuners() -> list[Any]:
     """FLA's Triton autotuners in this process that have chosen a configuration for some key."""
     try:
-        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.autotuner import Autotuner  # optional dependency (the CUDA stack)
     except ImportError:
         return []
     # type(o), not isinstance(o, ...): isinstance reads o.__class__, which raises ReferenceError on a
@@ -192,7 +192,7 @@ def install(device_name: str | None = None, root: Path = CONFIG_ROOT) -> Path | 
     saved = load(path, versions())
     if not saved:
         return None
-    import triton
+    import triton  # optional dependency (the CUDA stack)
     from triton.runtime.autotuner import Autotuner
 
     # Every autotuner, however it is made: FLA builds most through triton.autotune, but some kernels

@@ -89,7 +89,7 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
 
 def _fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, qk_l2norm, chunk_size,
                           backward):
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule  # optional dependency (CUDA only)
 
     h0 = initial_state.float() if initial_state is not None else None
     g, beta = g.float(), beta.to(q.dtype)

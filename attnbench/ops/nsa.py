@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -535,9 +536,7 @@ def _fla_call_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
 
 
 def _fla_nsa(q, k, v, g_cmp, g_slc, g_swa, block_size, block_counts, window_size, scale, block_indices):
-    import warnings
-
-    from fla.ops.attn import parallel_attn
+    from fla.ops.attn import parallel_attn  # optional dependency (CUDA only)
     from fla.ops.nsa import parallel_nsa
 
     with warnings.catch_warnings():

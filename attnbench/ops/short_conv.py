@@ -52,7 +52,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def _fla_conv(x, weight, bias, activation, state, output_final_state):
-    from fla.modules.convolution import causal_conv1d as fla_causal_conv1d
+    from fla.modules.convolution import causal_conv1d as fla_causal_conv1d  # optional dependency (CUDA only)
 
     cache = None
     if state is not None:  # FLA's slot 0 (the W-th newest input) is never read by its forward
