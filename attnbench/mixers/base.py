@@ -94,9 +94,10 @@ Op backends
 
 Default shapes: `attnbench/configs/<mixer>.toml`
     The benchmarks (`attnbench bench ...`) take a mixer's model shape from the `[model]` section of
-    the bundled config file named after it (softmax: shakespeare_char.toml) and otherwise from the
-    `ModelConfig` defaults, re-matched to the parameter budget with its mixer args held fixed. A new
-    mixer that is to be trained or benchmarked at its own settings ships such a file.
+    the bundled config file named after it (softmax: shakespeare_char.toml), and a sweep lays that
+    section over its base config for the mixer's runs; without the file both use the defaults,
+    re-matched to the parameter budget with the mixer args held fixed. A new mixer that is to be
+    trained or benchmarked at its own settings ships such a file.
 """
 from __future__ import annotations
 
