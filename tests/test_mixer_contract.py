@@ -194,3 +194,7 @@ def test_flops_and_state_size(toy, T_):
     with torch.no_grad():
         model(torch.randint(0, cfg.vocab_size, (1, T_)), cache=cache)
     assert state_elements(cache.states) == cfg.n_layer * ToyLinearAttention.decode_state_elements(cfg, T_)
+
+
+def test_the_toy_is_gone_after_its_tests():
+    assert TOY not in mixers.available()

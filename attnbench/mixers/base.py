@@ -27,8 +27,8 @@ Settings: `Args`
 Construction: `__init__(cfg, layer_idx)`
     `cfg` is the `ModelConfig` (n_embd, n_head, head_dim, bias, dropout, pos_emb, backend, mixer_args);
     call `super().__init__(cfg, layer_idx)` first, which sets `self.args`. The constructor must run on
-    the meta device (the parameter search counts parameters there without allocating) and only the
-    mixer's own parameters may be created. The search reports a shape's head dim and heads from the
+    the meta device (the parameter search counts parameters there without allocating), so it creates
+    parameters and buffers but never reads their values. The search reports a shape's head dim and heads from the
     first of these instance attributes the mixer has: `head_dim`/`head_k_dim`/`head_k`,
     `n_head`/`n_heads`/`num_heads`, `n_kv_head`/`n_kv_heads`/`num_kv_heads`.
 
@@ -66,7 +66,7 @@ Decode state: `init_state(batch, max_len, device, dtype)`
          and keeps every shape static (e.g. attend over the whole preallocated cache with a mask rather
          than over `cache[:pos]`).
     A host-side count such as `pos` may be kept next to `pos_t` for prefills and for bookkeeping. The
-    latency benchmark checks 1 and 2 on the CPU (`bench.latency.host_frozen_check`), then captures;
+    latency benchmark checks 1 and 2 on the CPU (its `host_frozen_check`), then captures;
     a mixer that fails gets an eager-only row with the reason, not a wrong number.
 
 `check_config(cfg)` (classmethod, optional)
