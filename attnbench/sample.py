@@ -9,6 +9,7 @@ import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import RunConfig
+from .data import Corpus
 from .resolve import load_config
 from .errors import AttnbenchError
 from .model import GPT
@@ -31,8 +32,6 @@ def load_run(out_dir: str | Path, device: str = "cpu") -> tuple[GPT, RunConfig]:
 
 def sample(out_dir: str, start: str = "\n", num_samples: int = 3, max_new_tokens: int = 500, temperature: float = 0.8,
            top_k: int | None = 200, seed: int = 1337, device: str = "auto", use_cache: bool = True) -> list[str]:
-    from .data import Corpus
-
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     model, cfg = load_run(out_dir, device)
     corpus = Corpus.load(cfg.data.data_dir, cfg.data.dataset)

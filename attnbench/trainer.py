@@ -3,6 +3,7 @@ checkpoints, summary.json written last). Resumable, DDP-aware, no host sync insi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -96,7 +98,7 @@ def evaluate(model: nn.Module, val_x: torch.Tensor, val_y: torch.Tensor, batch: 
     """Mean cross-entropy over every fixed validation window (sharded over ranks, then summed).
 
     Runs torch.compile'd code eagerly: an evaluation is a few forward passes, while compiling the
-    eval-mode graph (no dropout, no autograd) cost as much as compiling the training step."""
+    eval-mode graph (no dropout, no autograd) costs as much as compiling the training step."""
     was_training = model.training
     model.eval()
     with torch.compiler.set_stance("force_eager"):
@@ -145,7 +147,7 @@ class _Wandb:
         if not (cfg.log.wandb_log and enabled):
             return
         try:
-            import wandb
+            import wandb  # optional dependency (attnbench[wandb])
         except ImportError:
             raise AttnbenchError("log.wandb_log=true but wandb is not installed: pip install 'attnbench[wandb]' "
                                  "(or --wandb_log=false)") from None
@@ -163,8 +165,6 @@ class _Wandb:
 
 
 def _wandb_id(run_dir: Path) -> str:
-    import hashlib
-
     return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
 
 
@@ -330,8 +330,6 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
     log = (lambda row: (append_jsonl(run_dir / METRICS, row), wandb.log(row))) if dinfo.is_main else (lambda row: None)
     bar = None
     if dinfo.is_main and tc.progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=tc.max_iters, initial=start_iter, desc=f"{cfg.model.mixer}", unit="it", dynamic_ncols=True)
     elif dinfo.is_main:
         print(f"training {cfg.model.mixer}: {n_params / 1e6:.2f}M parameters, {tc.max_iters} iterations -> {run_dir}")

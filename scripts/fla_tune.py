@@ -1,21 +1,21 @@
 """Run FLA's autotuning once on this GPU and save what it chose (attnbench/ops/fla_configs.py).
 
     python scripts/fla_tune.py OUTDIR [--mixers deltanet,nsa,...]
-    python scripts/fla_tune.py attnbench/fla_configs --merge FILE   # no GPU: add FILE's choices (e.g. a
-                                     # GPU test session's, ATTNBENCH_SAVE_FLA_CONFIGS) to OUTDIR/<its GPU>.json
+    python scripts/fla_tune.py attnbench/fla_configs --merge FILE   # no GPU: add FILE's choices (e.g. the
+                                     # GPU tests', ATTNBENCH_SAVE_FLA_CONFIGS) to OUTDIR/<its GPU>.json
     python scripts/fla_tune.py attnbench/fla_configs --merge DIR    # every capture under DIR (runs made with
                                      # ATTNBENCH_FLA_CAPTURE=DIR): their choices and preload specializations
 
-For each FLA-backed mixer at the parameter-matched seed shapes (10.7M): three training steps at the seed
-batch (64 x 256, bf16 autocast, as training runs them), one evaluation forward (128 x 256) and a cached
+For each FLA-backed mixer at the parameter-matched bake-off shapes (10.7M): three training steps at the
+bake-off batch (64 x 256, bf16 autocast, as training runs them), one evaluation forward (128 x 256) and a cached
 decode (a 1024-token prompt, then single tokens, bf16 weights, as `bench latency` runs them). Every
 Triton autotuner of FLA that met a key then holds its choice; they go to OUTDIR/<GPU name>.json, merged
 with what is there. Copy the file to attnbench/fla_configs/ and commit it.
 
-With `--preset seed` (default) it then runs that preset's benchmarks (its [bench.options], the shapes its
+With `--preset bakeoff` (default) it then runs that preset's benchmarks (its [bench.options], the shapes its
 sweep trains) in this process for each FLA mixer, so the keys they meet (prompt lengths, contexts, the
 memory search's sizes: some FLA autotuners key on token-count buckets) are saved too: a preset run then
-spends its benchmark phase measuring, not autotuning (H200, session 4: ~6-15 s per new context length).
+spends its benchmark phase measuring, not autotuning (seconds per new context length otherwise).
 
 Then, unless --no_check, the check, twice, each in a fresh process with an empty Triton cache and the
 saved choices installed: the same training-shape work again. The first records the specialization of
@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("outdir", type=Path)
     ap.add_argument("--mixers", default=",".join(FLA_MIXERS))
     ap.add_argument("--check", action="store_true", help="(internal) the run with the saved file installed")
-    ap.add_argument("--preset", default="seed", help="also run this preset's benchmarks ('' for none)")
+    ap.add_argument("--preset", default="bakeoff", help="also run this preset's benchmarks ('' for none)")
     ap.add_argument("--no_check", action="store_true", help="skip the re-timing from an empty Triton cache")
     ap.add_argument("--merge", type=Path, metavar="FILE", help="add FILE's saved choices to OUTDIR/<its GPU>.json")
     a = ap.parse_args()

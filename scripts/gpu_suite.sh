@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a CUDA machine: GPU tests, training runs and benchmarks; results go to the folder given.
+# One invocation on a CUDA machine: GPU tests, training runs and benchmarks; results go to the folder given.
 #
 #   scripts/gpu_suite.sh OUTDIR [STAGE ...]
 #
@@ -10,7 +10,7 @@
 #   train_parallel:CFG[+k=v...],CFG...   several at once in the background; `wait` joins them
 #   torchrun:CONFIG[:k=v,...]  one training run under torchrun across every visible GPU (DDP, NCCL)
 #   fla_tune                 scripts/fla_tune.py: save FLA's autotuner choices for this GPU to OUTDIR/fla_configs,
-#                            at the seed shapes and the seed preset's benchmarks (then timed again from an empty
+#                            at the bake-off shapes and the bakeoff preset's benchmarks (then timed again from an empty
 #                            Triton cache with them installed, unless FLA_TUNE_OPTS=--no_check)
 #   profile                  scripts/profile_step.py (eager, whole-step CUDA graph, compiled blocks in the graph; $PROFILE_OPTS)
 #   profile_decode           scripts/profile_decode.py to OUTDIR/profile_decode.txt: decode ms/token from the CUDA graph,
@@ -22,35 +22,37 @@
 #                            $SWEEP_OPTS; stop after $GPU_SWEEP_TIMEOUT s, default 570)
 # GPU_APPS_EVERY=S samples nvidia-smi's compute processes (pid, memory) every S seconds into OUTDIR/gpu_apps.csv
 # while the stages run, with each pid's command line (which processes hold a CUDA context, and how much).
-# Run folders go to $ATTNBENCH_RUNS (default /tmp/attnbench-runs); two suites sharing a machine (one per
+# Run folders go to $ATTNBENCH_RUNS (default $TMPDIR/attnbench-runs); two suites sharing a machine (one per
 # GPU through CUDA_VISIBLE_DEVICES) need different ones. With ATTNBENCH_FLA_CAPTURE=DIR every training and
 # benchmark process saves its FLA autotuner choices and kernel specializations under DIR (packed into
 # OUTDIR/fla_capture.tar.gz; merge with scripts/fla_tune.py attnbench/fla_configs --merge DIR). NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
 #
-# Installs carried wheels from .whl/ (fla-core, flash-linear-attention; see ../shared/scripts/gpu-wheels.sh)
-# and .whl_*/ (scripts/tilelang-wheels.sh)
-# into /tmp/site, reads tiny Shakespeare from $ATTNBENCH_DATA (default .gpu_data/input.txt), keeps
-# bulky run folders in /tmp/attnbench-runs and packs the small result files into OUTDIR/results.tar.gz.
+# Installs the wheels in .whl/ (fla-core, flash-linear-attention: scripts/gpu_wheels.sh downloads them for
+# hosts without network access) and .whl_*/ (scripts/tilelang-wheels.sh) into $TMPDIR/site, reads tiny
+# Shakespeare from $ATTNBENCH_DATA (default .gpu_data/input.txt), keeps bulky run folders in $ATTNBENCH_RUNS
+# and packs the small result files into OUTDIR/results.tar.gz.
 set -uo pipefail
 OUTDIR=${1:?usage: scripts/gpu_suite.sh OUTDIR [STAGE ...]}
 shift
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(env tests)
 mkdir -p "$OUTDIR"
-RUNS=${ATTNBENCH_RUNS:-/tmp/attnbench-runs}
+TMP=${TMPDIR:-/tmp}
+SITE=$TMP/site
+RUNS=${ATTNBENCH_RUNS:-$TMP/attnbench-runs}
 mkdir -p "$RUNS"
 export PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0
-# carried wheel folders (.whl: FLA; .whl_tl1, .whl_tl2: TileLang, scripts/tilelang-wheels.sh), each installed
-# once per machine: a second suite, or a later call on the same warm machine, skips what is there
+# wheel folders (.whl: FLA, scripts/gpu_wheels.sh; .whl_tl1, .whl_tl2: TileLang, scripts/tilelang-wheels.sh),
+# each installed once per machine: a second suite, or a later one on the same machine, skips what is there
 for d in .whl .whl_*; do
-  if ls "$d"/*.whl >/dev/null 2>&1 && [ ! -e "/tmp/site/.installed$d" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$d"/*.whl \
+  if ls "$d"/*.whl >/dev/null 2>&1 && [ ! -e "$SITE/.installed$d" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$d"/*.whl \
       || { echo "wheel install from $d failed"; exit 1; }
-    touch "/tmp/site/.installed$d"
+    touch "$SITE/.installed$d"
   fi
 done
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export ATTNBENCH_DATA=${ATTNBENCH_DATA:-$PWD/.gpu_data/input.txt}
 LOG="$OUTDIR/suite.log"
 SAMPLER=
@@ -78,10 +80,10 @@ PY
       ;;
     tests|tests:*)
       paths=tests; [ "$stage" != tests ] && paths=${stage#tests:}; paths=${paths//,/ }
-      # SIGINT: pytest still ends its session (prints what ran; saves FLA's autotuner choices where
+      # SIGINT: pytest still finishes its run (prints what ran; saves FLA's autotuner choices where
       # ATTNBENCH_SAVE_FLA_CONFIGS names a file)
       # GPU_TESTS_WORKERS=N: N pytest-xdist processes share the GPU, one test file each at a time; on a fresh
-      # machine most of a GPU test's time is Triton compiling FLA's kernels on the CPU (16 cores there)
+      # machine most of a GPU test's time is Triton compiling FLA's kernels on the CPU cores
       par=(); [ "${GPU_TESTS_WORKERS:-1}" -gt 1 ] && par=(-n "$GPU_TESTS_WORKERS" --dist loadfile)
       timeout -s INT -k 20 "${GPU_TESTS_TIMEOUT:-540}" python3 -m pytest $paths -m gpu -v -rs --durations=25 -p no:cacheprovider "${par[@]}" 2>&1 \
         | tee "$OUTDIR/gpu_tests.log" | tail -40
@@ -160,8 +162,8 @@ wait
 mkdir -p "$OUTDIR"
 (cd "$RUNS" && find . -name '*.log' -o -name summary.json -o -name metrics.jsonl -o -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.png' \
    | grep -v /ckpt/ | tar czf "$OUTDIR/results.tar.gz" -T -) 2>/dev/null
-# FLA captures (ATTNBENCH_FLA_CAPTURE=DIR: one folder per process) as one file: the device tool returns a
-# limited number of files per call, and loose capture folders were lost that way (session 5)
+# FLA captures (ATTNBENCH_FLA_CAPTURE=DIR: one folder per process) as one file, which is easier to copy
+# back from a remote machine whole than many small folders
 if [ -n "${ATTNBENCH_FLA_CAPTURE:-}" ] && [ -d "$ATTNBENCH_FLA_CAPTURE" ]; then
   tar czf "$OUTDIR/fla_capture.tar.gz" -C "$ATTNBENCH_FLA_CAPTURE" . && echo "FLA captures in $OUTDIR/fla_capture.tar.gz"
 fi

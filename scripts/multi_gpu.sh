@@ -4,23 +4,24 @@
 #
 #   scripts/multi_gpu.sh OUTDIR
 #
-# 1. softmax and DeltaNet at the seed's settings on one GPU each (at once: the reference curves);
+# 1. softmax and DeltaNet at the bake-off's settings on one GPU each (at once: the reference curves);
 # 2. the same two under torchrun on 2 GPUs with 32 sequences per GPU (global batch 64 x 256, as in 1);
 # 3. configs/sweeps/pair.toml with --devices 0, then with --devices 0,1 (wall times);
 # then scripts/compare_runs.py prints the curves side by side and the tokens/s ratios.
 # DeltaNet trains eagerly throughout (configs/sweeps/pair.toml says why). NVLink multicast stays off.
 # Knobs: ITERS (default 3000: the trainings of 1 and 2, with the cosine schedule cut to match),
 # SWEEP_DEVICES (default "0 0,1"), STEP_TIMEOUT (s per step, default 150 + ITERS/10: on a fresh machine
-# FLA's first DeltaNet steps spend ~65 s compiling and autotuning Triton kernels). Files are packed after every
-# phase, so a call cut short still returns what finished.
+# FLA's first DeltaNet steps spend about a minute compiling and autotuning Triton kernels). Files are packed
+# after every phase, so a run cut short still leaves what finished.
 set -uo pipefail
 OUTDIR=${1:?usage: scripts/multi_gpu.sh OUTDIR}
 mkdir -p "$OUTDIR"
-bash scripts/gpu_suite.sh "$OUTDIR" env >/dev/null 2>&1  # installs the carried wheels once
+bash scripts/gpu_suite.sh "$OUTDIR" env >/dev/null 2>&1  # installs the wheels of .whl*/ once
 cat "$OUTDIR/suite.log"
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+TMP=${TMPDIR:-/tmp}
+export PYTHONPATH=$TMP/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 export ATTNBENCH_DATA=${ATTNBENCH_DATA:-$PWD/.gpu_data/input.txt}
-RUNS=${ATTNBENCH_RUNS:-/tmp/attnbench-multi-gpu}
+RUNS=${ATTNBENCH_RUNS:-$TMP/attnbench-multi-gpu}
 rm -rf "$RUNS"; mkdir -p "$RUNS"
 LOG="$OUTDIR/multi_gpu.txt"
 say() { echo "$*" | tee -a "$LOG"; }

@@ -1,4 +1,4 @@
-"""Time NSA's Triton decode kernel alone, in its variants, on a CUDA GPU: six calls (the seed's six layers)
+"""Time NSA's Triton decode kernel alone, in its variants, on a CUDA GPU: six calls (the bake-off model's six layers)
 captured in one CUDA graph, replayed many times; microseconds per call. Shows where a decode step's time
 goes at each context length, against a graph of six one-element adds (the floor per graph node).
 

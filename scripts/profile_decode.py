@@ -4,7 +4,7 @@
                                      [--steps 100] [--warmup 10] [--device auto|cpu|cuda] [--dtype auto]
                                      [--tiny] [--set KEY=VALUE ...] [--out FILE]
 
-For each mixer, at the seed shapes (configs/<mixer>.toml; softmax: configs/shakespeare_char.toml;
+For each mixer, at the bake-off shapes (configs/<mixer>.toml; softmax: configs/shakespeare_char.toml;
 vocab 65), batch 1, in the precision `attnbench bench latency` decodes in (auto: bf16 weights on CUDA,
 float32 on the CPU), a prompt of --prompt_len tokens is prefilled into a fresh cache, then:
   timing    ms/token (median of --steps) per variant, each from its own copy of the prefilled cache:

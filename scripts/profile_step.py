@@ -2,7 +2,7 @@
 
     python scripts/profile_step.py [--mixers a,b] [--variants eager,graph,blocks,blocks+graph] [--steps 5] [--out FILE]
 
-Builds each mixer's model from configs/<mixer>.toml (the seed shapes) and, for each variant (eager, or
+Builds each mixer's model from configs/<mixer>.toml (the bake-off shapes) and, for each variant (eager, or
 torch.compile with scope blocks|model and an optional mode, as train.compile_scope / compile_mode, e.g.
 blocks:reduce-overhead; a "+graph" suffix, or "graph" alone for eager, captures the whole step in one CUDA
 graph as train.cuda_graph does), runs warm-up steps, times 20 full training steps (forward, backward,

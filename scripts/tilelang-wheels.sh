@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Wheels for FLA's TileLang backend, which takes FLA's gated chunk backward (Gated DeltaNet, Gated
-# DeltaProduct) on Hopper where triton 3.4-3.7.0 makes FLA refuse it (FLA_NOTES.md section 0).
-# About 82 MB: over one device call's 64 MiB, so they travel in two folders over two calls on a warm
-# machine (the second call within the machine's idle window), both installed into /tmp/site:
-#   call 1 (carry .whl .whl_tl1 .gpu_data): pip install --no-index --no-deps --target /tmp/site .whl/*.whl .whl_tl1/*.whl
-#   call 2 (carry .whl_tl2):                pip install --no-index --no-deps --target /tmp/site .whl_tl2/*.whl, then the work
+# Wheels for FLA's TileLang backend, which runs FLA's gated chunk backward (Gated DeltaNet, Gated
+# DeltaProduct) on Hopper, where FLA 0.6.0's Triton kernels refuse it with 3.4 <= triton < 3.7.1 (FLA issue
+# #640; attnbench/ops/backend.py, gated_backward_route, picks the route), for CPython 3.12 manylinux x86_64
+# GPU hosts without network access. .whl_tl1/ gets tilelang (~50 MB), .whl_tl2/ its dependencies (~33 MB):
+# two folders, each under 64 MB, for copy tools that cap a transfer. scripts/gpu_suite.sh installs every
+# .whl*/ folder it finds (pip install --no-index --no-deps --target "$TMPDIR/site" .whl_tl1/*.whl ...).
 # Usage, from the project root: scripts/tilelang-wheels.sh
 set -euo pipefail
+EXCLUDE=$(git rev-parse --git-path info/exclude 2>/dev/null || true)  # .git/info/exclude (worktrees too)
 for d in .whl_tl1 .whl_tl2; do
-  grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude
+  if [ -n "$EXCLUDE" ]; then grep -qx "/$d/" "$EXCLUDE" 2>/dev/null || echo "/$d/" >> "$EXCLUDE"; fi
   mkdir -p "$d"
 done
 dl() {

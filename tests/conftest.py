@@ -14,9 +14,15 @@ if str(ROOT) not in sys.path:
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 if not torch.cuda.is_available():  # Triton kernels (where triton is installed) run under its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if torch.cuda.is_available():  # saved FLA autotuner choices go in before any test module imports FLA
-    from attnbench.ops.backend import fla_available
 
+# attnbench after TRITON_INTERPRET: triton.jit reads it when a kernel is defined, i.e. on import
+from helpers import start_gpu_test_session  # noqa: E402
+
+from attnbench.data import prepare_text  # noqa: E402
+from attnbench.ops.backend import fla_available  # noqa: E402
+from attnbench.ops import fla_configs  # noqa: E402
+
+if torch.cuda.is_available():  # saved FLA autotuner choices go in before any test module imports FLA
     fla_available()
 
 
@@ -33,25 +39,21 @@ _gpu_session = contextlib.ExitStack()
 
 
 def pytest_collection_finish(session):
-    """GPU tests on CUDA: FLA's kernels compiled in threads first. On a fresh H200 each op family's first
-    test spent 28-48 s compiling them one after another (results/h200-2026-11-28-s6)."""
-    from helpers import start_gpu_test_session
-
+    """GPU tests on CUDA: FLA's kernels compiled in threads first; compiled one after another inside the
+    tests, each op family's first test spends tens of seconds on it on a fresh GPU."""
     done = start_gpu_test_session(session.items, _gpu_session)
     if done:
-        print(f"\nFLA kernels of earlier GPU test sessions preloaded: {done['kernels']} in {done['seconds']} s")
+        print(f"\nFLA kernels of the GPU tests preloaded: {done['kernels']} in {done['seconds']} s")
 
 
 def pytest_sessionfinish(session, exitstatus):
     """ATTNBENCH_SAVE_FLA_CONFIGS=FILE: save the choices FLA's autotuners made during the GPU tests, so a
     later run with the file installed (attnbench/ops/fla_configs.py) compiles one configuration per kernel
-    instead of timing them all (on a fresh H200 that was 10-90 s per test)."""
-    _gpu_session.close()  # with ATTNBENCH_FLA_CAPTURE=DIR: this session's FLA kernels and choices -> DIR
+    instead of timing them all (seconds to a minute per test on a fresh GPU)."""
+    _gpu_session.close()  # with ATTNBENCH_FLA_CAPTURE=DIR: this run's FLA kernels and choices -> DIR
     path = os.environ.get("ATTNBENCH_SAVE_FLA_CONFIGS")
     if path:
-        from attnbench.ops.fla_configs import save_live
-
-        print(f"\nFLA autotuner choices saved to {path}: {save_live(Path(path))}")
+        print(f"\nFLA autotuner choices saved to {path}: {fla_configs.save_live(Path(path))}")
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +83,6 @@ def _synthetic_text(n_chars: int = 60_000, seed: int = 0) -> str:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A prepared char-level dataset named 'tiny' in a session-wide data dir."""
-    from attnbench.data import prepare_text
-
     d = tmp_path_factory.mktemp("data")
     src = d / "tiny.txt"
     src.write_text(_synthetic_text())

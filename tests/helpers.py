@@ -1,6 +1,14 @@
 """Test helpers shared by several test files."""
+import contextlib
+import dataclasses
+
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from attnbench.ops import fla_preload
+from attnbench.ops.nsa import nsa_cache_means
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -13,8 +21,6 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 def nsa_random_cache(L: int, T: int, device: str = "cpu", D: int = 64, block_size: int = 32, seed: int = 0):
     """A bf16 NSA decode cache of L positions (one sequence, one KV head), the first T random, and its block
     means: (kv `[2, 1, 1, L, D]`, kv_means `[2, 1, 1, ceil(L / BS), D]`)."""
-    from attnbench.ops.nsa import nsa_cache_means
-
     torch.manual_seed(seed)
     kv = torch.zeros(2, 1, 1, L, D, dtype=torch.bfloat16, device=device)
     kv[:, :, :, :T] = torch.randn(2, 1, 1, T, D, device=device).bfloat16()
@@ -66,10 +72,6 @@ def out_and_grads(fn, inputs: list[torch.Tensor], do: torch.Tensor, **kw) -> tup
 def record_fla_captures(monkeypatch) -> list:
     """Replace ops.fla_preload.capturing by a recorder: the returned list gets (mixer, phase) on entering
     a capture and "left" on leaving it."""
-    import contextlib
-
-    from attnbench.ops import fla_preload
-
     events: list = []
 
     @contextlib.contextmanager
@@ -82,24 +84,111 @@ def record_fla_captures(monkeypatch) -> list:
     return events
 
 
-GPU_TESTS_KEY = ("tests", "gpu")  # preload/capture key of the GPU test sessions ("tests:gpu")
-PRELOAD_MIN_FILES = 4  # a GPU test session preloads that key only when it runs GPU tests of this many files
+GPU_TESTS_KEY = ("tests", "gpu")  # preload/capture key of the GPU test runs ("tests:gpu")
+PRELOAD_MIN_FILES = 4  # a GPU test run preloads that key only when it runs GPU tests of this many files
 
 
 def start_gpu_test_session(items: list, stack, cuda: bool | None = None) -> dict | None:
-    """For a session that runs GPU tests on CUDA: compile the FLA kernels earlier GPU test sessions compiled,
+    """For a test run with GPU tests on CUDA: compile the FLA kernels the GPU tests use (as captured before),
     in threads (key "tests:gpu" of attnbench/fla_configs/<GPU>.preload.json; only for a broad run, GPU tests
     of PRELOAD_MIN_FILES files or more), and enter the FLA capture
-    (ATTNBENCH_FLA_CAPTURE=DIR saves this session's kernels and autotuner choices; `stack` leaves it at the
-    session's end). Returns the preload's {"kernels", "failed", "seconds"}, or None."""
+    (ATTNBENCH_FLA_CAPTURE=DIR saves this run's kernels and autotuner choices; `stack` leaves it at the
+    run's end). Returns the preload's {"kernels", "failed", "seconds"}, or None."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     gpu_files = {str(getattr(item, "path", "")) for item in items if "gpu" in item.keywords}
     if not cuda or not gpu_files:
         return None
-    from attnbench.ops import fla_preload
-
-    # the key holds every GPU test file's kernels (658 on the H200): 56.5 s to compile in threads there,
-    # which a run of one or two files (e.g. the NSA decode tests, no FLA kernel at all) would pay for nothing
+    # the key holds every GPU test file's kernels (hundreds; about a minute to compile in threads), which a
+    # run of one or two files (e.g. the NSA decode tests, no FLA kernel at all) would pay for nothing
     done = fla_preload.preload_for_run(*GPU_TESTS_KEY) if len(gpu_files) >= PRELOAD_MIN_FILES else None
     stack.enter_context(fla_preload.capturing(*GPU_TESTS_KEY))
     return done
+
+
+# ---------------------------------------------------------------- the model-level mixer contract
+# Checks every mixer must pass, on a small GPT built around it (tests/test_model.py runs them for every
+# registered mixer, tests/test_mixer_contract.py for a toy mixer defined in that file).
+
+
+def check_logits_and_loss(model, T: int) -> None:
+    """Logits [B, T, vocab]; a finite scalar loss when targets are given."""
+    V = model.config.vocab_size
+    x = torch.randint(0, V, (3, T))
+    logits, loss = model(x)
+    assert logits.shape == (3, T, V) and loss is None
+    _, loss = model(x, x)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def check_causal(model, T: int) -> None:
+    """Changing token t changes no logit before t, and changes some logit from t on."""
+    V = model.config.vocab_size
+    x = torch.randint(0, V, (2, T))
+    ref = model(x)[0]
+    for t in sorted({0, T // 4, T // 2 + 1, T - 1}):
+        y = x.clone()
+        y[:, t] = (y[:, t] + 1) % V
+        out = model(y)[0]
+        assert torch.equal(out[:, :t], ref[:, :t]), f"position < {t} changed"
+        assert not torch.allclose(out[:, t:], ref[:, t:])
+
+
+def check_batch_independent(model, T: int) -> None:
+    """Perturbing sequence j leaves every other sequence's logits unchanged (no mixing across the batch)."""
+    V = model.config.vocab_size
+    x = torch.randint(0, V, (4, T))
+    ref = model(x)[0]
+    for j in range(4):
+        y = x.clone()
+        y[j] = torch.randint(0, V, (T,))
+        out = model(y)[0]
+        others = [i for i in range(4) if i != j]
+        torch.testing.assert_close(out[others], ref[others], rtol=0, atol=1e-6)
+        assert not torch.allclose(out[j], ref[j])
+
+
+def check_prefill_then_decode_equals_forward(model, T: int, splits=(1, 7, 16), tol: float = 1e-4) -> None:
+    """A prefill of `split` tokens into a fresh cache, then one decode step per token: the same logits
+    as the full pass."""
+    x = torch.randint(0, model.config.vocab_size, (2, T))
+    ref = model(x)[0]
+    for split in splits:
+        cache = model.new_cache(2)
+        outs = [model(x[:, :split], cache=cache)[0]]
+        for t in range(split, T):
+            outs.append(model(x[:, t:t + 1], cache=cache)[0])
+        err = rel_err(torch.cat(outs, dim=1), ref)
+        assert err < tol, f"split {split}: rel err {err:.2e}"
+
+
+def check_greedy_generate_same_with_and_without_cache(model, new_tokens: int) -> None:
+    """Greedy generation past block_size (so the cached path also re-prefills a cropped window) gives the
+    same tokens from the decode states as from recomputing the whole context."""
+    x = torch.randint(0, model.config.vocab_size, (2, 5))
+    a = model.generate(x, new_tokens, temperature=0, use_cache=True)
+    b = model.generate(x, new_tokens, temperature=0, use_cache=False)
+    assert a.shape == (2, 5 + new_tokens)
+    assert torch.equal(a, b)
+
+
+def state_elements(state) -> int:
+    """Elements of every tensor in the dataclass fields of a decode state (lists, tuples and dicts
+    followed); bookkeeping kept outside the fields, such as a device-side position counter, is not counted."""
+    if torch.is_tensor(state):
+        return state.numel()
+    if dataclasses.is_dataclass(state):
+        return sum(state_elements(getattr(state, f.name)) for f in dataclasses.fields(state))
+    if isinstance(state, (list, tuple)):
+        return sum(state_elements(s) for s in state)
+    if isinstance(state, dict):
+        return sum(state_elements(s) for s in state.values())
+    return 0
+
+
+def counted_forward_flops(model, idx: torch.Tensor) -> int:
+    """FLOPs torch.utils.flop_counter.FlopCounterMode counts in a forward of `model` on `idx`."""
+    # The CPU's fused SDPA kernel has no FlopCounterMode formula (it would count 0), so attention runs
+    # on the math backend, whose QK^T and AV matmuls the counter sees at their full T x T size.
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(idx)
+    return counter.get_total_flops()

@@ -18,9 +18,6 @@ from attnbench.data import prepare as prep
 from attnbench.data.prepare import register_cli
 from attnbench.errors import AttnbenchError
 
-REAL_SHAKESPEARE = Path("/work/shared/data/tinyshakespeare/input.txt")
-
-
 def _synthetic_text(n_lines: int = 200, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "KING", "QUEEN:", "anon!"]
@@ -88,14 +85,17 @@ def test_byte_prepare_roundtrip_non_ascii(tmp_path: Path) -> None:
     assert c.bits_per_char(0.7) == pytest.approx(0.7 * n_bytes / (math.log(2) * len(text)))
 
 
-def test_real_shakespeare_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if not REAL_SHAKESPEARE.is_file():
-        pytest.skip(f"{REAL_SHAKESPEARE} not present")
-    monkeypatch.setenv("ATTNBENCH_DATA", str(REAL_SHAKESPEARE))
-    c = Corpus.load(tmp_path, "shakespeare_char")  # prepared on the fly from ATTNBENCH_DATA
-    assert c.vocab_size == 65
-    assert (len(c.train), len(c.val)) == (1_003_854, 111_540)
-    assert c.meta["chars"] == 1_115_394
+def test_shakespeare_char_prepared_from_attnbench_data(tmp_path: Path, text_file: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a prepared folder, shakespeare_char is prepared on the fly from the file $ATTNBENCH_DATA names
+    (a generated text here: any input.txt is split 90/10 by characters)."""
+    text = text_file.read_text(encoding="utf-8")
+    monkeypatch.setenv("ATTNBENCH_DATA", str(text_file))
+    c = Corpus.load(tmp_path, "shakespeare_char")
+    n_train = int(len(text) * 0.9)
+    assert c.vocab_size == len(set(text)) and c.meta["chars"] == len(text)
+    assert (len(c.train), len(c.val)) == (n_train, len(text) - n_train)
+    assert c.decode(c.train) + c.decode(c.val) == text
 
 
 def test_missing_data_error_names_both_ways(tmp_path: Path) -> None:

@@ -306,20 +306,20 @@ def test_flops_per_token_vs_counter(name, T):
 
 @pytest.mark.parametrize("name,args", [(n, {}) for n in NAMES] + [("deltanet", {"use_short_conv": False}),
                                                                   ("gated_deltaproduct", {"num_householder": 3})])
-def test_state_numbers_equal_state_size(name, args):
+def test_decode_state_elements_equal_state_size(name, args):
     cfg = GPTConfig(mixer=name, n_layer=1, n_head=NH, n_embd=D, mixer_args=args, backend="torch")
     m = mixers.get(name)(cfg, 0)
     st = m.init_state(2, 50, "cpu", torch.float32)
     assert isinstance(st, DeltaState)
     numel = sum(t.numel() for t in st.tensors()) // 2
-    assert m.state_numbers(cfg, 50) == numel
+    assert m.decode_state_elements(cfg, 50) == numel
     _, st = m(torch.randn(2, 20, D), st)
     assert sum(t.numel() for t in st.tensors()) // 2 == numel  # constant in T
-    assert m.state_numbers(cfg, 1000) == numel
+    assert m.decode_state_elements(cfg, 1000) == numel
 
 
 def fla_param_count(name: str, a: dict, d: int, H: int, hk: int, hv: int) -> int:
-    """FLA_NOTES' parameter formulas for the layers built with separate projections/convolutions (W=4)."""
+    """The parameter counts of FLA's layers, which build separate projections and convolutions (W=4)."""
     dk, dv, W = H * hk, H * hv, a.get("conv_size", 4)
     gate = a.get("use_output_gate", True) if name == "gated_deltaproduct" else a.get("use_gate", name != "deltanet")
     out = (d * dv if gate else 0) + hv + dv * d
@@ -338,7 +338,7 @@ FUSED_CASES = [(n, {}) for n in NAMES] + [(n, v) for n, vs in VARIANTS.items() f
 @pytest.mark.parametrize("name,args", FUSED_CASES, ids=[f"{n}-{a}" for n, a in FUSED_CASES])
 def test_fused_projection_and_convolution(name, args, monkeypatch):
     """One input GEMM and one q|k|v convolution per call (the GPU step is launch-bound), with the parameter
-    count of separate projections (FLA_NOTES' formulas) and a single convolution tail in the state."""
+    count of separate projections (FLA's layers, fla_param_count) and a single convolution tail in the state."""
     import attnbench.mixers._delta_common as dc
     from torch.profiler import profile
 

@@ -1,9 +1,17 @@
-"""Model-level contracts for every registered mixer: causality, batch independence, cached decoding."""
+"""Model-level contracts for every registered mixer: causality, batch independence, cached decoding.
+
+The checks live in tests/helpers.py, so tests/test_mixer_contract.py runs the same ones on a toy mixer.
+"""
 import pytest
 import torch
+from helpers import (check_batch_independent, check_causal, check_greedy_generate_same_with_and_without_cache,
+                     check_logits_and_loss, check_prefill_then_decode_equals_forward)
 
 from attnbench import GPT, GPTConfig, mixers
+from attnbench.errors import ConfigError
 from attnbench.model import sample_next
+
+T = 24  # the tiny models' block_size: 40 generated tokens run past it
 
 # Small shapes that every mixer accepts on the CPU (mixer_args shrink NSA's blocks to fit T=24).
 MIXER_ARGS = {
@@ -16,7 +24,7 @@ MIXER_ARGS = {
 
 def tiny_model(mixer: str, **kw) -> GPT:
     torch.manual_seed(0)
-    cfg = GPTConfig(mixer=mixer, n_layer=2, n_head=2, n_embd=32, vocab_size=50, block_size=24,
+    cfg = GPTConfig(mixer=mixer, n_layer=2, n_head=2, n_embd=32, vocab_size=50, block_size=T,
                     mixer_args=MIXER_ARGS.get(mixer, {}), **kw)
     return GPT(cfg).eval()
 
@@ -31,63 +39,23 @@ def test_registry_lists_softmax():
 
 
 def test_logits_shape_and_loss(mixer):
-    m = tiny_model(mixer)
-    x = torch.randint(0, 50, (3, 24))
-    logits, loss = m(x)
-    assert logits.shape == (3, 24, 50) and loss is None
-    _, loss = m(x, x)
-    assert loss.ndim == 0 and torch.isfinite(loss)
+    check_logits_and_loss(tiny_model(mixer), T)
 
 
 def test_causal(mixer):
-    """Changing token t changes no logit before t."""
-    m = tiny_model(mixer)
-    x = torch.randint(0, 50, (2, 24))
-    ref = m(x)[0]
-    for t in (0, 5, 13, 23):
-        y = x.clone()
-        y[:, t] = (y[:, t] + 1) % 50
-        out = m(y)[0]
-        assert torch.equal(out[:, :t], ref[:, :t]), f"position < {t} changed"
-        assert not torch.allclose(out[:, t:], ref[:, t:])
+    check_causal(tiny_model(mixer), T)
 
 
 def test_batch_independent(mixer):
-    """Perturbing sequence j leaves every other sequence's logits unchanged (the seed's bug)."""
-    m = tiny_model(mixer)
-    x = torch.randint(0, 50, (4, 24))
-    ref = m(x)[0]
-    for j in range(4):
-        y = x.clone()
-        y[j] = torch.randint(0, 50, (24,))
-        out = m(y)[0]
-        others = [i for i in range(4) if i != j]
-        torch.testing.assert_close(out[others], ref[others], rtol=0, atol=1e-6)
-        assert not torch.allclose(out[j], ref[j])
+    check_batch_independent(tiny_model(mixer), T)
 
 
 def test_prefill_then_decode_equals_forward(mixer):
-    m = tiny_model(mixer)
-    x = torch.randint(0, 50, (2, 24))
-    ref = m(x)[0]
-    for split in (1, 7, 16):
-        cache = m.new_cache(2)
-        outs = [m(x[:, :split], cache=cache)[0]]
-        for t in range(split, 24):
-            outs.append(m(x[:, t:t + 1], cache=cache)[0])
-        got = torch.cat(outs, dim=1)
-        err = (got - ref).norm() / ref.norm()
-        assert err < 1e-4, f"split {split}: rel err {err:.2e}"
+    check_prefill_then_decode_equals_forward(tiny_model(mixer), T)
 
 
 def test_greedy_generate_same_with_and_without_cache(mixer):
-    m = tiny_model(mixer)
-    x = torch.randint(0, 50, (2, 5))
-    # 40 new tokens: past block_size (24), so the cached path must also re-prefill a cropped window
-    a = m.generate(x, 40, temperature=0, use_cache=True)
-    b = m.generate(x, 40, temperature=0, use_cache=False)
-    assert a.shape == (2, 45)
-    assert torch.equal(a, b)
+    check_greedy_generate_same_with_and_without_cache(tiny_model(mixer), 40)
 
 
 @pytest.mark.parametrize("pos_emb", ["rope", "none"])
@@ -118,8 +86,6 @@ def test_sample_next_greedy_and_top_k():
 def test_softmax_attn_dropout_setting():
     """mixer_args.attn_dropout: unset follows model.dropout (nanoGPT: attention probabilities dropped in
     training), 0 turns it off (as the mixers without an attention matrix) while model.dropout stays."""
-    from attnbench.errors import ConfigError
-
     x = torch.randn(2, 16, 32)
     for attn_dropout, stochastic in ((None, True), (0.0, False)):
         args = {} if attn_dropout is None else {"attn_dropout": attn_dropout}

@@ -262,8 +262,7 @@ def test_bad_compile_scope_or_mode_is_a_config_error():
 
 def test_evaluation_runs_compiled_blocks_eagerly_so_only_the_training_step_compiles(tiny_data, tmp_path):
     """Evaluations (step 0, every eval_interval, the end) run torch.compile'd blocks eagerly: one graph
-    (the training step's) is compiled, not a second eval-mode one (on the H200 compiling cost the
-    alternatives 1-3 minutes each)."""
+    (the training step's) is compiled, not a second eval-mode one (a compilation costs minutes on a GPU)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()

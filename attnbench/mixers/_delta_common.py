@@ -1,8 +1,8 @@
 """Parts shared by the delta-family mixers (deltanet.py, gated_deltanet.py, gated_deltaproduct.py).
 
-All three follow FLA's layers (FLA_NOTES 3.1-3.3): q/k/v projections -> causal short convolutions with
-SiLU -> (L2-normalised q, k inside the op) -> a delta-rule op -> per-head output RMSNorm (optionally
-gated) -> o_proj. This module holds the pieces they share: the short convolution, the output norm,
+All three follow FLA's layers (fla.layers.DeltaNet, GatedDeltaNet, GatedDeltaProduct): q/k/v
+projections -> causal short convolutions with SiLU -> (L2-normalised q, k inside the op) -> a delta-rule
+op -> per-head output RMSNorm (optionally gated) -> o_proj. This module holds the pieces they share: the short convolution, the output norm,
 the Mamba-style decay gate, the decoding state, and a base class that wires projections, state and
 output together. The mixers only choose their dimensions and call their op.
 
@@ -277,6 +277,6 @@ class DeltaMixer(Mixer):
         return DeltaState(S, torch.zeros(batch, sum(self.qkv_dims), self.conv_size - 1, device=device, dtype=dtype))
 
     @staticmethod
-    def _state_numbers(H: int, K: int, V: int, conv_dim: int | None, conv_size: int) -> int:
+    def _decode_state_elements(H: int, K: int, V: int, conv_dim: int | None, conv_size: int) -> int:
         """H*K*V of the recurrent matrix plus W-1 inputs per channel of the q|k|v convolution."""
         return H * K * V + (conv_dim * (conv_size - 1) if conv_dim is not None else 0)

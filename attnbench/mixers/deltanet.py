@@ -1,5 +1,5 @@
 """DeltaNet (Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule"), as FLA's
-`DeltaNet` layer builds it (FLA_NOTES 3.1):
+`DeltaNet` layer (fla.layers.DeltaNet) builds it:
 
     q, k, v = conv_silu(W_q x), conv_silu(W_k x), conv_silu(W_v x)    (per-channel causal convs, width 4)
     beta    = sigmoid(W_b x)  (x2 with allow_neg_eigval: eigenvalues of I - beta k k^T in [-1, 1])
@@ -84,9 +84,9 @@ class DeltaNet(DeltaMixer):
         return proj + conv + chunked_delta_flops(T, H, hk, hv, a.chunk_size) / T
 
     @classmethod
-    def state_numbers(cls, cfg: Any, T: int) -> int:
+    def decode_state_elements(cls, cfg: Any, T: int) -> int:
         """H*K*V of the recurrent matrix plus (W-1) inputs per channel of the q|k|v convolution;
         independent of T."""
         a = cls.Args.from_dict(cfg.mixer_args, "deltanet")
         H, hk, hv = a.dims(cfg.n_embd, cfg.n_head)
-        return cls._state_numbers(H, hk, hv, H * (2 * hk + hv) if a.use_short_conv else None, a.conv_size)
+        return cls._decode_state_elements(H, hk, hv, H * (2 * hk + hv) if a.use_short_conv else None, a.conv_size)

@@ -1,5 +1,5 @@
 """Gated DeltaNet (Yang, Kautz & Hatamizadeh 2024, "Gated Delta Networks"), as FLA's `GatedDeltaNet`
-layer builds it (FLA_NOTES 3.2):
+layer (fla.layers.GatedDeltaNet) builds it:
 
     q, k, v = conv_silu(W_q x), conv_silu(W_k x), conv_silu(W_v x)
     g       = -exp(A_log) * softplus(W_a x + dt_bias)     (log-decay per head, float32, Mamba-2 style)
@@ -86,8 +86,8 @@ class GatedDeltaNet(DeltaMixer):
         return proj + conv + chunked_delta_flops(T, H, hk, hv, a.chunk_size) / T
 
     @classmethod
-    def state_numbers(cls, cfg: Any, T: int) -> int:
+    def decode_state_elements(cls, cfg: Any, T: int) -> int:
         """H*K*V of the recurrent matrix plus (W-1) inputs per channel of the q|k|v convolution."""
         a = cls.Args.from_dict(cfg.mixer_args, "gated_deltanet")
         H, hk, hv = a.dims(cfg.n_embd, cfg.n_head)
-        return cls._state_numbers(H, hk, hv, H * (2 * hk + hv), a.conv_size)
+        return cls._decode_state_elements(H, hk, hv, H * (2 * hk + hv), a.conv_size)

@@ -1,5 +1,5 @@
 """Gated DeltaProduct (Siems et al. 2025, "DeltaProduct"), as FLA's `GatedDeltaProduct` *layer*
-builds it (FLA_NOTES 3.3; its layer defaults, not its model-config defaults):
+builds it (fla.layers.GatedDeltaProduct; its layer defaults, not its model-config defaults):
 
     per token t: n keys, values and betas (W_k: d -> n*H*hd, W_v: d -> n*H*hv, W_b: d -> n*H),
     each sequence of n rank-1 delta steps preceded by one decay exp(g_t) and followed by one read
@@ -97,10 +97,10 @@ class GatedDeltaProduct(DeltaMixer):
         return proj + conv + chunked_delta_flops(T * n, H, hk, hv, FLOP_CHUNK) / T
 
     @classmethod
-    def state_numbers(cls, cfg: Any, T: int) -> int:
+    def decode_state_elements(cls, cfg: Any, T: int) -> int:
         """H*K*V of the recurrent matrix plus (W-1) inputs per channel of the q|k|v convolution
         (k and v are n times wider)."""
         a = cls.Args.from_dict(cfg.mixer_args, "gated_deltaproduct")
         H, hk, hv = a.dims(cfg.n_embd, cfg.n_head)
         n = a.num_householder
-        return cls._state_numbers(H, hk, hv, H * (hk + n * hk + n * hv), a.conv_size)
+        return cls._decode_state_elements(H, hk, hv, H * (hk + n * hk + n * hv), a.conv_size)

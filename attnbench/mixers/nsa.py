@@ -17,7 +17,7 @@ A one-token decode step is CUDA-graph safe (`attnbench bench latency --cuda_grap
 position from the device counter `pos_t`, writes its key/value with `index_copy_`, adds key/BS to its
 block's running mean with `index_add_`, and runs `nsa_decode` on the preallocated buffers (static
 shapes, device-side masks; it gathers the selected blocks' and the window's keys), so no state tensor
-is replaced, no Python int is read and the cost per token no longer grows with the whole cache.
+is replaced, no Python int is read and the cost per token does not grow with the whole cache.
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class NSACache:
     (only complete blocks are ever visible), a running sum before.
     `pos` tokens are filled.
 
-    Bookkeeping, not dataclass fields (so not counted as state numbers): `pos_t`, the same count as a
+    Bookkeeping, not dataclass fields (so not counted in decode_state_elements): `pos_t`, the same count as a
     device tensor, from which a decode step takes its position (as softmax's KVCache); `rope`, the
     rotation factors of every position `[max_len, 2, D]` float32, and `plan`, the constants of
     `nsa_decode`: position-indexed tables (8 D + 24 bytes per position) that save a decode step the
@@ -156,7 +156,7 @@ class NativeSparseAttention(Mixer):
     @classmethod
     def check_config(cls, cfg) -> None:
         """Every model.pos_emb is fine: NSA always applies its own RoPE and the model never rotates, so
-        'rope' does not double-rotate, and 'learned' (the seed's choice) adds absolute embeddings too."""
+        'rope' does not double-rotate, and 'learned' (the bake-off configs' choice) adds absolute embeddings too."""
 
     def forward(self, x: torch.Tensor, state: NSACache | None = None) -> tuple[torch.Tensor, NSACache | None]:
         B, T, _ = x.shape
@@ -289,7 +289,7 @@ class NativeSparseAttention(Mixer):
         return cls._proj_flops(cfg) + HQ * mix
 
     @classmethod
-    def state_numbers(cls, cfg, T: int) -> int:
+    def decode_state_elements(cls, cfg, T: int) -> int:
         """The KV cache, post-RoPE keys and values, 2 * T * n_kv_head * head_dim, plus the block means
         the decode step keeps instead of re-pooling the cache, 2 * ceil(T / block_size) * n_kv_head *
         head_dim (1/block_size more; FLA's layer recomputes them, an NSA decoder keeps them)."""

@@ -1,4 +1,4 @@
-"""Causal softmax attention (the seed's baseline), as nanoGPT's CausalSelfAttention, plus a KV cache."""
+"""Causal softmax attention (the baseline), as nanoGPT's CausalSelfAttention, plus a KV cache."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,7 +32,7 @@ class KVCache:
     """Preallocated keys/values [B, H, max_len, D]; `pos` tokens are filled.
 
     `pos_t` holds the same count as a device tensor (bookkeeping, not a dataclass field, so it is not
-    counted as state numbers): a decode step takes its position from it, which keeps the step free of
+    counted in decode_state_elements): a decode step takes its position from it, which keeps the step free of
     host-side positions and static in shape, so it can be captured in a CUDA graph and replayed.
     """
 
@@ -116,6 +116,6 @@ class SoftmaxAttention(Mixer):
         return 2.0 * 4 * d * d + 4.0 * T * d
 
     @classmethod
-    def state_numbers(cls, cfg, T: int) -> int:
+    def decode_state_elements(cls, cfg, T: int) -> int:
         """The KV cache of one sequence at context T: keys and values, 2 * T * n_head * head_dim."""
         return 2 * T * cfg.n_head * cfg.head_dim

@@ -1,4 +1,10 @@
-"""Helpers shared by the delta-family ops: FLA's q/k L2 norm and the compute dtype."""
+"""Helpers shared by the delta-family ops: FLA's q/k L2 norm and the compute dtype.
+
+    l2norm(x) = x / sqrt(sum_i x_i^2 + eps),   eps = 1e-6, over the last (head) dim
+
+Unit keys keep the delta rule's transition I - beta k k^T non-expansive for beta in [0, 2]
+(ops/delta_rule.py); unit queries keep the read-out's scale independent of the input's.
+"""
 from __future__ import annotations
 
 import torch

@@ -10,11 +10,13 @@ import contextlib
 import functools
 import logging
 import os
+import re
 from typing import Iterator
 
 import torch
 
 from ..errors import AttnbenchError
+from . import fla_configs, fla_gated_bwd
 
 log = logging.getLogger("attnbench.ops")
 
@@ -26,14 +28,12 @@ def fla_available() -> bool:
     """True when the `fla` package imports (it needs Triton; it imports on CPU-only hosts too)."""
     if os.environ.get("ATTNBENCH_NO_FLA") == "1":
         return False
-    from .fla_configs import install
-
     try:  # saved autotuner choices for this GPU; must precede FLA's import, which defines its kernels
-        install()
+        fla_configs.install()
     except Exception as e:  # noqa: BLE001 - an unreadable file means autotuning, as without one
         log.warning("FLA kernel configurations not used: %s: %s", type(e).__name__, e)
     try:
-        import fla  # noqa: F401
+        import fla  # noqa: F401  (optional dependency: attnbench[cuda])
         import fla.ops  # noqa: F401
     except Exception:  # ImportError, or Triton failing to initialise
         return False
@@ -78,9 +78,7 @@ def gated_backward_route() -> str:
                 log.warning("FLA's TileLang backend did not take the gated chunk backward (%s: %s)",
                             type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
         if route == "torch" and fla_available():
-            from .fla_gated_bwd import install
-
-            if install():
+            if fla_gated_bwd.install():
                 route = TORCH_DQKWG
                 log.warning("FLA's gated chunk backward: this Triton miscompiles its chunk_bwd_dqkwg step on "
                             "Hopper (FLA #640), so attnbench computes that step in PyTorch; the rest runs on "
@@ -102,15 +100,13 @@ def _gated_backward_static_check() -> str:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         return "fine"
     try:
-        import triton
-        from packaging.version import Version
+        import triton  # optional dependency (the CUDA stack)
     except ImportError:
         return "fine"
-    v = Version(triton.__version__.split("+")[0])
-    if not (Version("3.4.0") <= v < Version("3.7.1")):
+    if not ((3, 4, 0, 0) <= release_tuple(triton.__version__) < (3, 7, 1, 0)):
         return "fine"
     try:
-        import tilelang  # noqa: F401
+        import tilelang  # noqa: F401  (optional dependencies)
         from fla.utils.env import has_usable_nvcc  # type: ignore
 
         return "tilelang" if has_usable_nvcc() else "broken"
@@ -118,9 +114,21 @@ def _gated_backward_static_check() -> str:
         return "broken"
 
 
+def release_tuple(version: str) -> tuple[int, int, int, int]:
+    """'3.6.0+git1234' -> (3, 6, 0, 0): the release numbers, then 0 for a final release or -1 for a
+    pre-release ('3.7.1rc1' -> (3, 7, 1, -1), which sorts below 3.7.1 as in PEP 440)."""
+    nums, pre = [], 0
+    for part in version.split("+")[0].split(".")[:3]:
+        digits = re.match(r"\d*", part).group()
+        nums.append(int(digits) if digits else 0)
+        pre = -1 if part != digits else pre
+    nums += [0] * (3 - len(nums))
+    return nums[0], nums[1], nums[2], pre
+
+
 def _probe_gated_backward() -> None:
     """One small gated chunk forward + backward through FLA on the GPU (raises if it cannot run)."""
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # optional dependency (CUDA only)
 
     B, T, H, K = 1, 128, 1, 64
     q, k, v = (torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))

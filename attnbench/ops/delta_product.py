@@ -1,6 +1,11 @@
-"""Gated DeltaProduct (FLA_NOTES 4.3): n Householder-like delta steps per token, one decay, one read.
+"""Gated DeltaProduct: n Householder-like delta steps per token, one decay, one read.
 
 Per token t:  S <- exp(g_t) S;  for j < n: S <- S + beta_tj k_tj (v_tj - S^T k_tj)^T;  o_t = S^T q̂_t.
+
+The token's state transition is the product of n generalised Householder matrices,
+exp(g_t) prod_j (I - beta_tj k_tj k_tj^T): with n >= 2 and beta in [0, 2] (reflections) the product can
+be a rotation, which a single delta step (one reflection at most) cannot express, so more
+state-tracking tasks become solvable at n times the recurrence's work.
 
 Shapes as FLA: q `[B, T, H, K]`; k `[B, T*n, H, K]`, v `[B, T*n, H, V]`, beta `[B, T*n, H]`, interleaved
 token-major (index t*n + j); g `[B, T, H]` or None (None = ungated DeltaProduct).
@@ -77,7 +82,7 @@ def _chunked(q, k, v, g, beta, n, scale, initial_state, output_final_state, chun
 def _fla_decode(q, k, v, g, beta, n, scale, initial_state, output_final_state, qk_l2norm):
     """One decode step on FLA: its gated delta rule recurrence over the n interleaved entries (l2-norm in
     the kernel: per entry, as here; a zero query stays zero). g=None is no decay (log-decay 0)."""
-    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule  # optional dependency (CUDA only)
 
     B, T, H, _ = q.shape
     q_il, g_il = _interleave(q, g if g is not None else q.new_zeros(B, T, H, dtype=torch.float32), n)
@@ -133,7 +138,7 @@ def gated_delta_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
     if use_fla and q.shape[1] == 1 and not needs_backward(q, k, v, g, beta, initial_state):
         return _fla_decode(q, k, v, g, beta, n, scale, initial_state, output_final_state, qk_l2norm)
     if use_fla and q.shape[1] > 1:
-        from fla.ops.gated_delta_product import chunk_gated_delta_product
+        from fla.ops.gated_delta_product import chunk_gated_delta_product  # optional dependency (CUDA only)
 
         o, S = chunk_gated_delta_product(
             q, k, v, g.float() if g is not None else None, beta.to(q.dtype), num_householder=n, scale=scale,

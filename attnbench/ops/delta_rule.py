@@ -1,12 +1,35 @@
-"""DeltaNet's delta rule (FLA_NOTES 4.1): a token-by-token oracle, a chunked WY form, a dispatcher.
+"""DeltaNet's delta rule: a token-by-token oracle, a chunked WY form, a dispatcher.
 
 Layouts: q, k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]` (post-sigmoid), state `[B, H, K, V]`
-(key-major, as FLA). Per token, with q̂ = scale * q:
+(key-major, as FLA). Per token, with q̂ = scale * q (scale = K^-1/2 by default):
 
     u_t = beta_t (v_t - S_{t-1}^T k_t),   S_t = S_{t-1} + k_t u_t^T,   o_t = S_t^T q̂_t
 
-The gated rule (gated_delta_rule.py) only adds a decay S <- exp(g_t) S before each update, so the
-two cores below take an optional log-decay `g` and serve both families (g=None is DeltaNet).
+S is a fast-weight memory from keys to values, and each token takes one gradient step of size beta_t on
+||S^T k_t - v_t||^2 / 2: S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, so it overwrites what
+S held for k_t instead of only adding to it (linear attention is the same without the `- S^T k_t`).
+The mixers L2-normalise q and k (`qk_l2norm`, as FLA's `use_qk_l2norm_in_kernel`); with ||k|| = 1 the
+transition I - beta k k^T has eigenvalues 1 (orthogonal to k) and 1 - beta (along k): beta in [0, 1]
+(sigmoid) keeps them in [0, 1], and beta in [0, 2] (allow_neg_eigval) in [-1, 1], which admits reflections.
+
+Chunked WY form (FLA's chunk kernels, and `chunked_core` here). Split the sequence into chunks of C
+tokens; inside a chunk, starting from S0, unrolling the recurrence gives for row i
+
+    u_i = beta_i (v_i - S0^T k_i - sum_{j<i} (k_i . k_j) u_j)
+
+a unit lower-triangular system (I + L) U = diag(beta) (V - K S0), L = strict_lower(diag(beta) K K^T).
+It is linear in S0, so it splits into two solves that do not depend on S0,
+(I + L) [U | W] = diag(beta) [V | K], and the chunk's corrected values are V_new = U - W S0. Then
+
+    O   = Q̂ S0 + (Q̂ K^T ⊙ M) V_new        (M: the causal mask, j <= i)
+    S_C = S0 + K^T V_new
+
+Everything but the S0 -> S_C recurrence over chunks is batched matrix products over all chunks at
+once; the sequential part is one C x K by K x V product per chunk. The gated rule (gated_delta_rule.py)
+only adds a decay S <- exp(g_t) S before each update; with gamma the cumulative sum of g inside the
+chunk, the decays become the factors exp(gamma_i - gamma_j) on the intra-chunk products (see
+`chunked_core`), so the two cores below take an optional log-decay `g` and serve both families
+(g=None is DeltaNet).
 """
 from __future__ import annotations
 
@@ -82,7 +105,7 @@ def _to_chunks(x: torch.Tensor, dt: torch.dtype, n_chunks: int, C: int) -> torch
 
 
 def chunked_core(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size):
-    """Chunkwise WY form (FLA_NOTES 4.1/4.2), all chunks' local terms at once, a short loop for S.
+    """Chunkwise WY form (module docstring), all chunks' local terms at once, a short loop for S.
 
     Within a chunk (rows i, j; gamma = cumsum of g inside the chunk, Gam_ij = exp(gamma_i - gamma_j) for i >= j):
         L = strict_lower(diag(beta) (K K^T * Gam)),   (I + L) [U | W] = diag(beta) [V | K e^gamma]
@@ -143,8 +166,8 @@ def lean_chunked_core(q, k, v, beta, g, scale, initial_state, output_final_state
     """chunked_core for the dispatchers' PyTorch path. At long context under autograd it keeps only its
     inputs for the backward and recomputes the rest there (torch.utils.checkpoint), as FLA's kernels
     recompute their chunk matrices: otherwise the float32 [C, C] matrices of every chunk and head are
-    kept, ~2 KB per token and head in each layer (on an H200 Gated DeltaNet at batch 4 needed 67 GB at
-    64k tokens). Same numbers either way; short training contexts keep the faster path."""
+    kept, ~2 KB per token and head in each layer (tens of GB for a small model at batch 4 and 64k tokens).
+    Same numbers either way; short training contexts keep the faster path."""
     if q.shape[1] >= RECOMPUTE_FROM and needs_backward(q, k, v, beta, g, initial_state):
         return checkpoint(chunked_core, q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size,
                           use_reentrant=False)
@@ -215,7 +238,7 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
 
 
 def _fla_delta_rule(q, k, v, beta, scale, initial_state, output_final_state, qk_l2norm, chunk_size):
-    from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
+    from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule  # optional dependency (CUDA only)
 
     h0 = initial_state.float() if initial_state is not None else None
     beta = beta.to(q.dtype)

@@ -1,15 +1,15 @@
 """Saved choices of FLA's Triton autotuners, one file per GPU model, so runs skip the autotuning.
 
 FLA autotunes a Triton kernel the first time it meets a new key (head counts, head dims, chunk size,
-dtypes; for a few kernels the batch size): it compiles and times every candidate configuration. On an
-H200 that made DeltaNet's first training step take 65 s to 2.5 min (five runs autotuning at once) and
-cost 10-90 s per shape in the GPU tests.
+dtypes; for a few kernels the batch size): it compiles and times every candidate configuration, which
+delays a run's first training step by tens of seconds to minutes and every new shape in the GPU tests
+by seconds to a minute (the GPU report listed in results/README.md has the figures).
 
-`scripts/fla_tune.py` runs the seed shapes on a GPU and saves what the autotuners chose to
+`scripts/fla_tune.py` runs the bake-off shapes on a GPU and saves what the autotuners chose to
 `attnbench/fla_configs/<GPU name>.json`. Before FLA is first imported (`backend.fla_available`),
 `install()` wraps the constructor of Triton's `Autotuner` (FLA's own `CachedAutotuner` subclasses it) so
-that each FLA kernel's autotuner starts with the saved choices for its keys: Triton then compiles that one configuration and times none. A key not saved autotunes as
-before. The file is used only with the Triton and FLA versions it was tuned with (a kernel's parameters
+that each FLA kernel's autotuner starts with the saved choices for its keys: Triton then compiles that one configuration and times none. A key not saved is autotuned
+as usual. The file is used only with the Triton and FLA versions it was tuned with (a kernel's parameters
 can change between versions). ATTNBENCH_FLA_CONFIGS=off disables it.
 
 (FLA 0.6.0 has its own config cache, but its switch, `configure_fla_cache_autotune`, must run before
@@ -21,13 +21,17 @@ File: {"triton": version, "fla": version, "gpu": name,
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import re
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
+
+import torch
 
 from ..files import atomic_write_text
 
@@ -114,7 +118,7 @@ def read_mergeable(dst: Path, src: Path) -> tuple[dict, dict[str, str | None]]:
 
 
 def merge(dst: Path, src: Path) -> int:
-    """Add the choices saved in `src` (e.g. a GPU test session's file) to `dst`; both must be for the same
+    """Add the choices saved in `src` (e.g. the GPU tests' file) to `dst`; both must be for the same
     Triton and FLA versions. Returns the number of choices taken from src."""
     data, vers = read_mergeable(dst, src)
     entries = [(name, e) for name, es in data.get("kernels", {}).items() for e in es]
@@ -139,15 +143,12 @@ def _write_merged(path: Path, entries: list[tuple[str, dict]], device_name: str 
 def live_fla_tuners() -> list[Any]:
     """FLA's Triton autotuners in this process that have chosen a configuration for some key."""
     try:
-        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.autotuner import Autotuner  # optional dependency (the CUDA stack)
     except ImportError:
         return []
-    import gc
-    import warnings
-
     # type(o), not isinstance(o, ...): isinstance reads o.__class__, which raises ReferenceError on a
-    # weakref.proxy whose object is gone (torch._dynamo.reset() leaves such proxies: the GPU tests' session
-    # capture crashed on one, results/h200-2026-12-02)
+    # weakref.proxy whose object is gone, and torch._dynamo.reset() leaves such proxies among the live
+    # objects that the GPU tests' end-of-run save walks
     with warnings.catch_warnings():  # issubclass on some live classes (deprecated aliases) warns
         warnings.simplefilter("ignore")
         return [o for o in gc.get_objects()
@@ -159,8 +160,6 @@ def save_live(path: Path) -> int:
     tuners = live_fla_tuners()
     if not tuners:
         return 0
-    import torch
-
     return save(path, tuners, torch.cuda.get_device_name(0), versions())
 
 
@@ -184,8 +183,6 @@ def install(device_name: str | None = None, root: Path = CONFIG_ROOT) -> Path | 
     if os.environ.get("ATTNBENCH_FLA_CONFIGS", "on").lower() in ("off", "0", "false"):
         return None
     if device_name is None:
-        import torch
-
         if not torch.cuda.is_available():
             return None
         device_name = torch.cuda.get_device_name(0)
@@ -195,14 +192,12 @@ def install(device_name: str | None = None, root: Path = CONFIG_ROOT) -> Path | 
     saved = load(path, versions())
     if not saved:
         return None
-    import triton
+    import triton  # optional dependency (the CUDA stack)
     from triton.runtime.autotuner import Autotuner
 
     # Every autotuner, however it is made: FLA builds most through triton.autotune, but some kernels
     # (l2norm, causal_conv1d, ...) through its own fla_cache_autotune, whose CachedAutotuner subclasses
-    # Triton's; wrapping triton.autotune alone missed those, and they autotuned in every run (H200,
-    # session 5: 151 compilations and 10 autotunings in a 3-iteration DeltaNet run whose first step came
-    # 84-89 s after start).
+    # Triton's; wrapping triton.autotune alone would miss those, and they would autotune in every run.
     original_init = Autotuner.__init__
 
     def init(self: Any, fn: Any, *args: Any, **kwargs: Any) -> None:

@@ -97,7 +97,7 @@ def dqkwg(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, h
 def install() -> bool:
     """Route FLA's gated chunk_bwd_dqkwg to `dqkwg` (ungated, varlen, GQA and value-first calls still go
     to FLA's). True when installed (or already); False when this FLA's step has another signature."""
-    import fla.ops.gated_delta_rule.chunk as gated_chunk
+    import fla.ops.gated_delta_rule.chunk as gated_chunk  # optional dependency (CUDA only)
 
     original = gated_chunk.chunk_bwd_dqkwg
     if getattr(original, _MARK, False):

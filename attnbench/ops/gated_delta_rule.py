@@ -1,6 +1,14 @@
-"""Gated DeltaNet's rule (FLA_NOTES 4.2): the delta rule with a per-token decay exp(g_t) of the state.
+"""Gated DeltaNet's rule: the delta rule with a per-token decay exp(g_t) of the state.
 
     S~ = exp(g_t) S_{t-1},  u_t = beta_t (v_t - S~^T k_t),  S_t = S~ + k_t u_t^T,  o_t = S_t^T q̂_t
+
+i.e. S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T: the decay (Mamba-2's gate, g_t <= 0)
+forgets the whole memory at a learned per-token rate, the delta update overwrites one key's value. In the
+chunked form, with gamma_i = sum of g over the chunk's rows up to i and Gam_ij = exp(gamma_i - gamma_j)
+for i >= j, the chunk's system and read-out of delta_rule.py become
+
+    L = strict_lower(diag(beta) (K K^T ⊙ Gam)),   (I + L) [U | W] = diag(beta) [V | K e^gamma]
+    V_new = U - W S0,   O = (Q̂ e^gamma) S0 + (Q̂ K^T ⊙ Gam) V_new,   S_C = e^{gamma_C} S0 + (K e^{gamma_C - gamma})^T V_new
 
 Argument order is always (q, k, v, g, beta), g = log-decay `[B, T, H]` (<= 0), beta post-sigmoid.
 The maths lives in delta_rule.py's shared cores; this module adds the gate and the FLA call.
@@ -81,7 +89,7 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
 
 def _fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, qk_l2norm, chunk_size,
                           backward):
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule  # optional dependency (CUDA only)
 
     h0 = initial_state.float() if initial_state is not None else None
     g, beta = g.float(), beta.to(q.dtype)

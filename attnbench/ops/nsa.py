@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -106,8 +107,8 @@ def fla_supported(n_head: int, n_kv_head: int, head_dim: int, block_size: int, b
         reasons.append(f"block_size={block_size} < 2 * next_pow2(block_counts={block_counts})")
     if block_counts < 4:
         # Blocks 0, IC-1, IC tie at the top score; FLA's sorting network breaks the tie by position
-        # (seen on an H200: at t=199, BS=16, S=2 it kept {0, 11} and dropped the query's own block 12),
-        # so with fewer than 3 slots its selection differs from ours (own block > previous > block 0).
+        # (at t=199, BS=16, S=2 it keeps {0, 11}, not the query's own block 12), so with fewer than 3
+        # slots its selection differs from ours (own block > previous > block 0).
         reasons.append(f"block_counts={block_counts} < 4 cannot keep all three always-selected blocks, and "
                        f"FLA picks among them arbitrarily (use block_counts >= 4)")
     max_d = _fla_max_head_dim(device)
@@ -535,9 +536,7 @@ def _fla_call_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
 
 
 def _fla_nsa(q, k, v, g_cmp, g_slc, g_swa, block_size, block_counts, window_size, scale, block_indices):
-    import warnings
-
-    from fla.ops.attn import parallel_attn
+    from fla.ops.attn import parallel_attn  # optional dependency (CUDA only)
     from fla.ops.nsa import parallel_nsa
 
     with warnings.catch_warnings():

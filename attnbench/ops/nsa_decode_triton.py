@@ -24,17 +24,16 @@ registers (to 64k tokens; beyond, each round scans the row in memory), then gath
 keys in one load (up to 128 keys) and attends them with one softmax, instead of a dependent round trip
 per block.
 
-On the H200 (whole model, step compiled and replayed from a CUDA graph, ms/token after 128 / 1k / 4k / 16k
-prompts): one tile per load 0.222 / 0.240 / - / 0.306 (session 7); the wide loads 0.222 / 0.242 / - / 0.302;
-the selection in registers and gathered 0.209 / 0.219 / 0.232 / 0.276 (session 8; the kernel alone, six calls
-in one graph: 7.4 / 9.5 / - / 18.7 µs per call, scripts/nsa_decode_kernel_bench.py). Tried and dropped
-there: the split's tiles in the main kernel's own launch (the last program to finish going on, after an
-atomic counter) was 3.6 µs per call slower at 16k than the second launch.
+Each of these choices removes a dependent round trip to memory, which is what a batch-1 step's time is
+made of; the split's tiles stay in a second launch because finishing them inside the main kernel (the
+last program carrying on after an atomic counter) is slower at 16k tokens of context. The per-token
+figures of each variant (whole model, step compiled and replayed from a CUDA graph, and the kernel alone
+from scripts/nsa_decode_kernel_bench.py) are in the GPU report listed in results/README.md.
 
 Float32 values throughout (the cache may be bf16). Products run on tensor cores in tf32 with float32
 accumulation; the compressed scores, which decide the selection, run in 3xtf32 (float32 accuracy;
 'ieee' beside tf32 in one kernel trips Triton 3.6's compiler). Compiled for sm_90 by the bundled ptxas
-at the seed's shape:
+at the bake-off's NSA shape (attnbench/configs/nsa.toml):
 
 | kernel | warps | registers | spills |
 | --- | --- | --- | --- |
@@ -208,7 +207,7 @@ if triton is not None:
         # 2. selection: block_counts rounds of argmax over the importance row. Where the row fits one scan tile
         # (to 64k tokens at the defaults) it is read once and the rounds run in registers; otherwise each
         # round scans the row in memory and marks its choice there. Then the chosen blocks' keys are gathered,
-        # CH blocks per load (all of them at the seed's shape), and attended with an online softmax.
+        # CH blocks per load (all of them at the bake-off shape), and attended with an online softmax.
         osl = tl.arange(0, BLOCK_S)
         sel = tl.full([BLOCK_S], -1, tl.int64)  # the chosen blocks; -1: nothing left to choose
         if ONE_SEL:

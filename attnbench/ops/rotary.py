@@ -1,4 +1,13 @@
-"""Rotary position embedding (GPT-NeoX half rotation) for attention-type mixers."""
+"""Rotary position embedding (GPT-NeoX half rotation) for attention-type mixers.
+
+For a head of dim D, frequencies theta_i = base^(-2i/D), i < D/2, and position p, the pairs (x_i, x_{i+D/2})
+are rotated by the angle p * theta_i:
+
+    x'_i = x_i cos(p theta_i) - x_{i+D/2} sin(p theta_i),   x'_{i+D/2} = x_{i+D/2} cos(p theta_i) + x_i sin(p theta_i)
+
+Rotating q at position p and k at position s makes q . k depend on p - s only: attention scores see
+relative positions, and no position table bounds the context.
+"""
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,9 @@
-"""Depthwise causal short convolution (FLA_NOTES 4.5), with a rolling state for prefill and decode.
+"""Depthwise causal short convolution, with a rolling state for prefill and decode.
 
     y_t[d] = act(sum_{w<W} weight[d, w] * x_{t-W+1+w}[d] + bias[d]),   weight[:, W-1] hits the current token
+
+(x_s = 0 for s < 0.) Each channel mixes its own last W inputs (W = 4 in the delta mixers), which gives
+q, k and v a little local context before the recurrence; act is SiLU there.
 
 The state `[B, D, W-1]` holds the last W-1 raw inputs (oldest first); zeros mean an empty history.
 FLA's cache is `[B, D, W]` (the last W inputs, of which its forward reads the newest W-1); we convert
@@ -49,7 +52,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def _fla_conv(x, weight, bias, activation, state, output_final_state):
-    from fla.modules.convolution import causal_conv1d as fla_causal_conv1d
+    from fla.modules.convolution import causal_conv1d as fla_causal_conv1d  # optional dependency (CUDA only)
 
     cache = None
     if state is not None:  # FLA's slot 0 (the W-th newest input) is never read by its forward

@@ -1,5 +1,5 @@
 """ops/fla_configs.py on a CUDA GPU: with this GPU's saved file installed, a training step of each FLA mixer
-at the seed preset's shapes times no autotuning candidates (every FLA autotuner it meets starts with its
+at the bakeoff preset's shapes times no autotuning candidates (every FLA autotuner it meets starts with its
 choice, including those FLA builds through its own fla_cache_autotune: l2norm, causal_conv1d)."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.gpu,
 
 
 @pytest.mark.parametrize("mixer", ["deltanet", "gated_deltanet", "gated_deltaproduct", "nsa"])
-def test_a_seed_training_step_times_no_autotuning_candidates(mixer, monkeypatch):
+def test_a_bakeoff_training_step_times_no_autotuning_candidates(mixer, monkeypatch):
     if fla_configs._INSTALLED is None:
         pytest.skip("no saved FLA choices for this GPU and these Triton/FLA versions")
     from triton.runtime.autotuner import Autotuner

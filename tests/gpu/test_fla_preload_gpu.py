@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu,
 
 def test_recorded_fla_kernels_preload_without_failures(tmp_path, monkeypatch):
     monkeypatch.setattr(fla_preload, "_recorded", {})
-    # an unusual shape (7 heads of 32), so this process compiles the kernels here rather than earlier
+    # an unusual shape (7 heads of 32), so this process compiles the kernels here, not in an earlier test
     q, k, v = (torch.randn(1, 80, 7, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     beta = torch.rand(1, 80, 7, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     with fla_preload.recording("probe") as specs:

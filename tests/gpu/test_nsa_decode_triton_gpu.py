@@ -1,4 +1,4 @@
-"""NSA's Triton decode kernel on a CUDA GPU: equal to the PyTorch step at the seed's shapes, taken by the
+"""NSA's Triton decode kernel on a CUDA GPU: equal to the PyTorch step at the bake-off's shapes, taken by the
 decode dispatcher (recorded as 'triton'), and replayable from a CUDA graph."""
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not ndt.available(), reason="needs triton")]
 
 
-def seed_cache(L: int, T: int):
+def bakeoff_cache(L: int, T: int):
     return nsa_random_cache(L, T, device="cuda")
 
 
 @pytest.mark.parametrize("gather", [None, 1], ids=["one-gather", "one-block-per-gather"])
 @pytest.mark.parametrize("L,T", [(1100, 1024), (16448, 16384)])
 def test_kernel_equals_the_pytorch_step_on_the_gpu(L, T, gather):
-    kv, means = seed_cache(L, T)
+    kv, means = bakeoff_cache(L, T)
     for t in (0, 31, 32, T // 2, T - 1):
         q = torch.randn(1, 1, 16, 64, device="cuda").bfloat16()
         gates = torch.rand(1, 1, 16, 3, device="cuda").bfloat16()
@@ -36,7 +36,7 @@ def test_kernel_equals_the_pytorch_step_on_the_gpu(L, T, gather):
 
 def test_dispatcher_takes_the_kernel_and_a_graph_replays_it(monkeypatch):
     monkeypatch.setattr(nsa_ops, "_TRITON_DECODE_OK", {})
-    kv, means = seed_cache(1100, 1024)
+    kv, means = bakeoff_cache(1100, 1024)
     q = torch.randn(1, 1, 16, 64, device="cuda").bfloat16()
     gates = torch.rand(1, 1, 16, 3, device="cuda").bfloat16()
     pos = torch.tensor([700], device="cuda")
@@ -55,7 +55,7 @@ def test_dispatcher_takes_the_kernel_and_a_graph_replays_it(monkeypatch):
 def test_split_replays_from_a_graph_at_16k():
     """At 16k the compressed pass is split over a second launch: replayed from a CUDA graph at positions on
     both sides of the split's tiles it matches the PyTorch step."""
-    kv, means = seed_cache(16448, 16384)
+    kv, means = bakeoff_cache(16448, 16384)
     q = torch.randn(1, 1, 16, 64, device="cuda").bfloat16()
     gates = torch.rand(1, 1, 16, 3, device="cuda").bfloat16()
     pos = torch.tensor([16383], device="cuda")

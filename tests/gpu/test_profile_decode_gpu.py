@@ -1,4 +1,4 @@
-"""scripts/profile_decode.py on a CUDA GPU at the seed shapes: graph replays are timed and the eager step's
+"""scripts/profile_decode.py on a CUDA GPU at the bake-off shapes: graph replays are timed and the eager step's
 kernels counted (the CPU test cannot reach this path)."""
 import re
 

@@ -349,8 +349,8 @@ def test_deltaproduct_decode_through_a_gated_delta_rule_kernel(gated, n, monkeyp
 
 def test_chunked_backward_allocates_linearly_in_the_number_of_chunks():
     """The backward of the chunk recurrence allocates O(T): with 8x the chunks, about 8x the bytes. (Indexing
-    the stacked chunk tensors inside the loop made each chunk's backward write a full-size gradient: 31x
-    here, and the PyTorch op's training throughput fell 18x from T = 256 to 64k on an H200.)"""
+    the stacked chunk tensors inside the loop would make each chunk's backward write a full-size gradient,
+    quadratic in T: about 31x here, and the PyTorch op's long-context training throughput collapses.)"""
     from torch.profiler import ProfilerActivity, profile
 
     from attnbench.ops import delta_rule as dr

@@ -56,7 +56,7 @@ def test_save_then_load_round_trips_keys_and_configs(tmp_path):
 
 
 def test_merge_adds_another_files_choices_of_the_same_versions(tmp_path):
-    """A GPU test session's file (other shapes) merged into the tuned one: union by kernel and key."""
+    """The GPU tests' file (other shapes) merged into the tuned one: union by kernel and key."""
     dst, src = tmp_path / "NVIDIA_H200.json", tmp_path / "tests.json"
     key2 = (5,) + KEY[1:]
     fla_configs.save(dst, [_tuner(chunk_fwd_kernel_h, {KEY: _cfg(BV=32)})], "NVIDIA H200", VERS)
@@ -133,7 +133,7 @@ def test_install_runs_before_fla_is_first_imported(monkeypatch):
 
 
 def test_the_choices_of_fla_autotuners_alive_in_the_process_are_saved(tmp_path, monkeypatch):
-    """save_live (the GPU tests' session hook, scripts/fla_tune.py) finds FLA's autotuners among the live
+    """save_live (the GPU tests' end-of-run hook, scripts/fla_tune.py) finds FLA's autotuners among the live
     objects, skips other Triton autotuners and those that chose nothing, and writes their choices."""
     class Autotuner:  # stand-in for triton.runtime.autotuner.Autotuner
         def __init__(self, fn, cache):
@@ -151,7 +151,7 @@ def test_the_choices_of_fla_autotuners_alive_in_the_process_are_saved(tmp_path, 
     keep = [Autotuner(SimpleNamespace(fn=fla_fn), {KEY: _cfg(BV=32)}), Autotuner(SimpleNamespace(fn=mine), {KEY: _cfg()}),
             Autotuner(SimpleNamespace(fn=fla_fn), {})]
     # a weakref.proxy whose object is gone (torch._dynamo.reset() leaves some): isinstance on it raises
-    # ReferenceError, which crashed the GPU tests' session capture on the H200
+    # ReferenceError, which would stop the GPU tests' end-of-run save
     gone = Autotuner(SimpleNamespace(fn=fla_fn), {KEY: _cfg(BV=64)})
     dead = [weakref.proxy(gone)]
     del gone
@@ -164,8 +164,8 @@ def test_the_choices_of_fla_autotuners_alive_in_the_process_are_saved(tmp_path, 
     del keep, dead
 
 
-def test_the_test_session_saves_fla_choices_where_asked(tmp_path, monkeypatch):
-    """tests/conftest.py's session hook: with ATTNBENCH_SAVE_FLA_CONFIGS=FILE the session ends by saving
+def test_the_test_run_saves_fla_choices_where_asked(tmp_path, monkeypatch):
+    """tests/conftest.py's end-of-run hook: with ATTNBENCH_SAVE_FLA_CONFIGS=FILE the test run ends by saving
     FLA's autotuner choices there; without it, nothing is saved."""
     import conftest
 

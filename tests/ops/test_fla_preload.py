@@ -33,7 +33,7 @@ def test_recording_keeps_fla_kernels_under_the_mixer_and_restores_the_hook(tmp_p
     with fla_preload.recording("nsa"):
         compiled("fla.ops.nsa.parallel", "S3")
     assert specs == ["S1"] and fla_preload._recorded == {"deltanet": ["S1"], "nsa": ["S3"]}
-    with fla_preload.recording("tests:gpu"):  # a session-wide capture around a test that records its own
+    with fla_preload.recording("tests:gpu"):  # a whole-run capture around a test that records its own
         with fla_preload.recording("nsa"):
             compiled("fla.ops.nsa.parallel", "S6")
         compiled("fla.ops.delta_rule.chunk", "S7")  # the outer key resumes

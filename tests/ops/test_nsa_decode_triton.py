@@ -32,7 +32,7 @@ def interpreted():
     (1, 4, 2, 32, 107),   # S = 2: own and previous block only; L not a multiple of BS
     (2, 2, 4, 0, 100),    # no window branch
     (1, 2, 8, 5, 120),    # S * BS > L: fewer blocks than block_counts early on; tiny window
-    (1, 16, 4, 64, 300),  # 16 query heads per KV head (the seed's NSA): tl.dot on every product
+    (1, 16, 4, 64, 300),  # 16 query heads per KV head (the bake-off's NSA): tl.dot on every product
 ])
 @pytest.mark.parametrize("split,gather", [(False, None), (True, None), (False, 3)],
                          ids=["one-program", "split", "gathers-of-3-blocks"])
@@ -73,7 +73,7 @@ def test_kernel_at_the_seed_shape_with_a_bf16_cache_over_several_tiles(interpret
 
 
 def test_kernel_at_16k_with_its_default_loads(interpreted):
-    """The H200 benchmark's longest prompt: a 16,448-position bf16 cache holds 514 block means, nine tiles for
+    """The GPU latency benchmark's longest prompt: a 16,448-position bf16 cache holds 514 block means, nine tiles for
     the split kernel; the main program reads their partials in two loads (8 + 1) and the 514 scores in two
     (512 + 2), the defaults, both ragged."""
     B, H, G, D, bs, S, W, L, T = 1, 1, 16, 64, 32, 4, 64, 16448, 16384
@@ -148,7 +148,7 @@ print("compiled")
 def test_kernel_compiles_for_hopper_with_the_real_compiler():
     """The interpreter does not apply the compiler's rules (e.g. kernels may read only constexpr globals):
     compile the kernels to sm_90 cubins with Triton's own toolchain (no GPU needed), in a process
-    without TRITON_INTERPRET, for the seed's shape (tl.dot paths) and a small one (broadcast paths), with
+    without TRITON_INTERPRET, for the bake-off's shape (tl.dot paths) and a small one (broadcast paths), with
     and without the split compressed pass."""
     import subprocess
     import sys
