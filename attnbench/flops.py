@@ -19,7 +19,7 @@ from .config import ModelConfig
 from .mixers.base import Mixer
 from .params import Match, match_all, match_shape
 
-__all__ = ["model_flops_per_token", "train_flops_per_token", "state_numbers", "flops_table", "crossover_T",
+__all__ = ["model_flops_per_token", "train_flops_per_token", "decode_state_elements", "flops_table", "crossover_T",
            "format_flops_table"]
 
 
@@ -59,11 +59,11 @@ def train_flops_per_token(model_cfg: ModelConfig, T: Optional[int] = None) -> fl
     return 3.0 * model_flops_per_token(model_cfg, T or model_cfg.block_size)["total"]
 
 
-def state_numbers(model_cfg: ModelConfig, T: int) -> int:
+def decode_state_elements(model_cfg: ModelConfig, T: int) -> int:
     """Numbers one sequence keeps to continue decoding at context T, summed over layers (KV caches for
     attention, recurrent matrices and convolution tails for the delta family)."""
     cls = registry.get(model_cfg.mixer)
-    return int(model_cfg.n_layer * cls.state_numbers(model_cfg, T))  # the same mixer in every block
+    return int(model_cfg.n_layer * cls.decode_state_elements(model_cfg, T))  # the same mixer in every block
 
 
 # ---------------------------------------------------------------- tables for the README / CLI
@@ -87,7 +87,7 @@ def flops_table(budget: Any, Ts: Sequence[int] = (256, 8192), mixers: Optional[S
     rows = []
     for m in matches:
         cls = registry.get(m.mixer)
-        if not all(getattr(cls, f).__func__ is not getattr(Mixer, f).__func__ for f in ("flops_per_token", "state_numbers")):
+        if not all(getattr(cls, f).__func__ is not getattr(Mixer, f).__func__ for f in ("flops_per_token", "decode_state_elements")):
             continue  # a mixer without accounting yet: no row rather than no table
         cross = cross_mixer = None
         if m.mixer != "softmax":
@@ -99,7 +99,7 @@ def flops_table(budget: Any, Ts: Sequence[int] = (256, 8192), mixers: Optional[S
             ref = model_flops_per_token(soft, T)["total"] if soft is not None else None
             rows.append({"mixer": m.mixer, "T": int(T), "mixer_flops": f["mixer"], "total_flops": f["total"],
                          "vs_softmax": f["total"] / ref if ref else None,
-                         "state_numbers": state_numbers(m.model_cfg, T), "crossover_T": cross,
+                         "decode_state_elements": decode_state_elements(m.model_cfg, T), "crossover_T": cross,
                          "crossover_T_mixer": cross_mixer})
     return rows
 
@@ -171,7 +171,7 @@ def format_flops_table(rows: list[dict[str, Any]], matches: Optional[list] = Non
             r = by[(n, T)]
             row += [_fmt_flops(r["mixer_flops"]), _fmt_flops(r["total_flops"]),
                     f"{r['vs_softmax']:.2f}" if r["vs_softmax"] is not None else "-"]
-        row += [_fmt_flops(by[(n, T)]["state_numbers"]) for T in Ts]
+        row += [_fmt_flops(by[(n, T)]["decode_state_elements"]) for T in Ts]
         c, cm = (by[(n, Ts[0])][k] for k in ("crossover_T", "crossover_T_mixer"))
         show = lambda c: f"{c:,}" if c is not None else "never (<= 1M)"  # noqa: E731
         row.append("-" if n == "softmax" else f"{show(c)} / {show(cm)}")

@@ -1,6 +1,6 @@
 """Model-level FLOPs and state sizes (attnbench/flops.py) against FlopCounterMode and real caches.
 
-The analytic counts come from each mixer class (`flops_per_token`, `state_numbers`); these tests check
+The analytic counts come from each mixer class (`flops_per_token`, `decode_state_elements`); these tests check
 the whole GPT at the 10.7M-parameter matched shapes (1-2 layers to stay fast).
 """
 import dataclasses
@@ -76,7 +76,7 @@ def test_parts_of_the_softmax_model():
     assert f["total"] == f["mixer"] + f["mlp"] + f["lm_head"]
     assert flops.train_flops_per_token(cfg) == 3 * f["total"]
     assert flops.train_flops_per_token(cfg, 1024) == 3 * flops.model_flops_per_token(cfg, 1024)["total"]
-    assert flops.state_numbers(cfg, T) == L * 2 * T * d
+    assert flops.decode_state_elements(cfg, T) == L * 2 * T * d
 
 
 def _numel(state) -> int:
@@ -92,9 +92,9 @@ def _numel(state) -> int:
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
-def test_state_numbers_equal_the_cache(mixer, shapes):
-    """After a prefill of T tokens into a cache of exactly T, the states hold state_numbers(cfg, T)."""
-    _skip_without(mixer, "state_numbers")
+def test_decode_state_elements_equal_the_cache(mixer, shapes):
+    """After a prefill of T tokens into a cache of exactly T, the states hold decode_state_elements(cfg, T)."""
+    _skip_without(mixer, "decode_state_elements")
     cfg = replace(shapes[mixer], n_layer=2, block_size=64, backend="torch")
     torch.manual_seed(0)
     model = GPT(cfg).eval()
@@ -102,7 +102,7 @@ def test_state_numbers_equal_the_cache(mixer, shapes):
         cache = model.new_cache(1, T)
         with torch.no_grad():
             model(torch.randint(0, cfg.vocab_size, (1, T)), cache=cache)
-        assert sum(_numel(s) for s in cache.states) == flops.state_numbers(cfg, T), (mixer, T)
+        assert sum(_numel(s) for s in cache.states) == flops.decode_state_elements(cfg, T), (mixer, T)
 
 
 def test_crossover_is_where_a_mixer_stays_cheaper(shapes):

@@ -16,7 +16,7 @@ from helpers import (check_batch_independent, check_causal, check_greedy_generat
                      state_elements)
 
 from attnbench import flops, mixers
-from attnbench.bench.latency import host_frozen_check
+from attnbench.bench.decode_graph import host_frozen_check
 from attnbench.config import ModelConfig
 from attnbench.errors import ConfigError
 from attnbench.mixers import Mixer, MixerArgs, register

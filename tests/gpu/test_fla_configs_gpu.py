@@ -35,7 +35,7 @@ def test_a_bakeoff_training_step_times_no_autotuning_candidates(mixer, monkeypat
     cfg = bench_config(shape.cfg, 256)
     model = build_model(cfg, "cuda").train()
     opt = make_optimizer(model, "cuda")
-    x, y = random_batch(cfg.vocab_size, 64, 256, "cuda")  # the seed preset's training batch
+    x, y = random_batch(cfg.vocab_size, 64, 256, "cuda")  # the bakeoff preset's training batch
     train_step(model, opt, x, y, precision("autocast", "cuda", inference=False), "cuda")
     torch.cuda.synchronize()
     assert sorted(set(timed)) == [], f"autotuned despite the saved file: {sorted(set(timed))}"
