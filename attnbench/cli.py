@@ -6,6 +6,7 @@ import logging
 import sys
 
 from .errors import AttnbenchError
+from .preemption import EXIT_PREEMPTED, Preempted
 
 
 def _train_cli(sub: argparse._SubParsersAction) -> None:
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except AttnbenchError as e:
         print(f"attnbench: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"attnbench: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("attnbench: interrupted", file=sys.stderr)
         return 130

@@ -74,6 +74,9 @@ def _read_text(input_path: Path) -> tuple[str, bytes]:
     raw = input_path.read_bytes()
     if not raw:
         raise AttnbenchError(f"input file is empty: {input_path}")
+    if b"\0" in raw:
+        raise AttnbenchError(f"input file is binary, not text: {input_path} (it holds NUL bytes, at byte "
+                             f"{raw.index(0)}); pass a UTF-8 text file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
