@@ -190,6 +190,8 @@ def _stopping(stop: StopRequest, dinfo: distributed.Dist, dev: str, synced: bool
 def _out_of_memory(cfg: RunConfig, dinfo: distributed.Dist, run_dir: Path, last_good: int, where: str) -> OutOfMemory:
     """The message for a CUDA out-of-memory error: what did not fit and settings that would."""
     tc, m = cfg.train, cfg.model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # what the failed step had cached goes back to the GPU
     keep = f"The last checkpoint (step {last_good}) in {run_dir / 'ckpt'} is kept."
     if where == "evaluation":
         return OutOfMemory(f"out of GPU memory evaluating {m.mixer} with eval_batch_size={tc.eval_batch_size} x "
@@ -197,8 +199,10 @@ def _out_of_memory(cfg: RunConfig, dinfo: distributed.Dist, run_dir: Path, last_
                            f"(it does not change the results; resume with --resume). {keep}")
     per = " per process" if dinfo.enabled else ""
     if tc.batch_size > 1:
-        fix = (f"halve the micro-batch and double the accumulation, the same {tc.batch_size * m.block_size * tc.gradient_accumulation_steps} "
-               f"tokens per step: --batch_size={tc.batch_size // 2} --gradient_accumulation_steps={tc.gradient_accumulation_steps * 2} "
+        d = next(k for k in range(2, tc.batch_size + 1) if tc.batch_size % k == 0)  # 2 for an even batch
+        fix = (f"a micro-batch {d} times smaller with {d} times the accumulation trains on the same "
+               f"{tc.batch_size * m.block_size * tc.gradient_accumulation_steps} tokens per step: "
+               f"--batch_size={tc.batch_size // d} --gradient_accumulation_steps={tc.gradient_accumulation_steps * d} "
                "(a new run: a run resumes only with its own batch settings)")
     else:
         fix = f"one sequence does not fit: lower model.block_size ({m.block_size}) or the model's size"
@@ -410,7 +414,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
     t_interval, it_interval, step_times = time.perf_counter(), 0, []
     last_good = start_iter
     it = start_iter
-    interrupted = False
+    interrupted, oom = False, None
     signal_at = _SIGNAL_AT_STEP.split(":") if _SIGNAL_AT_STEP else None
 
     def log_interval_row(lr: float) -> None:
@@ -467,8 +471,11 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
                 ys = torch.stack([y for _, y in batch]).to(dev, non_blocking=True)
                 try:
                     train_step(xs, ys)
+                    oom = None
                 except torch.OutOfMemoryError:
-                    raise _out_of_memory(cfg, dinfo, run_dir, last_good, "step") from None
+                    oom = "step"  # raised below, outside the handler: the error must not pin the step's tensors
+                if oom:
+                    raise _out_of_memory(cfg, dinfo, run_dir, last_good, oom)
                 it += 1
                 tokens_seen += tokens_per_iter
                 if it == _KILL_AT_STEP:  # test hook: die like `kill -9` would, mid-run
@@ -481,7 +488,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
         except KeyboardInterrupt:
             interrupted = True
         except torch.OutOfMemoryError:
-            raise _out_of_memory(cfg, dinfo, run_dir, last_good, "evaluation") from None
+            oom = "evaluation"
         except DiskFullError as e:
             raise DiskFullError(f"{e}. Training stopped at step {it}; the last checkpoint (step {last_good}) in "
                                 f"{run_dir / 'ckpt'} is kept: continue with --resume once there is space") from None
@@ -493,6 +500,8 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
                                 f"resume from it with --resume") from None
     if bar is not None:
         bar.close()
+    if oom:
+        raise _out_of_memory(cfg, dinfo, run_dir, last_good, oom)
     if interrupted:
         if dinfo.is_main:
             print(f"interrupted at step {it}; resume with --resume (last checkpoint: step {last_good})")
