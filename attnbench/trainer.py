@@ -336,6 +336,10 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
         if ckpt_path is not None:  # drop rows logged after the checkpoint: they are about to be redone
             rows = [r for r in read_jsonl(run_dir / METRICS) if r.get("step", 0) <= start_iter]
             atomic_write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+        elif (run_dir / METRICS).exists():  # --resume of a start that stopped before its first checkpoint
+            print(f"{run_dir} has no checkpoint yet (its earlier start stopped before the first one): "
+                  "training starts at step 0")
+            atomic_write_text(run_dir / METRICS, "")
 
     raw_model = model
     preloaded = None

@@ -43,6 +43,9 @@ FAULTS: tuple[Fault, ...] = (
     Fault("ckpt-no-manifest", "a checkpoint folder without manifest.json (an older attnbench's)",
           "manifest.json deleted", "it loads (checked as far as the files allow: safetensors header, "
           "state.pt's zip checksums); cut short it counts as damaged", "the folder"),
+    Fault("resume-without-checkpoint", "`--resume` of a start that stopped before its first checkpoint",
+          "ckpt/ removed from a run folder that has config.json and metrics.jsonl", "a line saying there is no "
+          "checkpoint yet and training starts at step 0; each step is logged once", "config.json"),
     Fault("ckpt-write-killed", "process killed while writing a checkpoint", "the state file's write raises SystemExit",
           "nothing: latest.json still names the previous checkpoint", "the previous checkpoint"),
     Fault("ckpt-latest-lost", "ckpt/latest.json deleted", "file removed",

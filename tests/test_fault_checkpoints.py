@@ -142,3 +142,12 @@ def test_checkpoint_without_manifest_loads_unverified_and_a_cut_one_is_damaged(t
     shutil.copy(folder_of(out, 10) / ck.MODEL_FILE, newest / ck.MODEL_FILE)
     damage(newest / ck.STATE_FILE, "truncated")
     assert ck.STATE_FILE in ck.verify_checkpoint(newest)
+
+
+@pytest.mark.fault("resume-without-checkpoint")
+def test_resume_of_a_start_without_checkpoint_says_so_and_logs_each_step_once(trained, tmp_path, capsys):
+    out, cfg = copy_run(trained, tmp_path)
+    shutil.rmtree(out / "ckpt")  # as a start killed before its first checkpoint leaves it: config and metrics only
+    s = attnbench.train(cfg, {"resume": True})
+    assert "no checkpoint yet" in capsys.readouterr().out and s["steps"] == 20
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == list(range(1, 21))
