@@ -74,7 +74,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dic
     try:
         tmp.mkdir()
         save_model(model, str(tmp / MODEL_FILE))
-        torch.save({**state, "step": step}, tmp / STATE_FILE)
+        with open(tmp / STATE_FILE, "wb") as f:  # a Python file: a full disk surfaces as OSError (ENOSPC)
+            torch.save({**state, "step": step}, f)
         files = {}
         for f in PAYLOAD:
             _fsync_file(tmp / f)
@@ -82,7 +83,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dic
         atomic_write_json(tmp / MANIFEST, {"step": step, "files": files})
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a partial folder only takes space; latest.json never named it
-        if is_disk_full(e) or isinstance(e.__cause__, OSError) and is_disk_full(e.__cause__):
+        if is_disk_full(e):
             raise disk_full_error(ckdir / name, _nbytes(model.state_dict()) + _nbytes(state)) from e
         raise
     os.replace(tmp, ckdir / name)

@@ -32,8 +32,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def is_disk_full(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in _FULL
+def is_disk_full(e: BaseException | None) -> bool:
+    """Whether `e`, or an exception it was raised from, is a full disk. Libraries that write in native code
+    wrap it: safetensors raises SafetensorError("... No space left on device (os error 28)"), torch.save
+    into a Python file a RuntimeError raised while handling the OSError."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DiskFullError) or isinstance(e, OSError) and e.errno in _FULL:
+            return True
+        if any(os.strerror(code) in str(e) for code in _FULL):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def format_bytes(n: float) -> str:

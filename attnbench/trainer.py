@@ -211,6 +211,11 @@ def _out_of_memory(cfg: RunConfig, dinfo: distributed.Dist, run_dir: Path, last_
                        f"gradient_accumulation_steps={tc.gradient_accumulation_steps}: {fix}. {keep}")
 
 
+def _disk_full(e: DiskFullError, step: int, last_good: int, run_dir: Path) -> DiskFullError:
+    return DiskFullError(f"{e}. Training stopped at step {step}; the last checkpoint (step {last_good}) in "
+                         f"{run_dir / 'ckpt'} is kept: continue with --resume once there is space")
+
+
 # ------------------------------------------------------------------ the run
 
 
@@ -494,8 +499,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
         except torch.OutOfMemoryError:
             oom = "evaluation"
         except DiskFullError as e:
-            raise DiskFullError(f"{e}. Training stopped at step {it}; the last checkpoint (step {last_good}) in "
-                                f"{run_dir / 'ckpt'} is kept: continue with --resume once there is space") from None
+            raise _disk_full(e, it, last_good, run_dir) from None
         except NonFiniteLoss as e:
             if bar is not None:
                 bar.close()
@@ -520,7 +524,10 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
         final_val = last_val  # resumed from the final checkpoint (killed before summary.json): no second eval
     else:
         final_val = run_eval(it)
-        checkpoint(it)
+        try:
+            checkpoint(it)
+        except DiskFullError as e:
+            raise _disk_full(e, it, last_good, run_dir) from None
     # steady-state speed: skip the first logged interval (compilation, warm-up)
     steady = step_times[1:] or step_times
     ms_iter = 1000 * sum(d for _, d in steady) / max(1, sum(n for n, _ in steady))

@@ -83,14 +83,17 @@ def half_then_full(real, nth: int):
     """`real(obj, path)` whose nth call writes half the file and then finds the disk full."""
     calls = []
 
-    def write(obj, path, *a, **k):
-        calls.append(path)
+    def write(obj, target, *a, **k):
+        calls.append(target)
         if len(calls) < nth:
-            return real(obj, path, *a, **k)
-        real(obj, path, *a, **k)
-        data = Path(path).read_bytes()
-        Path(path).write_bytes(data[: len(data) // 2])
-        raise no_space(path)
+            return real(obj, target, *a, **k)
+        real(obj, target, *a, **k)
+        if hasattr(target, "write"):  # an open file
+            target.truncate(target.tell() // 2)
+            raise no_space(target.name)
+        data = Path(target).read_bytes()
+        Path(target).write_bytes(data[: len(data) // 2])
+        raise no_space(target)
 
     return write
 
