@@ -13,16 +13,16 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.fault("oom-gpu")
 def test_a_batch_past_the_gpus_memory_is_a_named_error(tiny_data, tmp_path):
-    # 2^19 sequences of 256 tokens: the embeddings alone (134M tokens x 64 x 4 bytes) are 34 GB, and a layer's
-    # saved activations several times that, far past one GPU's memory
-    batch = 1 << 19
+    # 2^20 sequences of 256 tokens at width 256: the token embeddings alone (2^36 floats, 256 GiB) are past
+    # any one GPU's memory, so the first allocation of the step fails (before any kernel meets 2^31 elements)
+    batch = 1 << 20
     cfg = tiny_run_config(tiny_data, tmp_path / "run", **{
-        "model.block_size": 256, "model.n_embd": 64, "train.batch_size": batch, "train.max_iters": 2,
+        "model.block_size": 256, "model.n_embd": 256, "train.batch_size": batch, "train.max_iters": 2,
         "train.eval_batch_size": 4, "train.device": "cuda"})
     with pytest.raises(OutOfMemory) as e:
         attnbench.train(cfg)
     msg = str(e.value)
-    assert f"out of GPU memory in a training step of softmax (2 layers, n_embd 64) with batch_size={batch} x " \
+    assert f"out of GPU memory in a training step of softmax (2 layers, n_embd 256) with batch_size={batch} x " \
            "block_size=256 (context)" in msg
     assert f"--batch_size={batch // 2} --gradient_accumulation_steps=2" in msg and "last checkpoint (step 0)" in msg
     kept = ck.latest_checkpoint(tmp_path / "run")
