@@ -40,7 +40,7 @@ FAULTS: tuple[Fault, ...] = (
     Fault("ckpt-damaged-pruning", "a damaged checkpoint older than `keep_checkpoints` newer ones",
           "truncated model.safetensors, then more checkpoints written", "nothing (pruning passes over it)",
           "the damaged folder; `keep_checkpoints` intact ones"),
-    Fault("ckpt-no-manifest", "a checkpoint folder without manifest.json (an older attnbench's)",
+    Fault("ckpt-no-manifest", "a checkpoint folder without manifest.json",
           "manifest.json deleted", "it loads (checked as far as the files allow: safetensors header, "
           "state.pt's zip checksums); cut short it counts as damaged", "the folder"),
     Fault("resume-without-checkpoint", "`--resume` of a start that stopped before its first checkpoint",
