@@ -151,3 +151,11 @@ def test_resume_of_a_start_without_checkpoint_says_so_and_logs_each_step_once(tr
     s = attnbench.train(cfg, {"resume": True})
     assert "no checkpoint yet" in capsys.readouterr().out and s["steps"] == 20
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == list(range(1, 21))
+
+
+@pytest.mark.fault("ckpt-latest-empty")
+def test_empty_latest_json_falls_back_to_the_newest_intact_folder(trained, tmp_path):
+    out, cfg = copy_run(trained, tmp_path)
+    (out / "ckpt" / "latest.json").write_text("")
+    assert ck.resume_checkpoint(out) == folder_of(out, 20)
+    assert attnbench.train(cfg, {"resume": True})["steps"] == 20

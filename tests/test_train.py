@@ -94,6 +94,7 @@ def test_resume_after_kill_is_bit_for_bit(tiny_data, tmp_path):
     assert sa["final_val_loss"] == sb["final_val_loss"]
 
 
+@pytest.mark.fault("run-overwrite", "resume-other-settings")
 def test_refuses_to_overwrite_and_checks_resume_config(tiny_data, tmp_path):
     out = tmp_path / "run"
     cfg = tiny_run_config(tiny_data, out, **{"train.max_iters": 10})
