@@ -144,6 +144,8 @@ def verify_checkpoint(path: str | Path) -> str | None:
     if not isinstance(files, dict) or set(PAYLOAD) - set(files):
         return f"{MANIFEST} does not list {', '.join(PAYLOAD)}"
     for name, want in files.items():
+        if not isinstance(want, dict):
+            return f"{MANIFEST} is malformed at {name!r}"
         f = path / name
         try:
             size = f.stat().st_size
