@@ -9,6 +9,7 @@ from . import params_cli, report, run, sample, sweep
 from .bench import cli as bench_cli
 from .data import prepare
 from .errors import AttnbenchError
+from .preemption import EXIT_PREEMPTED, Preempted
 from .trainer import train
 
 
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except AttnbenchError as e:
         print(f"attnbench: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"attnbench: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("attnbench: interrupted", file=sys.stderr)
         return 130

@@ -273,6 +273,23 @@ def _apply_tree(cfg: RunConfig, d: dict[str, Any], source: str, prefix: str = ""
             _set(cfg, dotted, v, source)
 
 
+def read_toml(path: Path, what: str) -> tuple[str, dict[str, Any]]:
+    """The text and the table of a TOML file a user handed in; ConfigError naming the file when it is not
+    UTF-8 text (a binary file given by mistake) or not valid TOML."""
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise ConfigError(f"{what} {path} is a binary file, not TOML text (it holds NUL bytes); pass a .toml file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason}); TOML files are UTF-8: "
+                          "pass a .toml file, or convert it (e.g. iconv -f latin1 -t utf-8)") from None
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
 def parse_overrides(args: list[str] | dict[str, Any] | None) -> list[tuple[str, Any]]:
     """`['--max_iters=2', '--model.n_layer=4']` or `{'max_iters': 2}` -> [(key, value), ...]."""
     if not args:
@@ -327,10 +344,7 @@ def parse_config(path: str | Path | dict | RunConfig | None = None,
                 bundled = ", ".join(sorted(f.stem for f in CONFIGS_DIR.glob("*.toml")))
                 raise ConfigError(f"config file {str(Path(path))!r} not found; pass a TOML file or a bundled config "
                                   f"({bundled})")
-            try:
-                tree = tomllib.loads(p.read_text())
-            except tomllib.TOMLDecodeError as e:
-                raise ConfigError(f"{p}: not valid TOML: {e}") from None
+            _, tree = read_toml(p, "config file")
             _apply_tree(cfg, tree, source=str(p))
     for k, v in parse_overrides(overrides):
         _set(cfg, k, v, source=f"override --{k}")

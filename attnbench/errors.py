@@ -17,6 +17,10 @@ class ConfigError(AttnbenchError):
     """A configuration key, type or combination is invalid."""
 
 
+class DiskFullError(AttnbenchError):
+    """A write failed for lack of space; the files written before it are intact (attnbench.files)."""
+
+
 def did_you_mean(word: str, candidates: Iterable[str], prefix: str = "", list_all: bool = False,
                  cutoff: float = 0.5) -> str:
     """'; did you mean <prefix>X?' for the nearest candidate, else the valid choices (with list_all) or ''.

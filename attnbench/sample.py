@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import load_checkpoint, resume_checkpoint
 from .config import RunConfig
 from .data import Corpus
 from .resolve import load_config
@@ -21,7 +21,7 @@ def load_run(out_dir: str | Path, device: str = "cpu") -> tuple[GPT, RunConfig]:
     if not (run / "config.json").is_file():
         raise AttnbenchError(f"{run} is not a run folder (no config.json); pass the --out_dir of a training run")
     cfg = load_config(json.loads((run / "config.json").read_text()))
-    ckpt = latest_checkpoint(run)
+    ckpt = resume_checkpoint(run)  # the newest intact one; damaged folders stay, with a warning
     if ckpt is None:
         raise AttnbenchError(f"{run} has no checkpoint yet; train it first (attnbench train ...)")
     cfg.model.dropout = 0.0
@@ -35,6 +35,10 @@ def sample(out_dir: str, start: str = "\n", num_samples: int = 3, max_new_tokens
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     model, cfg = load_run(out_dir, device)
     corpus = Corpus.load(cfg.data.data_dir, cfg.data.dataset)
+    if corpus.vocab_size != cfg.model.vocab_size:
+        raise AttnbenchError(f"{corpus.folder / 'meta.json'} has {corpus.vocab_size} tokens but the run in {out_dir} was "
+                             f"trained on {cfg.model.vocab_size}: the dataset was prepared again from another text or "
+                             "tokenizer; prepare it again from the run's own source text")
     if start.startswith("FILE:"):
         start = Path(start[5:]).read_text()
     ids = corpus.encode(start)

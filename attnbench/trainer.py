@@ -18,25 +18,32 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
 from .config import RunConfig
 from .resolve import load_config
 from .data import BatchSampler, Corpus, val_windows
-from .errors import AttnbenchError
+from .errors import AttnbenchError, DiskFullError
 from .flops import train_flops_per_token
 from .graphed_step import GraphedStep, make_graph_safe, set_lr
 from .files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from .model import GPT
 from .ops import fla_preload
 from .ops.backend import gated_backward_route, record_backends
+from .preemption import Preempted, StopRequest, stop_requests
 
 SUMMARY, METRICS, CONFIG = "summary.json", "metrics.jsonl", "config.json"
 # Tests set this to SIGKILL the process right after a given step (a crash at the worst moment).
 _KILL_AT_STEP = int(os.environ.get("ATTNBENCH_TEST_KILL_AT_STEP", "-1"))
+# Tests set this to "STEP:SIGNAME" to have the process send itself that signal right after a given step.
+_SIGNAL_AT_STEP = os.environ.get("ATTNBENCH_TEST_SIGNAL_AT_STEP", "")
 
 
 class NonFiniteLoss(AttnbenchError):
     """The loss became NaN or inf; the run stopped and kept its last good checkpoint."""
+
+
+class OutOfMemory(AttnbenchError):
+    """A training step or an evaluation did not fit in the GPU's memory; the last checkpoint is kept."""
 
 
 # ------------------------------------------------------------------ pieces
@@ -168,23 +175,45 @@ def _wandb_id(run_dir: Path) -> str:
     return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _stop_on_sigterm():
-    """SIGTERM (a scheduler stopping us) behaves like Ctrl-C: stop at a step boundary."""
-    prev = signal.getsignal(signal.SIGTERM)
+def _stopping(stop: StopRequest, dinfo: distributed.Dist, dev: str, synced: bool) -> bool:
+    """Whether to stop for a preemption signal now. One process: as soon as one arrived. Under torchrun the
+    ranks agree (an all-reduce) at log steps only, where the loop synchronises anyway."""
+    if not dinfo.enabled:
+        return bool(stop)
+    if not synced:
+        return False
+    flag = torch.tensor(float(bool(stop)), device=dev)
+    distributed.all_reduce_sum(flag, dinfo)
+    return flag.item() > 0
 
-    def handler(signum, frame):
-        raise KeyboardInterrupt
 
-    try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        prev = None
-    try:
-        yield
-    finally:
-        if prev is not None:
-            signal.signal(signal.SIGTERM, prev)
+def _out_of_memory(cfg: RunConfig, dinfo: distributed.Dist, run_dir: Path, last_good: int, where: str) -> OutOfMemory:
+    """The message for a CUDA out-of-memory error: what did not fit and settings that would."""
+    tc, m = cfg.train, cfg.model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # what the failed step had cached goes back to the GPU
+    keep = f"The last checkpoint (step {last_good}) in {run_dir / 'ckpt'} is kept."
+    if where == "evaluation":
+        return OutOfMemory(f"out of GPU memory evaluating {m.mixer} with eval_batch_size={tc.eval_batch_size} x "
+                           f"block_size={m.block_size}: use --eval_batch_size={max(1, tc.eval_batch_size // 2)} "
+                           f"(it does not change the results; resume with --resume). {keep}")
+    per = " per process" if dinfo.enabled else ""
+    if tc.batch_size > 1:
+        d = next(k for k in range(2, tc.batch_size + 1) if tc.batch_size % k == 0)  # 2 for an even batch
+        fix = (f"a micro-batch {d} times smaller with {d} times the accumulation trains on the same "
+               f"{tc.batch_size * m.block_size * tc.gradient_accumulation_steps} tokens per step: "
+               f"--batch_size={tc.batch_size // d} --gradient_accumulation_steps={tc.gradient_accumulation_steps * d} "
+               "(a new run: a run resumes only with its own batch settings)")
+    else:
+        fix = f"one sequence does not fit: lower model.block_size ({m.block_size}) or the model's size"
+    return OutOfMemory(f"out of GPU memory in a training step of {m.mixer} ({m.n_layer} layers, n_embd {m.n_embd}) "
+                       f"with batch_size={tc.batch_size}{per} x block_size={m.block_size} (context) x "
+                       f"gradient_accumulation_steps={tc.gradient_accumulation_steps}: {fix}. {keep}")
+
+
+def _disk_full(e: DiskFullError, step: int, last_good: int, run_dir: Path) -> DiskFullError:
+    return DiskFullError(f"{e}. Training stopped at step {step}; the last checkpoint (step {last_good}) in "
+                         f"{run_dir / 'ckpt'} is kept: continue with --resume once there is space")
 
 
 # ------------------------------------------------------------------ the run
@@ -194,7 +223,6 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
     """Check the run folder before any work: refuse to overwrite a run unless resuming, and refuse to
     resume with a different configuration."""
     run_dir = Path(cfg.train.out_dir)
-    ckpt = latest_checkpoint(run_dir)
     saved = run_dir / CONFIG
     if cfg.train.resume:
         if saved.is_file():
@@ -203,8 +231,8 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
             if diffs:
                 raise AttnbenchError(f"--resume: {run_dir} was started with a different configuration ({'; '.join(diffs)}). "
                                      "Resume with the same settings or pick another --out_dir.")
-        return run_dir, ckpt
-    if ckpt is not None or (run_dir / SUMMARY).exists() or (run_dir / METRICS).exists():
+        return run_dir, resume_checkpoint(run_dir)  # the newest intact one; damaged folders stay, with a warning
+    if latest_checkpoint(run_dir) is not None or (run_dir / SUMMARY).exists() or (run_dir / METRICS).exists():
         raise AttnbenchError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out_dir "
                              "(attnbench never overwrites a run)")
     return run_dir, None
@@ -313,6 +341,10 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
         if ckpt_path is not None:  # drop rows logged after the checkpoint: they are about to be redone
             rows = [r for r in read_jsonl(run_dir / METRICS) if r.get("step", 0) <= start_iter]
             atomic_write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+        elif (run_dir / METRICS).exists():  # --resume of a start that stopped before its first checkpoint
+            print(f"{run_dir} has no checkpoint yet (its earlier start stopped before the first one): "
+                  "training starts at step 0")
+            atomic_write_text(run_dir / METRICS, "")
 
     raw_model = model
     preloaded = None
@@ -334,17 +366,18 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
     elif dinfo.is_main:
         print(f"training {cfg.model.mixer}: {n_params / 1e6:.2f}M parameters, {tc.max_iters} iterations -> {run_dir}")
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int) -> Path | None:
         rngs = [None] * dinfo.world_size
         if dinfo.enabled:
             torch.distributed.all_gather_object(rngs, _rng_state(device))
         else:
             rngs = [_rng_state(device)]
         if dinfo.is_main:
-            save_checkpoint(run_dir, step, raw_model, {
+            return save_checkpoint(run_dir, step, raw_model, {
                 "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "rng": rngs,
                 "best_val_loss": best_val, "last_val_loss": last_val, "tokens": tokens_seen,
                 "train_time_s": train_time}, keep=tc.keep_checkpoints)
+        return None
 
     def run_eval(step: int) -> float:
         nonlocal best_val, last_val
@@ -388,10 +421,38 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
     t_interval, it_interval, step_times = time.perf_counter(), 0, []
     last_good = start_iter
     it = start_iter
-    interrupted = False
-    with _stop_on_sigterm(), record_backends() as op_backends:  # which kernels ran: for the summary
+    interrupted, oom = False, None
+    signal_at = _SIGNAL_AT_STEP.split(":") if _SIGNAL_AT_STEP else None
+
+    def log_interval_row(lr: float) -> None:
+        """The mean training loss of the steps since the last row (the only host sync of the interval)."""
+        nonlocal loss_acc, it_interval, t_interval, train_time
+        if dinfo.enabled:  # the logged loss is the global batch's, as with one process
+            distributed.all_reduce_sum(loss_acc, dinfo)
+            loss_acc /= dinfo.world_size
+        lossf = loss_acc.item() / it_interval
+        if not math.isfinite(lossf):
+            raise NonFiniteLoss(f"loss is {lossf} at step {it}")
+        dt = time.perf_counter() - t_interval
+        train_time += dt
+        step_times.append((it_interval, dt))
+        row = {"step": it, "loss": lossf, "lr": lr, "tokens": tokens_seen, "flops": tokens_seen * flops_per_token,
+               "tokens_per_s": tokens_per_iter * it_interval / dt, "ms_per_iter": 1000 * dt / it_interval,
+               "train_time_s": train_time, "process_s": time.perf_counter() - t_process,
+               "peak_mem_mb": peak_memory_mb(device)}
+        log(row)
+        if bar is not None:
+            bar.update(it_interval)
+            bar.set_postfix(loss=f"{lossf:.4f}", tok_s=f"{row['tokens_per_s']:.3g}")
+        loss_acc.zero_()
+        it_interval = 0
+        t_interval = time.perf_counter()
+
+    lr = lr_at(it, cfg)
+    with stop_requests() as stop, record_backends() as op_backends:  # which kernels ran: for the summary
         try:
             while it < tc.max_iters:
+                evaluated = False
                 if it % tc.eval_interval == 0 and not (ckpt_path is not None and it == start_iter):
                     torch.cuda.synchronize() if device == "cuda" else None
                     train_time += time.perf_counter() - t_interval
@@ -399,42 +460,44 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
                         raise NonFiniteLoss(f"non-finite loss before step {it}")
                     run_eval(it)
                     checkpoint(it)
-                    last_good = it
+                    last_good, evaluated = it, True
                     t_interval = time.perf_counter()
+                if _stopping(stop, dinfo, dev, it % tc.log_interval == 0):  # at a step boundary: checkpoint, stop
+                    if bad.item():
+                        raise NonFiniteLoss(f"non-finite loss before step {it}")
+                    if it_interval:
+                        log_interval_row(lr)
+                    written = latest_checkpoint(run_dir) if evaluated else checkpoint(it)
+                    if bar is not None:
+                        bar.close()
+                    raise Preempted(stop.signame or "a signal to another process", it, written)
                 lr = lr_at(it, cfg)
                 set_lr(optimizer, lr)
                 batch = list(sampler.next_step(micro_steps, dinfo.world_size, dinfo.rank))
                 xs = torch.stack([x for x, _ in batch]).to(dev, non_blocking=True)
                 ys = torch.stack([y for _, y in batch]).to(dev, non_blocking=True)
-                train_step(xs, ys)
+                try:
+                    train_step(xs, ys)
+                    oom = None
+                except torch.OutOfMemoryError:
+                    oom = "step"  # raised below, outside the handler: the error must not pin the step's tensors
+                if oom:
+                    raise _out_of_memory(cfg, dinfo, run_dir, last_good, oom)
                 it += 1
                 tokens_seen += tokens_per_iter
                 if it == _KILL_AT_STEP:  # test hook: die like `kill -9` would, mid-run
                     os.kill(os.getpid(), signal.SIGKILL)
+                if signal_at and it == int(signal_at[0]):  # test hook: a scheduler's signal, mid-run
+                    os.kill(os.getpid(), signal.Signals[signal_at[1]])
                 it_interval += 1
                 if it % tc.log_interval == 0 or it == tc.max_iters:
-                    if dinfo.enabled:  # the logged loss is the global batch's, as with one process
-                        distributed.all_reduce_sum(loss_acc, dinfo)
-                        loss_acc /= dinfo.world_size
-                    lossf = loss_acc.item() / it_interval  # the only host sync of the interval
-                    if not math.isfinite(lossf):
-                        raise NonFiniteLoss(f"loss is {lossf} at step {it}")
-                    dt = time.perf_counter() - t_interval
-                    train_time += dt
-                    step_times.append((it_interval, dt))
-                    row = {"step": it, "loss": lossf, "lr": lr, "tokens": tokens_seen, "flops": tokens_seen * flops_per_token,
-                           "tokens_per_s": tokens_per_iter * it_interval / dt, "ms_per_iter": 1000 * dt / it_interval,
-                           "train_time_s": train_time, "process_s": time.perf_counter() - t_process,
-                           "peak_mem_mb": peak_memory_mb(device)}
-                    log(row)
-                    if bar is not None:
-                        bar.update(it_interval)
-                        bar.set_postfix(loss=f"{lossf:.4f}", tok_s=f"{row['tokens_per_s']:.3g}")
-                    loss_acc.zero_()
-                    it_interval = 0
-                    t_interval = time.perf_counter()
+                    log_interval_row(lr)
         except KeyboardInterrupt:
             interrupted = True
+        except torch.OutOfMemoryError:
+            oom = "evaluation"
+        except DiskFullError as e:
+            raise _disk_full(e, it, last_good, run_dir) from None
         except NonFiniteLoss as e:
             if bar is not None:
                 bar.close()
@@ -443,6 +506,8 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
                                 f"resume from it with --resume") from None
     if bar is not None:
         bar.close()
+    if oom:
+        raise _out_of_memory(cfg, dinfo, run_dir, last_good, oom)
     if interrupted:
         if dinfo.is_main:
             print(f"interrupted at step {it}; resume with --resume (last checkpoint: step {last_good})")
@@ -457,7 +522,10 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
         final_val = last_val  # resumed from the final checkpoint (killed before summary.json): no second eval
     else:
         final_val = run_eval(it)
-        checkpoint(it)
+        try:
+            checkpoint(it)
+        except DiskFullError as e:
+            raise _disk_full(e, it, last_good, run_dir) from None
     # steady-state speed: skip the first logged interval (compilation, warm-up)
     steady = step_times[1:] or step_times
     ms_iter = 1000 * sum(d for _, d in steady) / max(1, sum(n for n, _ in steady))

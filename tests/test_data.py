@@ -176,6 +176,7 @@ def test_idempotent_and_reprepare_on_change(tmp_path: Path, text_file: Path, cap
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.fault("data-folder-damaged")
 def test_load_errors(tmp_path: Path, text_file: Path) -> None:
     with pytest.raises(AttnbenchError, match="attnbench prepare"):
         Corpus.load(tmp_path, "nothing_here")

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from attnbench.errors import AttnbenchError
-from attnbench.files import atomic_write
+from attnbench.errors import AttnbenchError, DiskFullError
+from attnbench.files import atomic_write, disk_full_error
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 ENV_VAR = "ATTNBENCH_DATA"
@@ -36,7 +36,7 @@ DOWNLOAD_TIMEOUT_S = 20.0
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a crash leaves either the old file or the new one, never half."""
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), size=len(data))
 
 
 def _sha256(data: bytes) -> str:
@@ -74,6 +74,9 @@ def _read_text(input_path: Path) -> tuple[str, bytes]:
     raw = input_path.read_bytes()
     if not raw:
         raise AttnbenchError(f"input file is empty: {input_path}")
+    if b"\0" in raw:
+        raise AttnbenchError(f"input file is binary, not text: {input_path} (it holds NUL bytes, at byte "
+                             f"{raw.index(0)}); pass a UTF-8 text file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -150,11 +153,25 @@ def _prepare(
             )
 
     folder.mkdir(parents=True, exist_ok=True)
-    # Remove the old meta.json first: if we crash while writing the .bin files the folder is
-    # visibly half-prepared instead of pairing old metadata with new arrays.
+    # The new arrays are written beside the old folder's files first, so a failed write (a full disk)
+    # leaves a prepared folder whole. Then meta.json goes before the arrays are swapped in: a crash
+    # in between leaves the folder visibly half-prepared instead of pairing old metadata with new arrays.
+    staged: dict[str, Path] = {}
+    try:
+        for split, arr in (("train", train), ("val", val)):
+            data = arr.astype(np.uint16).tobytes()
+            staged[split] = folder / f".{split}.bin.new"
+            try:
+                atomic_write_bytes(staged[split], data)
+            except DiskFullError:
+                raise disk_full_error(folder / f"{split}.bin", len(data)) from None
+    except BaseException:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        raise
     (folder / "meta.json").unlink(missing_ok=True)
-    atomic_write_bytes(folder / "train.bin", train.astype(np.uint16).tobytes())
-    atomic_write_bytes(folder / "val.bin", val.astype(np.uint16).tobytes())
+    for split, tmp in staged.items():
+        os.replace(tmp, folder / f"{split}.bin")
     meta = {
         "name": name,
         "tokenizer": tokenizer,

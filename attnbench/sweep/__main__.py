@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..checkpoint import latest_checkpoint
 from ..errors import AttnbenchError
+from ..preemption import EXIT_PREEMPTED, Preempted
 from ..trainer import train
 from .manifest import RUN_FILE
 from .processes import _die_with_parent
@@ -38,6 +39,9 @@ def _run_main(run_dir: str) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Preempted as e:
+        print(f"attnbench: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

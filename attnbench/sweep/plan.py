@@ -18,13 +18,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import params
-from ..config import RunConfig
+from ..config import RunConfig, read_toml
 from ..data import Corpus
 from ..errors import ConfigError
 from ..resolve import load_config
@@ -61,7 +60,7 @@ def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: 
     out = Path(out)
     runs: list[PlannedRun] = []
     vocab: dict[tuple[str, str], int | None] = {}
-    base_tree = tomllib.loads(sweep.base_config.read_text())
+    base_tree = read_toml(sweep.base_config, "base config")[1]
     for mixer in sweep.mixers:
         tree = json.loads(json.dumps(base_tree))
         model = tree.setdefault("model", {})
@@ -70,7 +69,7 @@ def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: 
         # the mixer's own config next to the base (attnbench/configs/<mixer>.toml): its model section
         mixer_cfg = sweep.base_config.parent / f"{mixer}.toml"
         if mixer_cfg.is_file() and mixer_cfg != sweep.base_config:
-            mt = tomllib.loads(mixer_cfg.read_text()).get("model", {})
+            mt = read_toml(mixer_cfg, "mixer config")[1].get("model", {})
             if mt.get("mixer", mixer) == mixer:
                 model.update(mt)
         model["mixer"] = mixer

@@ -13,7 +13,9 @@ attnbench.sweep OUT/runs/<id>`, shared filesystem), and the next `attnbench swee
 
 Stopping: Ctrl-C (SIGINT) or SIGTERM is forwarded to the children, which stop at a step boundary
 (their checkpoints stay); the sweep records them as interrupted and exits 130; run the same command
-again to continue. A SIGKILL of the sweep kills its children too (PR_SET_PDEATHSIG), so a restart
+again to continue. A run that exits with status 75 (attnbench.preemption.EXIT_PREEMPTED: SIGTERM or
+SIGUSR1 reached it alone, and it wrote a checkpoint first) is recorded as interrupted, not failed, and
+goes back in the queue to resume from that checkpoint. A SIGKILL of the sweep kills its children too (PR_SET_PDEATHSIG), so a restart
 loses at most the steps since each run's last checkpoint.
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 
 from ..cuda_mps import ENV_KEYS, mps_daemon
 from ..errors import AttnbenchError
+from ..preemption import EXIT_PREEMPTED
 from .manifest import (RUN_FILE, _clear_stale, _log_tail, _Manifest, _now, _tail_metrics, _write_run_file,
                        read_summary, run_state)
 from .plan import PlannedRun
@@ -286,6 +289,10 @@ def _train_all(sweep: Sweep, out: Path, todo: list[PlannedRun], slots: list[Slot
                     _say(f"[{n_done}/{n_total}] done {job.run.run_id}: best val loss "
                          f"{s.get('best_val_loss', float('nan')):.4f}, final {s['final_val_loss']:.4f} "
                          f"in {time.monotonic() - job.started:.0f} s")
+                elif rc == EXIT_PREEMPTED:  # stopped by a signal after writing a checkpoint: resume it
+                    man.set(job.run.run_id, status="interrupted", returncode=rc)
+                    queue.append(job.run)
+                    _say(f"preempted {job.run.run_id} (exit code {rc}); it resumes from its checkpoint")
                 else:
                     failed.append(job.run.run_id)
                     man.set(job.run.run_id, status="failed", returncode=rc)

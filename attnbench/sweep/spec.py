@@ -30,13 +30,12 @@ process, benchmarks the mixers and writes the report. Example (attnbench/configs
 """
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import mixers as mixer_registry
-from ..config import CONFIGS_DIR, SECTIONS, all_keys, find_config_file
+from ..config import CONFIGS_DIR, SECTIONS, all_keys, find_config_file, read_toml
 from ..counts import parse_count
 from ..errors import ConfigError, did_you_mean
 
@@ -151,17 +150,16 @@ def load_sweep(path: str | Path) -> Sweep:
         bundled = ", ".join(sorted(f"sweeps/{f.stem}" for f in (CONFIGS_DIR / "sweeps").glob("*.toml")))
         raise ConfigError(f"sweep file {str(Path(path))!r} not found (bundled sweeps: {bundled})")
     path = found
-    text = path.read_text()
-    try:
-        tree = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    text, tree = read_toml(path, "sweep file")
     for k in tree:
         if k not in SWEEP_KEYS:
             raise ConfigError(f"{path}: unknown sweep key {k!r}{did_you_mean(k, list(SWEEP_KEYS), list_all=True)}")
     if "base_config" not in tree:
         raise ConfigError(f"{path}: base_config is missing: name the run TOML every run starts from, "
                           "e.g. base_config = \"shakespeare_char\"")
+    for key in ("name", "base_config", "description"):
+        if key in tree and not isinstance(tree[key], str):
+            raise ConfigError(f"{path}: {key} must be a string, got {tree[key]!r}")
     base = find_config_file(tree["base_config"], path.parent)
     if base is None:
         raise ConfigError(f"{path}: base_config {tree['base_config']!r} not found (looked next to the sweep file, "
