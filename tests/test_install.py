@@ -42,4 +42,10 @@ def test_wheel_holds_every_preset_and_the_configs_they_name(wheel):
 def test_wheel_leaves_out_tests_and_results(wheel):
     names = wheel.namelist()
     assert not [n for n in names if n.startswith(("tests/", "results/", "scripts/"))]
-    assert not [n for n in names if n.endswith(".preload.json")], "kernel lists of test sessions do not ship"
+
+
+def test_wheel_holds_the_saved_fla_autotuner_choices(wheel):
+    """attnbench/fla_configs/<GPU>.json is read at run time (ops/fla_configs.py), so it ships."""
+    names = wheel.namelist()
+    for path in (ROOT / "attnbench" / "fla_configs").glob("*.json"):
+        assert f"attnbench/fla_configs/{path.name}" in names
