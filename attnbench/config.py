@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 
 from .counts import parse_count
 from .errors import ConfigError, did_you_mean
+from .files import atomic_write_text
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # the bundled run configs; sweeps/ holds the presets
 POS_EMBS = ("learned", "rope", "none")
@@ -128,8 +129,6 @@ class RunConfig:
         return cfg
 
     def save(self, path: str | Path) -> None:
-        from .files import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
 

@@ -1,4 +1,3 @@
-import contextlib
 import os
 import random
 import sys
@@ -16,8 +15,6 @@ if not torch.cuda.is_available():  # Triton kernels (where triton is installed) 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # attnbench after TRITON_INTERPRET: triton.jit reads it when a kernel is defined, i.e. on import
-from helpers import start_gpu_test_session  # noqa: E402
-
 from attnbench.data import prepare_text  # noqa: E402
 from attnbench.ops.backend import fla_available  # noqa: E402
 from attnbench.ops import fla_configs  # noqa: E402
@@ -35,22 +32,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-_gpu_session = contextlib.ExitStack()
-
-
-def pytest_collection_finish(session):
-    """GPU tests on CUDA: FLA's kernels compiled in threads first; compiled one after another inside the
-    tests, each op family's first test spends tens of seconds on it on a fresh GPU."""
-    done = start_gpu_test_session(session.items, _gpu_session)
-    if done:
-        print(f"\nFLA kernels of the GPU tests preloaded: {done['kernels']} in {done['seconds']} s")
-
-
 def pytest_sessionfinish(session, exitstatus):
     """ATTNBENCH_SAVE_FLA_CONFIGS=FILE: save the choices FLA's autotuners made during the GPU tests, so a
     later run with the file installed (attnbench/ops/fla_configs.py) compiles one configuration per kernel
     instead of timing them all (seconds to a minute per test on a fresh GPU)."""
-    _gpu_session.close()  # with ATTNBENCH_FLA_CAPTURE=DIR: this run's FLA kernels and choices -> DIR
     path = os.environ.get("ATTNBENCH_SAVE_FLA_CONFIGS")
     if path:
         print(f"\nFLA autotuner choices saved to {path}: {fla_configs.save_live(Path(path))}")

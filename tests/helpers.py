@@ -1,5 +1,4 @@
 """Test helpers shared by several test files."""
-import contextlib
 import dataclasses
 
 import torch
@@ -7,7 +6,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from attnbench.ops import fla_preload
 from attnbench.ops.nsa import nsa_cache_means
 
 
@@ -67,42 +65,6 @@ def out_and_grads(fn, inputs: list[torch.Tensor], do: torch.Tensor, **kw) -> tup
     o = fn(*xs, **kw)
     grads = torch.autograd.grad((o * do).sum(), xs)
     return o.detach(), grads
-
-
-def record_fla_captures(monkeypatch) -> list:
-    """Replace ops.fla_preload.capturing by a recorder: the returned list gets (mixer, phase) on entering
-    a capture and "left" on leaving it."""
-    events: list = []
-
-    @contextlib.contextmanager
-    def capturing(mixer: str, phase: str):
-        events.append((mixer, phase))
-        yield
-        events.append("left")
-
-    monkeypatch.setattr(fla_preload, "capturing", capturing)
-    return events
-
-
-GPU_TESTS_KEY = ("tests", "gpu")  # preload/capture key of the GPU test runs ("tests:gpu")
-PRELOAD_MIN_FILES = 4  # a GPU test run preloads that key only when it runs GPU tests of this many files
-
-
-def start_gpu_test_session(items: list, stack, cuda: bool | None = None) -> dict | None:
-    """For a test run with GPU tests on CUDA: compile the FLA kernels the GPU tests use (as captured before),
-    in threads (key "tests:gpu" of attnbench/fla_configs/<GPU>.preload.json; only for a broad run, GPU tests
-    of PRELOAD_MIN_FILES files or more), and enter the FLA capture
-    (ATTNBENCH_FLA_CAPTURE=DIR saves this run's kernels and autotuner choices; `stack` leaves it at the
-    run's end). Returns the preload's {"kernels", "failed", "seconds"}, or None."""
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    gpu_files = {str(getattr(item, "path", "")) for item in items if "gpu" in item.keywords}
-    if not cuda or not gpu_files:
-        return None
-    # the key holds every GPU test file's kernels (hundreds; about a minute to compile in threads), which a
-    # run of one or two files (e.g. the NSA decode tests, no FLA kernel at all) would pay for nothing
-    done = fla_preload.preload_for_run(*GPU_TESTS_KEY) if len(gpu_files) >= PRELOAD_MIN_FILES else None
-    stack.enter_context(fla_preload.capturing(*GPU_TESTS_KEY))
-    return done
 
 
 # ---------------------------------------------------------------- the model-level mixer contract

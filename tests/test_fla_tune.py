@@ -20,21 +20,19 @@ def _load_script(monkeypatch):
     return fla_tune
 
 
-def test_merge_takes_every_capture_under_a_folder(tmp_path, monkeypatch):
-    from attnbench.ops import fla_configs, fla_preload
+def test_merge_takes_a_file_or_every_saved_choices_file_under_a_folder(tmp_path, monkeypatch):
+    from attnbench.ops import fla_configs
 
     fla_tune = _load_script(monkeypatch)
     vers = {"triton": "3.6.0", "fla": "0.6.0"}
-    cap = tmp_path / "cap"
-    for i, (mixer, phase) in enumerate([("deltanet", "train"), ("deltanet", "bench"), ("nsa", "bench")]):
-        d = cap / f"{mixer}-{phase}-{100 + i}"
-        fla_preload.save(d / "NVIDIA_H200.preload.json", "NVIDIA H200", vers, {f"{mixer}:{phase}": [f"S{i}"]})
-        fla_configs._write_merged(d / "NVIDIA_H200.json", [(f"fla.k{i}", {"key": [i], "config": {"num_warps": 4}})],
-                                  "NVIDIA H200", vers)
+    src = tmp_path / "saved"
+    for i in range(3):
+        fla_configs._write_merged(src / f"session-{i}" / "NVIDIA_H200.json",
+                                  [(f"fla.k{i}", {"key": [i], "config": {"num_warps": 4}})], "NVIDIA H200", vers)
     out = tmp_path / "configs"
-    fla_tune.merge_all(out, cap)
-    pre = json.loads((out / "NVIDIA_H200.preload.json").read_text())
-    assert pre["mixers"] == {"deltanet:bench": ["S1"], "deltanet:train": ["S0"], "nsa:bench": ["S2"]}
+    fla_tune.merge_all(out, src / "session-0" / "NVIDIA_H200.json")
+    assert sorted(json.loads((out / "NVIDIA_H200.json").read_text())["kernels"]) == ["fla.k0"]
+    fla_tune.merge_all(out, src)
     assert sorted(json.loads((out / "NVIDIA_H200.json").read_text())["kernels"]) == ["fla.k0", "fla.k1", "fla.k2"]
 
 
@@ -63,32 +61,3 @@ tokens_per_batch = 32
         assert rows and {r["mixer"] for r in rows} == {"deltanet"}
         assert all(r["shape"]["n_embd"] == 32 for r in rows)  # the sweep's trained shape, not a default one
 
-
-def test_gpu_test_sessions_preload_and_capture_their_fla_kernels(monkeypatch):
-    """conftest's session start (tests/helpers.start_gpu_test_session): on CUDA with GPU tests of several
-    files collected, FLA's kernels of earlier GPU test sessions ("tests:gpu") are preloaded, and the session
-    is captured until its end; CPU sessions and sessions without GPU tests do neither."""
-    import contextlib
-    from types import SimpleNamespace
-
-    from attnbench.ops import fla_preload
-    from helpers import PRELOAD_MIN_FILES, record_fla_captures, start_gpu_test_session
-
-    events = record_fla_captures(monkeypatch)
-    preloads = []
-    monkeypatch.setattr(fla_preload, "preload_for_run",
-                        lambda mixer, phase: preloads.append((mixer, phase)) or {"kernels": 3, "seconds": 0.1})
-    gpu = [SimpleNamespace(keywords={"gpu": True}, path=f"tests/gpu/test_{i}.py") for i in range(PRELOAD_MIN_FILES)]
-    cpu = SimpleNamespace(keywords={}, path="tests/test_cpu.py")
-    with contextlib.ExitStack() as stack:
-        assert start_gpu_test_session([cpu, *gpu], stack, cuda=True) == {"kernels": 3, "seconds": 0.1}
-        assert preloads == [("tests", "gpu")] and events == [("tests", "gpu")]
-    assert events[-1] == "left"
-    with contextlib.ExitStack() as stack:
-        assert start_gpu_test_session([cpu], stack, cuda=True) is None
-        assert start_gpu_test_session([cpu, *gpu], stack, cuda=False) is None
-    assert len(preloads) == 1 and len(events) == 2
-    # a narrow run (GPU tests of fewer files, however many tests) is captured but preloads nothing
-    with contextlib.ExitStack() as stack:
-        assert start_gpu_test_session([cpu, *gpu[1:], gpu[1]], stack, cuda=True) is None
-    assert len(preloads) == 1 and events[-2:] == [("tests", "gpu"), "left"]

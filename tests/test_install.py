@@ -31,7 +31,7 @@ def test_wheel_holds_every_preset_and_the_configs_they_name(wheel):
         member = f"attnbench/configs/sweeps/{preset}.toml"
         assert member in names, f"preset {preset} missing from the wheel"
         tree = tomllib.loads(wheel.read(member).decode())
-        base = Path(tree["base_config"]).name
+        base = Path(tree["base_config"]).with_suffix(".toml").name
         assert f"attnbench/configs/{base}" in names, f"{preset}'s base config {base} missing"
         for mixer in tree["mixers"]:  # a mixer's own defaults, where it has a file, are read by the sweep
             own = ROOT / "attnbench" / "configs" / f"{mixer}.toml"
@@ -42,4 +42,10 @@ def test_wheel_holds_every_preset_and_the_configs_they_name(wheel):
 def test_wheel_leaves_out_tests_and_results(wheel):
     names = wheel.namelist()
     assert not [n for n in names if n.startswith(("tests/", "results/", "scripts/"))]
-    assert not [n for n in names if n.endswith(".preload.json")], "kernel lists of test sessions do not ship"
+
+
+def test_wheel_holds_the_saved_fla_autotuner_choices(wheel):
+    """attnbench/fla_configs/<GPU>.json is read at run time (ops/fla_configs.py), so it ships."""
+    names = wheel.namelist()
+    for path in (ROOT / "attnbench" / "fla_configs").glob("*.json"):
+        assert f"attnbench/fla_configs/{path.name}" in names
