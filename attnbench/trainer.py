@@ -27,6 +27,7 @@ from .flops import train_flops_per_token
 from .graphed_step import GraphedStep, make_graph_safe, set_lr
 from .files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from .model import GPT
+from .ops import fla_preload
 from .ops.backend import gated_backward_route, record_backends
 from .preemption import Preempted, StopRequest, stop_requests
 
@@ -276,7 +277,8 @@ def train(config: str | Path | dict | RunConfig | None = None, overrides: list[s
     dinfo = distributed.setup(device)
     clean = False
     try:
-        out = _train(cfg, device, dinfo)
+        with fla_preload.capturing(cfg.model.mixer, "train"):  # ATTNBENCH_FLA_CAPTURE=DIR only
+            out = _train(cfg, device, dinfo)
         clean = True
         return out
     finally:
@@ -345,8 +347,10 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
             atomic_write_text(run_dir / METRICS, "")
 
     raw_model = model
+    preloaded = None
     if device == "cuda":  # decided eagerly (a small GPU probe where TileLang is installed), not in a trace
         gated_backward_route()
+        preloaded = fla_preload.preload_for_run(cfg.model.mixer, "train")  # off: ATTNBENCH_FLA_PRELOAD=0
     if tc.compile:
         model = compile_model(model, tc.compile_scope, tc.compile_mode)
     if dinfo.enabled:
@@ -536,7 +540,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
         "world_size": dinfo.world_size, "dtype": str(dtype).replace("torch.", ""),
         "compile": tc.compile and tc.compile_scope, "compile_mode": tc.compile_mode if tc.compile else None,
         "cuda_graph": train_step.captured, "cuda_graph_reason": train_step.reason if tc.cuda_graph else None,
-        "backend": cfg.model.backend, "op_backends": dict(sorted(op_backends.items())),
+        "backend": cfg.model.backend, "op_backends": dict(sorted(op_backends.items())), "fla_preload": preloaded,
     }
     if dinfo.is_main:
         atomic_write_json(run_dir / SUMMARY, summary)

@@ -3,7 +3,8 @@
     python scripts/fla_tune.py OUTDIR [--mixers deltanet,nsa,...]
     python scripts/fla_tune.py attnbench/fla_configs --merge FILE   # no GPU: add FILE's choices (e.g. the
                                      # GPU tests', ATTNBENCH_SAVE_FLA_CONFIGS) to OUTDIR/<its GPU>.json
-    python scripts/fla_tune.py attnbench/fla_configs --merge DIR    # the same for every *.json under DIR
+    python scripts/fla_tune.py attnbench/fla_configs --merge DIR    # every capture under DIR (runs made with
+                                     # ATTNBENCH_FLA_CAPTURE=DIR): their choices and preload specializations
 
 For each FLA-backed mixer at the parameter-matched bake-off shapes (10.7M): three training steps at the
 bake-off batch (64 x 256, bf16 autocast, as training runs them), one evaluation forward (128 x 256) and a cached
@@ -16,13 +17,18 @@ sweep trains) in this process for each FLA mixer, so the keys they meet (prompt 
 memory search's sizes: some FLA autotuners key on token-count buckets) are saved too: a preset run then
 spends its benchmark phase measuring, not autotuning (seconds per new context length otherwise).
 
-Then, unless --no_check, the check: in a fresh process with an empty Triton cache and the saved choices
-installed, the same training-shape work again. It prints every mixer's first-step time (one compilation
-per kernel, no timing of candidates) and how many FLA autotuners still benchmarked (keys not saved).
+Then, unless --no_check, the check, twice, each in a fresh process with an empty Triton cache and the
+saved choices installed: the same training-shape work again. The first records the specialization of
+every FLA kernel each mixer compiles (one configuration each: the chosen one) to
+OUTDIR/<GPU name>.preload.json (ops/fla_preload.py); the second compiles those in threads before each
+mixer's steps and prints that time beside the first-step times. Each prints every mixer's first-step
+time (one compilation per kernel, no timing of candidates) and how many FLA autotuners still
+benchmarked (keys not saved).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -41,7 +47,7 @@ from attnbench.bench.rows import base_row  # noqa: E402
 from attnbench.bench.shapes import BenchShape, bench_config, build_model, resolve_shapes  # noqa: E402
 from attnbench.bench.timing import precision  # noqa: E402
 from attnbench.bench.training_step import make_optimizer, random_batch, train_step  # noqa: E402
-from attnbench.ops import fla_configs  # noqa: E402
+from attnbench.ops import fla_configs, fla_preload  # noqa: E402
 from attnbench.ops.backend import fla_available, gated_backward_route  # noqa: E402
 
 FLA_MIXERS = ("deltanet", "gated_deltanet", "gated_deltaproduct", "nsa")
@@ -92,21 +98,29 @@ def exercise_preset_benchmarks(sweep_file: Path, mixers: list[str], scratch: Pat
             print(f"{run.mixer}: {sw.name} bench {task} in {time.perf_counter() - t:.1f} s", flush=True)
 
 
-def check(outdir: Path, mixers: str) -> None:
-    """The same work in a fresh process: saved choices installed, Triton's compile cache empty."""
+def check(outdir: Path, mixers: str, preload: bool) -> None:
+    """The same work in a fresh process: saved choices installed, Triton's compile cache empty. Without
+    preload it records the kernels each mixer compiles (one configuration each, the chosen one) to the
+    preload file; with preload it compiles those in threads first."""
     env = {**os.environ, "ATTNBENCH_FLA_CONFIGS": "on", "ATTNBENCH_FLA_CONFIG_DIR": str(outdir),
+           "ATTNBENCH_FLA_PRELOAD": "1" if preload else "0",
            "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-check-")}
     subprocess.run([sys.executable, __file__, str(outdir), "--mixers", mixers, "--check"], env=env, check=True)
 
 
 def merge_all(outdir: Path, src: Path) -> None:
-    """Merge a saved-choices file, or every saved-choices file under a folder, into outdir's file for
-    their GPU."""
+    """Merge a saved-choices file, or every file under a capture folder (choices and preload specs), into
+    outdir's files for their GPU."""
     import json
 
     for f in sorted(src.rglob("*.json")) if src.is_dir() else [src]:
-        dst = outdir / fla_configs.gpu_file_name(json.loads(f.read_text())["gpu"])
-        print(f"merged {fla_configs.merge(dst, f)} choices from {f} into {dst}")
+        gpu = json.loads(f.read_text())["gpu"]
+        if f.name.endswith(".preload.json"):
+            dst = fla_preload.file_for(gpu, outdir)
+            print(f"merged {fla_preload.merge(dst, f)} new kernel specializations from {f} into {dst}")
+        else:
+            dst = outdir / fla_configs.gpu_file_name(gpu)
+            print(f"merged {fla_configs.merge(dst, f)} choices from {f} into {dst}")
 
 
 def main() -> None:
@@ -116,8 +130,7 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="(internal) the run with the saved file installed")
     ap.add_argument("--preset", default="bakeoff", help="also run this preset's benchmarks ('' for none)")
     ap.add_argument("--no_check", action="store_true", help="skip the re-timing from an empty Triton cache")
-    ap.add_argument("--merge", type=Path, metavar="FILE|DIR",
-                    help="add the saved choices in FILE (or every *.json under DIR) to OUTDIR/<their GPU>.json")
+    ap.add_argument("--merge", type=Path, metavar="FILE", help="add FILE's saved choices to OUTDIR/<its GPU>.json")
     a = ap.parse_args()
     if a.merge:
         merge_all(a.outdir, a.merge)
@@ -125,10 +138,15 @@ def main() -> None:
     if not torch.cuda.is_available() or not fla_available():
         sys.exit("fla_tune.py needs a CUDA GPU with the `fla` package (FLA's autotuners run there)")
     print("gated backward route:", gated_backward_route())  # decided before any step, as the trainer does
-    label = "saved choices" if a.check else "autotuning"
+    label = "autotuning" if not a.check else "saved choices, preloaded" if fla_preload.enabled() else "saved choices"
+    record = a.check and not fla_preload.enabled()  # the chosen configurations only (autotuning compiles all)
     gpu = torch.cuda.get_device_name(0)
     for shape in resolve_shapes(a.mixers.split(",")):
-        first, second = exercise(shape)
+        if a.check and fla_preload.enabled():  # the kernels the first check recorded, in threads, first
+            n, failed, secs = fla_preload.preload(f"{shape.mixer}:train", fla_preload.file_for(gpu, a.outdir))
+            print(f"{shape.mixer} ({label}): preloaded {n} FLA kernels in {secs:.1f} s ({failed} failed)", flush=True)
+        with fla_preload.recording(f"{shape.mixer}:train") if record else contextlib.nullcontext():
+            first, second = exercise(shape)
         print(f"{shape.mixer} ({label}): first training step {first:.1f} s, second {second * 1e3:.1f} ms", flush=True)
     if a.preset and not a.check:
         from attnbench.run import preset_path
@@ -140,6 +158,10 @@ def main() -> None:
         benched = [fla_configs.kernel_id(t.fn) for t in tuners if getattr(t, "configs_timings", None)]
         print(f"check: {len(tuners)} FLA autotuners used, {len(benched)} still timed candidates "
               f"(keys not saved): {benched}")
+        if record:
+            kept = fla_preload.chosen_only(fla_preload._recorded, tuners)
+            n = fla_preload.save(fla_preload.file_for(gpu, a.outdir), gpu, recorded=kept)
+            print(f"saved {n} FLA kernel specializations to {fla_preload.file_for(gpu, a.outdir)}", flush=True)
         return
     path = a.outdir / fla_configs.gpu_file_name(gpu)
     n = fla_configs.save(path, tuners, gpu, fla_configs.versions())
@@ -147,7 +169,8 @@ def main() -> None:
     assert sum(len(v) for v in saved.values()) >= n, "the saved file does not read back"
     print(f"saved {n} choices of {len(tuners)} autotuners to {path}", flush=True)
     if not a.no_check:
-        check(a.outdir, a.mixers)
+        check(a.outdir, a.mixers, preload=False)  # records the preload file
+        check(a.outdir, a.mixers, preload=True)  # measures it
 
 
 if __name__ == "__main__":

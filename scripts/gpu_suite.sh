@@ -23,7 +23,9 @@
 # GPU_APPS_EVERY=S samples nvidia-smi's compute processes (pid, memory) every S seconds into OUTDIR/gpu_apps.csv
 # while the stages run, with each pid's command line (which processes hold a CUDA context, and how much).
 # Run folders go to $ATTNBENCH_RUNS (default $TMPDIR/attnbench-runs); two suites sharing a machine (one per
-# GPU through CUDA_VISIBLE_DEVICES) need different ones. NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
+# GPU through CUDA_VISIBLE_DEVICES) need different ones. With ATTNBENCH_FLA_CAPTURE=DIR every training and
+# benchmark process saves its FLA autotuner choices and kernel specializations under DIR (packed into
+# OUTDIR/fla_capture.tar.gz; merge with scripts/fla_tune.py attnbench/fla_configs --merge DIR). NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
 #
 # Installs the wheels in .whl/ (fla-core, flash-linear-attention: scripts/gpu_wheels.sh downloads them for
 # hosts without network access) and .whl_*/ (scripts/tilelang-wheels.sh) into $TMPDIR/site, reads tiny
@@ -160,4 +162,9 @@ wait
 mkdir -p "$OUTDIR"
 (cd "$RUNS" && find . -name '*.log' -o -name summary.json -o -name metrics.jsonl -o -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.png' \
    | grep -v /ckpt/ | tar czf "$OUTDIR/results.tar.gz" -T -) 2>/dev/null
+# FLA captures (ATTNBENCH_FLA_CAPTURE=DIR: one folder per process) as one file, which is easier to copy
+# back from a remote machine whole than many small folders
+if [ -n "${ATTNBENCH_FLA_CAPTURE:-}" ] && [ -d "$ATTNBENCH_FLA_CAPTURE" ]; then
+  tar czf "$OUTDIR/fla_capture.tar.gz" -C "$ATTNBENCH_FLA_CAPTURE" . && echo "FLA captures in $OUTDIR/fla_capture.tar.gz"
+fi
 echo "results in $OUTDIR"

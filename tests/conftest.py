@@ -15,6 +15,7 @@ if not torch.cuda.is_available():  # Triton kernels (where triton is installed) 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # attnbench after TRITON_INTERPRET: triton.jit reads it when a kernel is defined, i.e. on import
+
 from attnbench.data import prepare_text  # noqa: E402
 from attnbench.ops.backend import fla_available  # noqa: E402
 from attnbench.ops import fla_configs  # noqa: E402
@@ -30,6 +31,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
 
 
 def pytest_sessionfinish(session, exitstatus):

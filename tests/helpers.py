@@ -1,4 +1,5 @@
 """Test helpers shared by several test files."""
+import contextlib
 import dataclasses
 
 import torch
@@ -6,6 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from attnbench.ops import fla_preload
 from attnbench.ops.nsa import nsa_cache_means
 
 
@@ -65,6 +67,21 @@ def out_and_grads(fn, inputs: list[torch.Tensor], do: torch.Tensor, **kw) -> tup
     o = fn(*xs, **kw)
     grads = torch.autograd.grad((o * do).sum(), xs)
     return o.detach(), grads
+
+
+def record_fla_captures(monkeypatch) -> list:
+    """Replace ops.fla_preload.capturing by a recorder: the returned list gets (mixer, phase) on entering
+    a capture and "left" on leaving it."""
+    events: list = []
+
+    @contextlib.contextmanager
+    def capturing(mixer: str, phase: str):
+        events.append((mixer, phase))
+        yield
+        events.append("left")
+
+    monkeypatch.setattr(fla_preload, "capturing", capturing)
+    return events
 
 
 # ---------------------------------------------------------------- the model-level mixer contract

@@ -19,6 +19,8 @@ from attnbench.bench.shapes import bench_config, build_model, resolve_shapes
 from attnbench.bench.timing import precision
 from attnbench.cli import main
 from attnbench.errors import ConfigError
+from attnbench.ops import fla_preload
+from helpers import record_fla_captures
 
 # Tiny shapes every mixer takes on the CPU (NSA's blocks shrunk as in tests/test_model.py).
 TINY = ["--no_match", "--set", "n_layer=2", "--set", "n_embd=32", "--set", "n_head=2"]
@@ -366,6 +368,17 @@ def test_bench_all_runs_the_three(tmp_path, capsys):
     text = capsys.readouterr().out
     for title in ("latency (batch 1", "memory: one training step", "throughput: training tokens/s", "\nsummary\n"):
         assert title in text
+
+
+def test_a_single_mixer_bench_process_is_captured_under_its_mixer(tmp_path, monkeypatch, capsys):
+    """ATTNBENCH_FLA_CAPTURE records per mixer, so only a one-mixer process (as sweeps run them) captures."""
+    events = record_fla_captures(monkeypatch)
+    monkeypatch.setenv(fla_preload.CAPTURE_ENV, str(tmp_path / "cap"))
+    args = ["--contexts", "16", "--tokens_per_batch", "32", "--steps", "1", "--warmup_steps", "1"]
+    assert main(["bench", "throughput", *tiny_args(["deltanet"]), *args]) == 0
+    assert events == [("deltanet", "bench"), "left"]
+    assert main(["bench", "throughput", *tiny_args(["softmax", "deltanet"]), *args]) == 0
+    assert len(events) == 2 and "one mixer per bench process" in capsys.readouterr().out
 
 
 def test_wait_for_holds_the_measurement_until_the_go_file(tmp_path):

@@ -20,19 +20,21 @@ def _load_script(monkeypatch):
     return fla_tune
 
 
-def test_merge_takes_a_file_or_every_saved_choices_file_under_a_folder(tmp_path, monkeypatch):
-    from attnbench.ops import fla_configs
+def test_merge_takes_every_capture_under_a_folder(tmp_path, monkeypatch):
+    from attnbench.ops import fla_configs, fla_preload
 
     fla_tune = _load_script(monkeypatch)
     vers = {"triton": "3.6.0", "fla": "0.6.0"}
-    src = tmp_path / "saved"
-    for i in range(3):
-        fla_configs._write_merged(src / f"session-{i}" / "NVIDIA_H200.json",
-                                  [(f"fla.k{i}", {"key": [i], "config": {"num_warps": 4}})], "NVIDIA H200", vers)
+    cap = tmp_path / "cap"
+    for i, (mixer, phase) in enumerate([("deltanet", "train"), ("deltanet", "bench"), ("nsa", "bench")]):
+        d = cap / f"{mixer}-{phase}-{100 + i}"
+        fla_preload.save(d / "NVIDIA_H200.preload.json", "NVIDIA H200", vers, {f"{mixer}:{phase}": [f"S{i}"]})
+        fla_configs._write_merged(d / "NVIDIA_H200.json", [(f"fla.k{i}", {"key": [i], "config": {"num_warps": 4}})],
+                                  "NVIDIA H200", vers)
     out = tmp_path / "configs"
-    fla_tune.merge_all(out, src / "session-0" / "NVIDIA_H200.json")
-    assert sorted(json.loads((out / "NVIDIA_H200.json").read_text())["kernels"]) == ["fla.k0"]
-    fla_tune.merge_all(out, src)
+    fla_tune.merge_all(out, cap)
+    pre = json.loads((out / "NVIDIA_H200.preload.json").read_text())
+    assert pre["mixers"] == {"deltanet:bench": ["S1"], "deltanet:train": ["S0"], "nsa:bench": ["S2"]}
     assert sorted(json.loads((out / "NVIDIA_H200.json").read_text())["kernels"]) == ["fla.k0", "fla.k1", "fla.k2"]
 
 
@@ -60,4 +62,3 @@ tokens_per_batch = 32
         rows = read_jsonl(p)
         assert rows and {r["mixer"] for r in rows} == {"deltanet"}
         assert all(r["shape"]["n_embd"] == 32 for r in rows)  # the sweep's trained shape, not a default one
-

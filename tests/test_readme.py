@@ -28,3 +28,15 @@ def test_readme_config_table_names_existing_keys():
         for n in names:
             full = n if "." in n else f"{section}.{n}"
             assert full in keys, f"README names unknown config key {full}"
+
+
+def test_readme_bakeoff_table_is_the_linked_reports_table():
+    """The headline table is the bake-off section of the report README links to, not copied by hand."""
+    from attnbench.report import bakeoff_section
+
+    readme = (ROOT / "README.md").read_text()
+    report = re.search(r"\[full report\]\((results/[^)]+/report\.md)\)", readme).group(1)
+    table = [line for line in bakeoff_section(ROOT / report).splitlines() if line.startswith("|")]
+    lines = readme.splitlines()
+    start = lines.index(table[0])
+    assert lines[start:start + len(table)] == table

@@ -15,6 +15,7 @@ from attnbench.errors import AttnbenchError
 from attnbench.files import read_jsonl
 from attnbench.sample import load_run
 from conftest import tiny_run_config
+from helpers import record_fla_captures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,6 +66,13 @@ def test_summary_says_which_op_backends_trained(tiny_data, tmp_path, mixer, op):
         assert s["op_backends"] == {}
     else:
         assert s["op_backends"][op] == "torch" and set(s["op_backends"].values()) == {"torch"}
+
+
+def test_a_run_is_captured_for_the_fla_preload_under_its_mixer(tiny_data, tmp_path, monkeypatch):
+    """ATTNBENCH_FLA_CAPTURE: the whole run (its first steps compile the kernels) sits in the capture."""
+    events = record_fla_captures(monkeypatch)
+    attnbench.train(tiny_run_config(tiny_data, tmp_path / "run", **{"model.mixer": "deltanet", "train.max_iters": 1}))
+    assert events == [("deltanet", "train"), "left"]
 
 
 @pytest.mark.fault("sigkill-mid-run")

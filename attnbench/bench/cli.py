@@ -3,14 +3,17 @@ options filled in with each device's defaults, and the run of the benchmarks."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from ..counts import parse_count
 from ..errors import AttnbenchError, ConfigError
+from ..ops import fla_preload
 from ..ops.backend import fla_available
 from . import latency, memory, throughput
 from .options import (BENCH_ARGS, LatencyArgs, MemoryArgs, SharedArgs, TargetArgs, ThroughputArgs, from_namespace,
@@ -146,10 +149,19 @@ def run_cli(ns: argparse.Namespace) -> int:
         wait_for_go(Path(a.wait_for), device)
     writer = RowWriter(a.json)
     t0 = time.perf_counter()
-    for name in todo:
-        t = time.perf_counter()
-        makers[name][1](shapes, device, opts[name], writer)
-        print(f"[bench {name}: {time.perf_counter() - t:.1f} s]", flush=True)
+    if device == "cuda":  # compile the mixers' FLA kernels in threads first (off: ATTNBENCH_FLA_PRELOAD=0)
+        for s in shapes:
+            if (done := fla_preload.preload_for_run(s.mixer, "bench")) is not None:
+                print(f"bench {s.mixer}: preloaded {done['kernels']} FLA kernels in {done['seconds']} s", flush=True)
+    # ATTNBENCH_FLA_CAPTURE=DIR: keys and kernels are saved per mixer, so one mixer per process (as sweeps run)
+    capture = fla_preload.capturing(shapes[0].mixer, "bench") if len(shapes) == 1 else contextlib.nullcontext()
+    if len(shapes) > 1 and os.environ.get(fla_preload.CAPTURE_ENV):
+        print(f"{fla_preload.CAPTURE_ENV} ignored: it captures one mixer per bench process (--mixers M)", flush=True)
+    with capture:
+        for name in todo:
+            t = time.perf_counter()
+            makers[name][1](shapes, device, opts[name], writer)
+            print(f"[bench {name}: {time.perf_counter() - t:.1f} s]", flush=True)
     if len(todo) > 1:
         print_summary(writer.rows)
     if a.json:

@@ -68,7 +68,7 @@ class MemoryOptions:
     def defaults(cls, device: str) -> "MemoryOptions":
         if device == "cuda":
             # steps at 64k-256k tokens take seconds each on an H200, hence a minute per mixer (with 10 s,
-            # softmax and NSA stop at the time budget: results/bakeoff-h200-2026-12-02/README.md)
+            # softmax and NSA stop at the time budget: results/bakeoff-h200-2026-12-03/README.md)
             return cls(max_len=2**20, time_budget_s=60.0, isolate=False)
         return cls(max_len=2048, time_budget_s=300.0, isolate=True)
 

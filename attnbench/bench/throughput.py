@@ -38,7 +38,7 @@ class ThroughputOptions:
     def defaults(cls, device: str) -> "ThroughputOptions":
         if device == "cuda":
             # up to 64k: at ~10M parameters the linear mixers are launch-bound, so a crossover with flash
-            # attention lies at long contexts (none up to 16k: results/bakeoff-h200-2026-12-02/README.md)
+            # attention lies at long contexts (none up to 16k: results/bakeoff-h200-2026-12-03/README.md)
             return cls(contexts=doubling(256, 65536), tokens_per_batch=64 * 1024, cuda_graph=True)
         return cls(contexts=doubling(64, 512), tokens_per_batch=2048, steps=2, warmup_steps=1)
 

@@ -74,7 +74,7 @@ def versions() -> dict[str, str | None]:
 
 
 def file_versions(data: dict) -> dict[str, str | None]:
-    """The Triton and FLA versions a saved choices file was written with."""
+    """The Triton and FLA versions a saved file (choices or preload specs) was written with."""
     return {"triton": data.get("triton"), "fla": data.get("fla")}
 
 
