@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from attnbench import mixers
 from attnbench.bench import cli, decode_graph, latency, memory, options, throughput
@@ -109,21 +110,22 @@ def test_token_counter_catches_a_recomputing_decode():
 
 
 @pytest.mark.parametrize("mixer", [m for m in ("deltanet", "gated_deltanet", "gated_deltaproduct") if m in ALL])
-def test_delta_decode_time_does_not_grow_with_prompt(mixer):
-    """A recurrent state makes a decode step cost the same after 1000 prompt tokens as after 16."""
+def test_delta_decode_work_does_not_grow_with_prompt(mixer):
+    """A recurrent state makes a decode step the same work after 1000 prompt tokens as after 16: counted
+    in FLOPs (torch.utils.flop_counter), which unlike a CPU timing does not depend on a busy machine;
+    the latency benchmark's own figures are in results/README.md."""
     shape = resolve_shapes([mixer], match=False, sets=["n_layer=2", "n_embd=32", "n_head=2"])[0]
-    opts = latency.LatencyOptions(prompt_lens=[16, 1024], decode_steps=30, decode_warmup=3, prefill_repeats=1,
-                                  prefill_warmup=0)
-    cfg = bench_config(shape.cfg, 1024 + opts.decode_budget())
-    prec = precision("float32", "cpu", inference=True)
+    cfg = bench_config(shape.cfg, 1024 + 8)
     model = build_model(cfg, "cpu").eval()
-    base = base_row("latency", shape, cfg, model.num_params(), "cpu", prec)
-    med = {}
-    for P in (16, 1024, 16):  # short prompt twice: the better of the two is the fair reference
-        dec = next(r for r in latency.measure_prompt(model, P, opts, "cpu", prec, base)
-                   if r["metric"] == "decode_ms_per_token")
-        med[P] = min(med.get(P, float("inf")), dec["median"])
-    assert med[1024] < 2.0 * med[16], med  # recomputing 1024 tokens per step would cost >> 10x
+    flops = {}
+    with torch.no_grad():
+        for P in (16, 1024):
+            cache = model.new_cache(1, 1024 + 8)
+            model(torch.randint(0, cfg.vocab_size, (1, P)), cache=cache)
+            with FlopCounterMode(display=False) as fc:
+                model(torch.randint(0, cfg.vocab_size, (1, 1)), cache=cache)
+            flops[P] = fc.get_total_flops()
+    assert flops[16] > 0 and flops[1024] == flops[16], flops
 
 
 def test_a_failing_stage_is_a_row_and_keeps_what_was_measured(monkeypatch):

@@ -38,7 +38,7 @@ import torch
 
 from ..files import atomic_write_text
 from . import fla_configs
-from .backend import fla_available
+from . import backend
 from .fla_configs import CONFIG_ROOT, gpu_file_name, kernel_id, read_if_versions, read_mergeable, versions
 
 log = logging.getLogger("attnbench.ops")
@@ -147,7 +147,7 @@ def capturing(mixer: str, phase: str) -> Iterator[None]:
     (this process's autotuner choices) and <GPU>.preload.json (the chosen specializations), for
     `scripts/fla_tune.py attnbench/fla_configs --merge DIR`. Otherwise a no-op."""
     root = os.environ.get(CAPTURE_ENV)
-    if not root or not torch.cuda.is_available() or not fla_available():
+    if not root or not torch.cuda.is_available() or not backend.fla_available():
         yield
         return
     key = f"{mixer}:{phase}"
@@ -209,7 +209,7 @@ def preload_for_run(mixer: str, phase: str) -> dict[str, Any] | None:
     """A run's call on CUDA (phase "train": the trainer, "bench": a benchmark process): unless
     ATTNBENCH_FLA_PRELOAD=0, preload the kernels saved for "<mixer>:<phase>" in this GPU's file; returns
     {"kernels", "failed", "seconds"} for the run summary, else None."""
-    if not enabled() or not torch.cuda.is_available() or not fla_available():
+    if not enabled() or not torch.cuda.is_available() or not backend.fla_available():
         return None
     n, failed, secs = preload(f"{mixer}:{phase}", file_for(torch.cuda.get_device_name(0)))
     return {"kernels": n, "failed": failed, "seconds": round(secs, 2)} if n or failed else None
