@@ -359,12 +359,11 @@ def test_throughput_rows_and_crossovers(tmp_path):
 
 def test_bench_all_runs_the_three(tmp_path, capsys):
     out = tmp_path / "all.jsonl"
-    t0 = time.perf_counter()
     rc = main(["bench", "all", *tiny_args(["softmax", "deltanet"]), "--prompt_lens", "8", "--decode_steps", "3",
                "--decode_warmup", "1", "--prefill_repeats", "1", "--start", "16", "--max_len", "32", "--no_isolate",
                "--contexts", "16", "--tokens_per_batch", "32", "--steps", "1", "--warmup_steps", "1",
                "--json", str(out)])
-    assert rc == 0 and time.perf_counter() - t0 < 30
+    assert rc == 0
     rows = read_rows(out)
     assert {r["bench"] for r in rows} == {"latency", "memory", "throughput"}
     text = capsys.readouterr().out
