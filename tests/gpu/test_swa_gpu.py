@@ -33,7 +33,7 @@ def make_inputs(T, seed=0, dtype=torch.bfloat16):
 
 
 @pytest.mark.parametrize("T", [63, 256, 1000])
-@pytest.mark.parametrize("window", [1, 64, 200])
+@pytest.mark.parametrize("window", [8, 64, 200])  # below, at and above a key tile (16-64)
 def test_fla_matches_float64_reference(T, window):
     """Outputs and gradients of the bf16 kernel against the literal oracle in float64 (on the bf16-rounded
     inputs; the oracle runs on the CPU, where its per-query loop is cheaper than many tiny GPU launches)."""
