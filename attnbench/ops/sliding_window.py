@@ -20,6 +20,14 @@ Three implementations:
   (fla/ops/attn/parallel.py, a Triton flash-attention kernel whose forward and backward skip key
   blocks wholly outside the window, so O(T W) work; the same kernel NSA's window branch runs) for
   16-bit inputs with TQ = TK and head dim <= 256, else `swa_torch`.
+
+Why that kernel: `scaled_dot_product_attention` has no window argument; its flash backend takes no mask,
+and the efficient and cuDNN backends take a dense T x T mask and still compute every block of it, so
+they are O(T^2). `flex_attention` with a sliding-window BlockMask skips blocks too, but only when
+compiled (eager, it materialises the whole score matrix), with a mask built per length, and outside the
+'fla' backend that the dispatch and the benchmarks' backend labels know. FLA's kernel is the project's
+GPU kernel dependency at its pinned version, takes the window natively in forward and backward, and is
+checked against the float64 oracle by tests/gpu/test_swa_gpu.py.
 """
 from __future__ import annotations
 
