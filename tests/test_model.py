@@ -19,6 +19,7 @@ MIXER_ARGS = {
     "deltanet": {"chunk_size": 16},  # several chunks at T=24
     "gated_deltanet": {"chunk_size": 16},
     "gated_deltaproduct": {"num_householder": 3},  # interleaved length 72: two chunks of 64
+    "mamba2": {"head_dim": 16, "d_state": 16, "chunk_size": 16},  # 4 heads, two chunks at T=24
 }
 
 
