@@ -154,7 +154,7 @@ def simple_gla_inputs(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: tor
     H = x.shape[2]
     q = C[:, :, None, :].expand(-1, -1, H, -1).to(x.dtype)
     k = B[:, :, None, :].expand(-1, -1, H, -1).to(x.dtype)
-    v = (x * dt[..., None].to(x.dtype)).to(x.dtype)
+    v = (x * dt[..., None]).to(x.dtype)  # one rounding to x's dtype, after the product
     g = dt.to(_state_dtype(dt)) * A.to(_state_dtype(dt))
     return q, k, v, g
 
