@@ -20,7 +20,7 @@ from ..spec import Sweep
 from .base import INTERRUPTED_EXITS, LAUNCHERS, PREEMPTED_EXIT, Launcher, check_cli_options, launcher_name
 from .local import LocalLauncher
 from .slurm import SlurmLauncher
-from .slurm_options import SlurmOptions, slurm_options
+from .slurm_options import SlurmOptions, parse_options
 
 
 def make_launcher(name: str | None, sweep: Sweep, devices: str | None, jobs_per_device: int, nproc: int,
@@ -34,9 +34,9 @@ def make_launcher(name: str | None, sweep: Sweep, devices: str | None, jobs_per_
     if name == "local":
         slots = make_slots(devs, jobs_per_device, nproc)
         return LocalLauncher(sweep, slots), slots
-    opts = slurm_options(sweep.launcher, cli_options, sweep.path, nproc=nproc, cpu=devs == ["cpu"])
+    opts = parse_options(sweep.launcher, cli_options, sweep.path, nproc=nproc, cpu=devs == ["cpu"])
     return SlurmLauncher(opts, nproc), make_slots(devs, 1, 1)
 
 
 __all__ = ["INTERRUPTED_EXITS", "LAUNCHERS", "PREEMPTED_EXIT", "Launcher", "LocalLauncher", "SlurmLauncher",
-           "SlurmOptions", "make_launcher", "slurm_options"]
+           "SlurmOptions", "make_launcher", "parse_options"]

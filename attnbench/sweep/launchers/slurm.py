@@ -106,8 +106,9 @@ class SlurmLauncher(Launcher):
         return {rid: f"Slurm job {jid} ({st.lower()})" for rid, (jid, st) in self._live.items()}
 
     def dry_run(self, out: Path, todo: list[PlannedRun]) -> list[str]:
-        flags = " ".join(sbatch_flags(self.opts))
-        return [f"sbatch {flags}  # {' '.join(child_command(out / 'runs' / r.run_id, self.nproc))}" for r in todo]
+        flags = " ".join(sbatch_flags(self.opts) + [""])  # dry runs skip the cluster: no default partition filled in
+        return [f"sbatch {flags}--wrap {shlex.quote(' '.join(child_command(out / 'runs' / r.run_id, self.nproc)))}"
+                for r in todo]
 
     def _executor(self, out: Path) -> Any:
         import submitit  # the optional extra; check() made sure it is installed

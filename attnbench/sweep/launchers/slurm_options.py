@@ -101,7 +101,7 @@ def parse_sbatch(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def slurm_options(table: dict[str, Any], cli: dict[str, Any], path: Path | str, nproc: int = 1,
+def parse_options(table: dict[str, Any], cli: dict[str, Any], path: Path | str, nproc: int = 1,
                   cpu: bool = False) -> SlurmOptions:
     """The sweep file's [launcher] table, then the command line's options; every value checked."""
     for k in table:

@@ -1,0 +1,265 @@
+"""`attnbench sweep --launcher slurm`: the runs as Slurm jobs, on the real one-node cluster of
+scripts/slurm_cluster.sh (tests/slurm_cluster.py), with the same losses as the local sweep; a cancelled
+job resumed from its checkpoint by the next sweep; a running job watched, never submitted twice; a
+failed job reported with its log's tail while the others go on. The errors before anything is
+submitted are tested without a cluster (fake `sbatch` and `sinfo` on PATH).
+"""
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from attnbench import sweep as sw
+from attnbench.cli import main
+from attnbench.errors import AttnbenchError, ConfigError
+from attnbench.files import read_jsonl
+from attnbench.sweep.launchers import slurm_options
+from attnbench.sweep.launchers.slurm import job_states
+from conftest import tiny_run_config
+from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+ITERS, EVAL = 300, 20  # a checkpoint every 20 steps; the cancel comes after the first, ~280 steps before the end
+
+
+def write_sweep(d: Path, data_dir: Path, extra: str = "", mixers: str = '["softmax"]') -> Path:
+    import tomli_w
+
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "base.toml").write_text(tomli_w.dumps(tiny_run_config(data_dir, d / "unused")))
+    p = d / "sweep.toml"
+    p.write_text(f"""
+name = "tiny"
+base_config = "base.toml"
+mixers = {mixers}
+learning_rates = [3e-3]
+seeds = [1, 2]
+[overrides]
+"train.max_iters" = {ITERS}
+"train.eval_interval" = {EVAL}
+"optim.min_lr" = 3e-4
+[bench]
+enabled = false
+{extra}""")
+    return p
+
+
+def sweep_cli(cfg: Path, out: Path, *args: str) -> subprocess.Popen:
+    # one OpenMP thread everywhere (here, and in the jobs, which inherit this environment): equal losses;
+    # no GPU visible, so that the run asking for CUDA fails on any machine
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen([sys.executable, "-m", "attnbench", "sweep", str(cfg), "--out", str(out), "--no_report",
+                             "--devices", "cpu", "--status_interval", "5", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def ckpt_step(run_dir: Path) -> int:
+    try:
+        return json.loads((run_dir / "ckpt" / "latest.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the sweep ended while waiting for {what}:\n{proc.communicate()[0]}")
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def job_ids(out: Path) -> dict[str, str]:
+    try:
+        runs = json.loads((out / "sweep.json").read_text())["runs"]
+    except (OSError, ValueError):
+        return {}
+    return {rid: v["job_id"] for rid, v in runs.items() if v.get("job_id")}
+
+
+# --- on the cluster --------------------------------------------------------------------------------
+
+def test_slurm_sweep_resumes_cancelled_watches_running_reports_failed(slurm_cluster, tiny_data, tmp_path):
+    """Sweep A submits four jobs: two softmax runs, two that fail at start (train.device = "cuda", no GPU
+    visible). Once run 1 has a checkpoint: its job is cancelled, run 2's job suspended (so that it is
+    surely still running later), and sweep A stopped (Ctrl-C: the jobs stay). Sweep B then submits run 1
+    again (it resumes from its checkpoint), watches run 2's job instead of submitting it twice, reports
+    the failed runs with their logs' tails, and both softmax runs end with the losses of a local sweep."""
+    ref_cfg = write_sweep(tmp_path / "local", tiny_data)
+    # the local reference trains while the Slurm sweep runs: its two runs at once
+    local = sweep_cli(ref_cfg, tmp_path / "local" / "out", "--jobs_per_device", "2")
+    cfg = write_sweep(tmp_path / "slurm", tiny_data, mixers='["softmax", "deltanet"]', extra="""
+[mixer_overrides.deltanet]
+"train.device" = "cuda"
+""")
+    out = tmp_path / "slurm" / "out"
+    runs = [r.run_id for r in sw.plan(sw.load_sweep(cfg), out)]
+    good, bad = runs[:2], runs[2:]
+    assert all(r.startswith("softmax") for r in good) and all(r.startswith("deltanet") for r in bad)
+    a = sweep_cli(cfg, out, "--launcher", "slurm")
+    try:
+        wait_until(lambda: len(job_ids(out)) == 4 and ckpt_step(out / "runs" / good[0]) >= EVAL, 120,
+                   "four jobs and run 1's first checkpoint", a)
+        jobs = job_ids(out)
+        assert job_states([jobs[good[1]]]).get(jobs[good[1]]) == "RUNNING"
+        subprocess.run(["scancel", jobs[good[0]]], check=True, timeout=10)
+        subprocess.run(["scontrol", "suspend", jobs[good[1]]], check=True, timeout=10)
+        os.killpg(a.pid, signal.SIGINT)
+        log_a, _ = a.communicate(timeout=60)
+    finally:
+        if a.poll() is None:
+            a.kill()
+    assert a.returncode == 130, log_a
+    assert "warning: the sweep folder" in log_a and "private to this machine" in log_a  # tmp_path is in /tmp
+    assert "stopped watching" in log_a and "scancel" in log_a
+    assert not (out / "runs" / good[0] / "summary.json").exists(), "run 1 finished before its cancel"
+    wait_until(lambda: job_states([jobs[good[0]]]).get(jobs[good[0]]) not in sw.launchers.slurm.ACTIVE, 30,
+               "the cancelled job to end")
+
+    b = sweep_cli(cfg, out, "--launcher", "slurm")
+    lines = []
+    try:
+        for line in b.stdout:  # run 2's job resumes once sweep B has found it
+            lines.append(line)
+            if f"watch {good[1]}: Slurm job {jobs[good[1]]} (suspended)" in line:
+                subprocess.run(["scontrol", "resume", jobs[good[1]]], check=True, timeout=10)
+        b.wait(timeout=180)
+    finally:
+        if b.poll() is None:
+            b.kill()
+        subprocess.run(["scontrol", "resume", jobs[good[1]]], capture_output=True, timeout=10)
+    log_b = "".join(lines)
+    assert b.returncode == 1, log_b  # the failed runs
+    assert f"watch {good[1]}: Slurm job {jobs[good[1]]} (suspended)" in log_b, log_b
+    assert f"submit {good[0]} as Slurm job" in log_b and "(resume from step" in log_b
+    for rid in bad:
+        assert f"FAILED {rid}" in log_b
+    assert log_b.count("no CUDA GPU is visible") >= 2  # the tail of each failed run's log
+
+    local_log, _ = local.communicate(timeout=120)
+    assert local.returncode == 0, local_log
+    man = json.loads((out / "sweep.json").read_text())
+    assert [man["runs"][r]["status"] for r in runs] == ["done", "done", "failed", "failed"]
+    assert all(man["runs"][r]["launcher"] == "slurm" for r in runs)
+    launches = {r: json.loads((out / "runs" / r / "run.json").read_text())["launches"] for r in good}
+    assert len(launches[good[1]]) == 1  # watched, not submitted again
+    assert len(launches[good[0]]) == 2 and launches[good[0]][1]["resumed_from_step"] >= EVAL
+    assert launches[good[0]][1]["job_id"] == man["runs"][good[0]]["job_id"] != jobs[good[0]]
+    for rid in good:
+        ref_dir, run_dir = tmp_path / "local" / "out" / "runs" / rid, out / "runs" / rid
+        assert [s for s, _ in losses(run_dir)] == list(range(1, ITERS + 1))  # every step exactly once
+        assert losses(run_dir) == losses(ref_dir)
+        ref_sum = json.loads((ref_dir / "summary.json").read_text())
+        got = json.loads((run_dir / "summary.json").read_text())
+        assert (got["best_val_loss"], got["final_val_loss"]) == (ref_sum["best_val_loss"], ref_sum["final_val_loss"])
+
+
+# --- before anything is submitted (no cluster needed) --------------------------------------------
+
+def fake_slurm(bin_dir: Path, partitions: str = "debug*\ngpu", test_only_error: str = "") -> None:
+    """`sinfo -h -o %P` listing `partitions`, and an `sbatch --test-only` that refuses with test_only_error."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    scripts = {
+        "sinfo": f"#!/bin/sh\nprintf '%s\\n' {' '.join(repr(p) for p in partitions.split())}\n",
+        "scontrol": "#!/bin/sh\necho 'PartitionName=debug DefaultTime=NONE MaxTime=1-00:00:00'\n",
+        "sbatch": ("#!/bin/sh\n" + (f"echo 'sbatch: error: {test_only_error}' >&2\nexit 1\n" if test_only_error
+                                    else "echo 'sbatch: Job 1 to start at now'\n")),
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+
+
+@pytest.fixture
+def tiny_sweep(tiny_data, tmp_path):
+    return write_sweep(tmp_path / "sw", tiny_data)
+
+
+def test_no_sbatch_says_install_slurm_or_use_local(tiny_sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(AttnbenchError, match=r"`sbatch` is not on PATH.*--launcher local"):
+        sw.run_sweep(tiny_sweep, out=tmp_path / "out", devices="cpu", launcher="slurm")
+    assert not (tmp_path / "out").exists()  # nothing written before the error
+
+
+def test_no_submitit_says_pip_install_the_extra(tiny_sweep, tmp_path, monkeypatch):
+    fake_slurm(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit -> ImportError
+    with pytest.raises(AttnbenchError, match=r'submitit.*pip install -e "\.\[slurm\]"'):
+        sw.run_sweep(tiny_sweep, out=tmp_path / "out", devices="cpu", launcher="slurm")
+
+
+def test_unknown_partition_lists_the_partitions(tiny_sweep, tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    fake_slurm(tmp_path / "bin", partitions="debug*\ngpu-h100\ncpu")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(AttnbenchError, match=r"--partition 'gpu-h10': no such partition .*lists debug, gpu-h100, cpu"
+                                             r".*did you mean 'gpu-h100'"):
+        sw.run_sweep(tiny_sweep, out=tmp_path / "out", devices="cpu", launcher="slurm",
+                     launcher_options={"partition": "gpu-h10"})
+    assert not (tmp_path / "out").exists()
+
+
+def test_options_slurm_refuses_are_reported_before_submitting(tiny_sweep, tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    fake_slurm(tmp_path / "bin", test_only_error="Requested time limit is invalid (missing or exceeds some limit)")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(AttnbenchError, match=r"Slurm refuses the job options --partition=debug --time=30-00:00:00.*"
+                                             r"Requested time limit is invalid"):
+        sw.run_sweep(tiny_sweep, out=tmp_path / "out", devices="cpu", launcher="slurm",
+                     launcher_options={"time": "30-00:00:00"})
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value, minutes", [("90", 90), ("1:30", 2), ("4:00:00", 240), ("1-12", 2160),
+                                            ("2-0:30", 2910), ("1-00:00:01", 1441), ("UNLIMITED", None)])
+def test_slurm_time_formats(value, minutes):
+    assert slurm_options.time_minutes(value) == minutes
+
+
+@pytest.mark.parametrize("table, cli, match", [
+    ({}, {"time": "4h"}, r"--time '4h' is not a Slurm time"),
+    ({}, {"time": "0"}, r"must be positive"),
+    ({"gpus_per_job": -1}, {}, r"launcher.gpus_per_job must be an integer >= 0"),
+    ({}, {"cpus_per_job": 0}, r"--cpus_per_job must be an integer >= 1"),
+    ({}, {"mem": "lots"}, r"--mem 'lots' is not a Slurm memory size"),
+    ({}, {"sbatch": ["time=5"]}, r"sbatch option 'time': use --time instead"),
+    ({}, {"sbatch": ["--output=x"]}, r"sbatch option 'output': the launcher sets it"),
+    ({"partiton": "gpu"}, {}, r"unknown key launcher.partiton.*did you mean 'partition'"),
+    ({"setup": [1]}, {}, r"launcher.setup must be a list of shell lines"),
+])
+def test_slurm_options_are_checked(table, cli, match):
+    with pytest.raises(ConfigError, match=match):
+        slurm_options.parse_options(table, cli, "sweep.toml")
+
+
+def test_slurm_options_table_then_command_line():
+    o = slurm_options.parse_options({"partition": "a", "mem": "8G", "sbatch": {"account": "lab"}},
+                                    {"partition": "b", "sbatch": ["qos=high", "exclusive"]}, "s.toml", nproc=2)
+    assert (o.partition, o.mem, o.gpus_per_job) == ("b", "8G", 2)  # GPUs default to nproc_per_node
+    assert o.sbatch == {"account": "lab", "qos": "high", "exclusive": True}
+    assert slurm_options.sbatch_flags(o)[-3:] == ["--account=lab", "--qos=high", "--exclusive"]
+    assert slurm_options.parse_options({}, {}, "s.toml", cpu=True).gpus_per_job == 0
+    with pytest.raises(ConfigError, match=r"nproc_per_node 4 needs 4 GPUs"):
+        slurm_options.parse_options({"gpus_per_job": 2}, {}, "s.toml", nproc=4)
+
+
+def test_cli_slurm_option_without_slurm_launcher_and_bad_launcher_exit_2(tiny_sweep, tmp_path, capsys):
+    assert main(["sweep", str(tiny_sweep), "--out", str(tmp_path / "out"), "--partition", "gpu"]) == 2
+    assert "--partition is an option of --launcher slurm" in capsys.readouterr().err
+    tiny_sweep.write_text(tiny_sweep.read_text() + '\n[launcher]\ntype = "slurmm"\n')
+    assert main(["sweep", str(tiny_sweep), "--out", str(tmp_path / "out")]) == 2
+    assert "launcher.type 'slurmm' is not a launcher" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
