@@ -88,17 +88,48 @@ def job_ids(out: Path) -> dict[str, str]:
     return {rid: v["job_id"] for rid, v in runs.items() if v.get("job_id")}
 
 
+class LocalReference:
+    """The local sweep of the two softmax runs, started once and waited for where a test needs it (it
+    trains while the Slurm sweeps of the tests run)."""
+
+    def __init__(self, d: Path, data_dir: Path):
+        self.out = d / "out"
+        self.proc = sweep_cli(write_sweep(d, data_dir), self.out, "--jobs_per_device", "2")
+        self.log: str | None = None
+
+    def run_dir(self, rid: str) -> Path:
+        if self.log is None:
+            self.log, _ = self.proc.communicate(timeout=300)
+        assert self.proc.returncode == 0, self.log
+        return self.out / "runs" / rid
+
+
+@pytest.fixture(scope="module")
+def local_reference(tiny_data, tmp_path_factory):
+    ref = LocalReference(tmp_path_factory.mktemp("local"), tiny_data)
+    yield ref
+    if ref.proc.poll() is None:
+        ref.proc.kill()
+        ref.proc.wait()
+
+
+def assert_same_as_local(run_dir: Path, ref_dir: Path) -> None:
+    assert [s for s, _ in losses(run_dir)] == list(range(1, ITERS + 1))  # every step exactly once
+    assert losses(run_dir) == losses(ref_dir)
+    ref = json.loads((ref_dir / "summary.json").read_text())
+    got = json.loads((run_dir / "summary.json").read_text())
+    assert (got["best_val_loss"], got["final_val_loss"]) == (ref["best_val_loss"], ref["final_val_loss"])
+
+
 # --- on the cluster --------------------------------------------------------------------------------
 
-def test_slurm_sweep_resumes_cancelled_watches_running_reports_failed(slurm_cluster, tiny_data, tmp_path):
+def test_slurm_sweep_resumes_cancelled_watches_running_reports_failed(slurm_cluster, local_reference, tiny_data,
+                                                                     tmp_path):
     """Sweep A submits four jobs: two softmax runs, two that fail at start (train.device = "cuda", no GPU
     visible). Once run 1 has a checkpoint: its job is cancelled, run 2's job suspended (so that it is
     surely still running later), and sweep A stopped (Ctrl-C: the jobs stay). Sweep B then submits run 1
     again (it resumes from its checkpoint), watches run 2's job instead of submitting it twice, reports
     the failed runs with their logs' tails, and both softmax runs end with the losses of a local sweep."""
-    ref_cfg = write_sweep(tmp_path / "local", tiny_data)
-    # the local reference trains while the Slurm sweep runs: its two runs at once
-    local = sweep_cli(ref_cfg, tmp_path / "local" / "out", "--jobs_per_device", "2")
     cfg = write_sweep(tmp_path / "slurm", tiny_data, mixers='["softmax", "deltanet"]', extra="""
 [mixer_overrides.deltanet]
 "train.device" = "cuda"
@@ -147,8 +178,6 @@ def test_slurm_sweep_resumes_cancelled_watches_running_reports_failed(slurm_clus
         assert f"FAILED {rid}" in log_b
     assert log_b.count("no CUDA GPU is visible") >= 2  # the tail of each failed run's log
 
-    local_log, _ = local.communicate(timeout=120)
-    assert local.returncode == 0, local_log
     man = json.loads((out / "sweep.json").read_text())
     assert [man["runs"][r]["status"] for r in runs] == ["done", "done", "failed", "failed"]
     assert all(man["runs"][r]["launcher"] == "slurm" for r in runs)
@@ -157,12 +186,35 @@ def test_slurm_sweep_resumes_cancelled_watches_running_reports_failed(slurm_clus
     assert len(launches[good[0]]) == 2 and launches[good[0]][1]["resumed_from_step"] >= EVAL
     assert launches[good[0]][1]["job_id"] == man["runs"][good[0]]["job_id"] != jobs[good[0]]
     for rid in good:
-        ref_dir, run_dir = tmp_path / "local" / "out" / "runs" / rid, out / "runs" / rid
-        assert [s for s, _ in losses(run_dir)] == list(range(1, ITERS + 1))  # every step exactly once
-        assert losses(run_dir) == losses(ref_dir)
-        ref_sum = json.loads((ref_dir / "summary.json").read_text())
-        got = json.loads((run_dir / "summary.json").read_text())
-        assert (got["best_val_loss"], got["final_val_loss"]) == (ref_sum["best_val_loss"], ref_sum["final_val_loss"])
+        assert_same_as_local(out / "runs" / rid, local_reference.run_dir(rid))
+
+
+def test_preemption_signal_requeues_the_job_and_the_run_resumes(slurm_cluster, local_reference, tiny_data, tmp_path):
+    """SIGUSR1, the signal Slurm sends signal_delay_s before the time limit (and a preemption may send):
+    the training child stops (saving a checkpoint, with the preemption exit), submitit requeues the job
+    (same job id), and the requeued job resumes the run from its checkpoint to the local sweep's losses,
+    while the sweep watches; nothing is submitted twice."""
+    cfg = write_sweep(tmp_path, tiny_data)
+    cfg.write_text(cfg.read_text().replace("seeds = [1, 2]", "seeds = [1]"))
+    out = tmp_path / "out"
+    [rid] = [r.run_id for r in sw.plan(sw.load_sweep(cfg), out)]
+    p = sweep_cli(cfg, out, "--launcher", "slurm")
+    try:
+        wait_until(lambda: ckpt_step(out / "runs" / rid) >= EVAL, 120, "the run's first checkpoint", p)
+        job = job_ids(out)[rid]
+        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=10)
+        log, _ = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, log
+    run_log = (out / "logs" / f"{rid}.log").read_text()
+    assert f"(Slurm job {job} on" in run_log and "restart 1)" in run_log, run_log  # the same job, requeued
+    assert "this job is preempted" in (out / "slurm" / f"{job}_0_log.err").read_text()
+    man = json.loads((out / "sweep.json").read_text())
+    assert man["runs"][rid]["status"] == "done" and man["runs"][rid]["job_id"] == job
+    assert len(json.loads((out / "runs" / rid / "run.json").read_text())["launches"]) == 1
+    assert_same_as_local(out / "runs" / rid, local_reference.run_dir(rid))
 
 
 # --- before anything is submitted (no cluster needed) --------------------------------------------
