@@ -60,7 +60,7 @@ SWEEP_KEYS = {
     "overrides": "table of RunConfig keys for every run",
     "mixer_overrides": "table of tables: RunConfig keys per mixer",
     "bench": "table: enabled, benches, options",
-    "launcher": "table: type ('local' or 'slurm') and the Slurm job options (attnbench/sweep/launchers/slurm_options.py)",
+    "launcher": "table: type ('local' or 'slurm') and Slurm's job options (attnbench/sweep/launchers/slurm_options.py)",
 }
 BENCH_KEYS = ("enabled", "benches", "options")
 # Keys set by the sweep axes; setting them in [overrides] would silently lose to the axes.

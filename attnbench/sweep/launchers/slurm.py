@@ -24,13 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...errors import AttnbenchError
 from ..manifest import _clear_stale, _log_tail, _Manifest, _now, _tail_metrics, _write_run_file, read_summary, run_state
 from ..plan import PlannedRun
 from ..processes import IMPORT_ROOT, _say, child_command
 from ..spec import Sweep
 from .base import INTERRUPTED_EXITS, Launcher
 from .slurm_job import TrainJob
-from .slurm_options import UNLIMITED_MIN, SlurmOptions, check_cluster, sbatch_flags, time_minutes, warn_if_private
+from .slurm_options import (UNLIMITED_MIN, SlurmOptions, check_cluster, sbatch_flags, time_minutes,
+                            warn_if_private)
 
 # squeue's states of a job that is not over yet (its run must not be submitted again)
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
@@ -42,25 +44,31 @@ POLL_S = 1.0
 UNKNOWN_GRACE_S = 60.0
 
 
-def _query(cmd: list[str]) -> str:
+def _query(cmd: list[str]) -> subprocess.CompletedProcess | None:
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
-        return ""
+        return None
 
 
-def job_states(ids: list[str]) -> dict[str, str]:
-    """{job id: Slurm state} from squeue (jobs the controller holds), then sacct for the others."""
+def job_states(ids: list[str]) -> dict[str, str] | None:
+    """{job id: Slurm state} from squeue (jobs the controller holds), then sacct for the others; None
+    when squeue gets no answer from the controller (nothing can be concluded then)."""
     states: dict[str, str] = {}
     if not ids:
         return states
-    for line in _query(["squeue", "-h", "-t", "all", "-o", "%i|%T", "-j", ",".join(ids)]).splitlines():
+    q = _query(["squeue", "-h", "-t", "all", "-o", "%i|%T", "-j", ",".join(ids)])
+    # squeue fails on a single id it does not know: that is an answer ("not in the queue")
+    if q is None or (q.returncode != 0 and "Invalid job id" not in q.stderr):
+        return None
+    for line in q.stdout.splitlines():
         jid, _, st = line.strip().partition("|")
         if jid in ids:
             states[jid] = st.strip().split()[0] if st.strip() else "UNKNOWN"
     missing = [i for i in ids if i not in states]
     if missing:
-        for line in _query(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(missing)]).splitlines():
+        a = _query(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(missing)])
+        for line in (a.stdout if a is not None else "").splitlines():
             jid, _, st = line.strip().partition("|")
             if jid in missing and st.strip():
                 states[jid] = st.strip().split()[0]  # a real sacct writes "CANCELLED by UID"
@@ -100,8 +108,12 @@ class SlurmLauncher(Launcher):
 
     def in_flight(self, man: _Manifest, runs: list[PlannedRun]) -> dict[str, str]:
         recs = {r.run_id: man.data["runs"][r.run_id] for r in runs}
-        ids = {rid: str(rec["job_id"]) for rid, rec in recs.items() if rec.get("launcher") == "slurm" and rec.get("job_id")}
+        ids = {rid: str(rec["job_id"]) for rid, rec in recs.items()
+               if rec.get("launcher") == "slurm" and rec.get("job_id")}
         states = job_states(sorted(set(ids.values())))
+        if states is None:
+            raise AttnbenchError("squeue gets no answer from the Slurm controller, so the sweep cannot tell which of "
+                                 f"its jobs ({', '.join(sorted(set(ids.values())))}) still run; try again later")
         self._live = {rid: (jid, states[jid]) for rid, jid in ids.items() if states.get(jid) in ACTIVE}
         return {rid: f"Slurm job {jid} ({st.lower()})" for rid, (jid, st) in self._live.items()}
 
@@ -138,8 +150,14 @@ class SlurmLauncher(Launcher):
         if state == "stale":
             _clear_stale(rd)
         log = out / "logs" / f"{r.run_id}.log"
+        import submitit  # the optional extra, for its exception types
+
         ex.update_parameters(job_name=f"{sweep.name}:{r.run_id}")
-        job = ex.submit(TrainJob(str(rd), str(log), self.nproc, self.opts.cpus_per_job))
+        try:
+            job = ex.submit(TrainJob(str(rd), str(log), self.nproc, self.opts.cpus_per_job))
+        except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedSubmissionError, OSError) as e:
+            raise AttnbenchError(f"sbatch refused the job of run {r.run_id}: {e}. Jobs submitted before it go on; run "
+                                 "the sweep again to watch them and submit the rest") from None
         old = {}
         with contextlib.suppress(OSError, ValueError):
             old = json.loads((rd / "run.json").read_text())
@@ -150,8 +168,8 @@ class SlurmLauncher(Launcher):
         attempts = man.data["runs"][r.run_id].get("attempts", 0) + 1
         man.set(r.run_id, status="submitted", launcher="slurm", job_id=job.job_id, partition=self.opts.partition,
                 attempts=attempts)
-        _say(f"submit {r.run_id} as Slurm job {job.job_id}" + (f" (resume from step {step})" if step is not None else "")
-             + why)
+        resume = f" (resume from step {step})" if step is not None else ""
+        _say(f"submit {r.run_id} as Slurm job {job.job_id}{resume}{why}")
         return _Watched(r, job.job_id, "PENDING", time.monotonic())
 
     def train(self, sweep: Sweep, out: Path, todo: list[PlannedRun], man: _Manifest, status_interval: float,
@@ -172,6 +190,11 @@ class SlurmLauncher(Launcher):
             while watched:
                 time.sleep(POLL_S)
                 states = job_states(sorted({w.job_id for w in watched.values()}))
+                if states is None:  # the controller does not answer: wait (the jobs may well be running)
+                    if time.monotonic() - last_status >= status_interval:
+                        last_status = time.monotonic()
+                        _say("squeue gets no answer from the Slurm controller; waiting")
+                    continue
                 for rid, w in list(watched.items()):
                     st = states.get(w.job_id)
                     if st is None and time.monotonic() - w.since < UNKNOWN_GRACE_S:
@@ -254,8 +277,8 @@ def _status_line(out: Path, watched: dict[str, _Watched], n_done: int, n_total: 
         if w.state == "RUNNING":
             row = _tail_metrics(out / "runs" / rid / "metrics.jsonl")
             mi = w.run.config["train"]["max_iters"]
-            running.append(f"{rid} step {row.get('step', 0)}/{mi}" + (f" loss {row['loss']:.3f}" if "loss" in row else "")
-                           + f" (job {w.job_id})")
+            loss = f" loss {row['loss']:.3f}" if "loss" in row else ""
+            running.append(f"{rid} step {row.get('step', 0)}/{mi}{loss} (job {w.job_id})")
         else:
             queued.append(f"{rid} (job {w.job_id} {w.state.lower()})")
     return (f"{n_done}/{n_total} done" + ("; running: " + " | ".join(running) if running else "")
