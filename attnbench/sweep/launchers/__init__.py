@@ -34,7 +34,9 @@ def make_launcher(name: str | None, sweep: Sweep, devices: str | None, jobs_per_
     if name == "local":
         slots = make_slots(devs, jobs_per_device, nproc)
         return LocalLauncher(sweep, slots), slots
-    opts = parse_options(sweep.launcher, cli_options, sweep.path, nproc=nproc, cpu=devs == ["cpu"])
+    # GPUs per job by default, unless the sweep asks for the CPU (a login node without GPUs picks 'auto' -> cpu)
+    cpu = str(devices or sweep.devices).strip() == "cpu"
+    opts = parse_options(sweep.launcher, cli_options, sweep.path, nproc=nproc, cpu=cpu)
     return SlurmLauncher(opts, nproc), make_slots(devs, 1, 1)
 
 
