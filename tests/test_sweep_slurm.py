@@ -323,3 +323,58 @@ def test_cli_slurm_option_without_slurm_launcher_and_bad_launcher_exit_2(tiny_sw
     assert main(["sweep", str(tiny_sweep), "--out", str(tmp_path / "out")]) == 2
     assert "launcher.type 'slurmm' is not a launcher" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+class FakeExecutor:
+    """Stands in for submitit's SlurmExecutor: hands out job ids 100, 101, ..."""
+
+    def __init__(self):
+        self.submitted = []
+
+    def update_parameters(self, **kw):
+        pass
+
+    def submit(self, fn):
+        self.submitted.append(fn)
+        return type("Job", (), {"job_id": str(99 + len(self.submitted))})()
+
+
+@pytest.mark.parametrize("rc, state, summary, resubmits, status", [
+    (0, "COMPLETED", True, 0, "done"),
+    (None, "CANCELLED", True, 0, "done"),  # cancelled after its summary: done
+    (2, "COMPLETED", False, 0, "failed"),  # the child failed: not submitted again by this sweep
+    (None, "FAILED", False, 0, "failed"),
+    (75, "COMPLETED", False, 0, "submitted"),  # the preemption exit, not requeued by submitit: resubmitted
+    (None, "PREEMPTED", False, 0, "submitted"),
+    (None, "TIMEOUT", False, 0, "submitted"),
+    (None, "TIMEOUT", False, 10, "interrupted"),  # max_requeues used up
+    (130, "CANCELLED", False, 0, "interrupted"),  # scancel: left for the next sweep
+])
+def test_how_an_ended_job_is_recorded(tiny_sweep, tmp_path, rc, state, summary, resubmits, status):
+    """Without a cluster: a job that ended is done, failed, interrupted, or submitted again (cluster's doing)."""
+    pytest.importorskip("submitit")
+    import pickle
+
+    from attnbench.sweep import manifest
+    from attnbench.sweep.launchers.slurm import SlurmLauncher, _Watched
+
+    s = sw.load_sweep(tiny_sweep)
+    out = tmp_path / "out"
+    r = sw.plan(s, out)[0]
+    man = manifest._Manifest(out, s, [r])
+    rd = out / "runs" / r.run_id
+    rd.mkdir(parents=True)
+    (out / "slurm").mkdir()
+    if rc is not None:
+        (out / "slurm" / "7_0_result.pkl").write_bytes(pickle.dumps(("success", rc)))
+    if summary:
+        (rd / "summary.json").write_text(json.dumps({"final_val_loss": 1.5, "best_val_loss": 1.5}))
+    launcher = SlurmLauncher(slurm_options.SlurmOptions(partition="debug"))
+    ex, watched, failed = FakeExecutor(), {}, []
+    w = _Watched(r, "7", "RUNNING", time.monotonic(), resubmits=resubmits)
+    done = launcher._ended(ex, s, out, w, state, man, watched, failed, 0, 1)
+    assert man.data["runs"][r.run_id]["status"] == status
+    assert done == (status == "done") and (failed == [r.run_id]) == (status == "failed")
+    assert (r.run_id in watched) == (status == "submitted") == bool(ex.submitted)
+    if status == "submitted":
+        assert man.data["runs"][r.run_id]["job_id"] == "100" and watched[r.run_id].resubmits == resubmits + 1

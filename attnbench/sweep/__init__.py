@@ -19,13 +19,13 @@ device (bench_phase.py) and `<out>/report/report.md` is written with its figures
 from .bench_phase import bench_command, bench_tasks, check_bench_options, prestarts_bench
 from .cli import add_launch_options, launcher_options, register_cli
 from .execute import run_sweep
-from .launchers import LAUNCHERS, PREEMPTED_EXIT, make_launcher
+from .launchers import LAUNCHERS, make_launcher
 from .manifest import read_summary, run_state
 from .plan import ID_EXCLUDE, PlannedRun, plan, run_id_for
 from .processes import Slot, child_command, make_slots, resolve_devices, wants_mps
 from .spec import BENCHES, SWEEP_KEYS, BenchSpec, Sweep, add_overrides, load_sweep
 
-__all__ = ["BENCHES", "ID_EXCLUDE", "LAUNCHERS", "PREEMPTED_EXIT", "SWEEP_KEYS", "BenchSpec", "PlannedRun", "Slot",
+__all__ = ["BENCHES", "ID_EXCLUDE", "LAUNCHERS", "SWEEP_KEYS", "BenchSpec", "PlannedRun", "Slot",
            "Sweep", "add_launch_options", "add_overrides", "bench_command", "bench_tasks", "check_bench_options",
            "child_command", "launcher_options", "load_sweep", "make_launcher", "make_slots", "plan",
            "prestarts_bench", "read_summary", "register_cli", "resolve_devices", "run_id_for", "run_state",

@@ -1,6 +1,6 @@
 """Launchers: where a sweep's training runs execute. `run_sweep` picks one by name (`--launcher`).
 
-    base.py         the interface (`Launcher`) and PREEMPTED_EXIT, the exit status of a preempted run
+    base.py         the interface (`Launcher`), and the exit statuses of an interrupted run
     local.py        `local` (the default): child processes on this machine's devices (processes.py)
     slurm.py        `slurm`: one Slurm job per run through submitit (an optional extra,
                     `pip install -e ".[slurm]"`), watched until the jobs end
@@ -17,7 +17,7 @@ from typing import Any
 
 from ..processes import make_slots, resolve_devices
 from ..spec import Sweep
-from .base import INTERRUPTED_EXITS, LAUNCHERS, PREEMPTED_EXIT, Launcher, check_cli_options, launcher_name
+from .base import INTERRUPTED_EXITS, LAUNCHERS, Launcher, check_cli_options, launcher_name
 from .local import LocalLauncher
 from .slurm import SlurmLauncher
 from .slurm_options import SlurmOptions, parse_options
@@ -40,5 +40,5 @@ def make_launcher(name: str | None, sweep: Sweep, devices: str | None, jobs_per_
     return SlurmLauncher(opts, nproc), make_slots(devs, 1, 1)
 
 
-__all__ = ["INTERRUPTED_EXITS", "LAUNCHERS", "PREEMPTED_EXIT", "Launcher", "LocalLauncher", "SlurmLauncher",
+__all__ = ["INTERRUPTED_EXITS", "LAUNCHERS", "Launcher", "LocalLauncher", "SlurmLauncher",
            "SlurmOptions", "make_launcher", "parse_options"]

@@ -1,21 +1,20 @@
-"""The launcher interface, the launcher names and the exit status of a preempted run."""
+"""The launcher interface, the launcher names, and the exit statuses of an interrupted run."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 from ...errors import AttnbenchError, did_you_mean
+from ...preemption import EXIT_PREEMPTED
 from ..manifest import _Manifest
 from ..plan import PlannedRun
 from ..spec import Sweep
 
-# The exit status of a training child stopped by a scheduler's signal (SIGTERM/SIGUSR1) after it saved a
-# checkpoint (the trainer's preemption exit, EX_TEMPFAIL): the run is interrupted, not failed, and is
-# resumed from that checkpoint.
-PREEMPTED_EXIT = 75
-# 130: a child stopped by SIGINT/SIGTERM at a step boundary (attnbench/sweep/__main__.py)
-INTERRUPTED_EXITS = (PREEMPTED_EXIT, 130)
 LAUNCHERS = ("local", "slurm")
+# The exits of an interrupted training child (not failed: the run resumes from its checkpoint):
+# EXIT_PREEMPTED (SIGTERM or SIGUSR1 reached it, and it wrote a checkpoint first), and 130 for one
+# stopped by SIGINT at a step boundary (attnbench/sweep/__main__.py)
+INTERRUPTED_EXITS = (EXIT_PREEMPTED, 130)
 
 
 class Launcher:

@@ -2,14 +2,14 @@
 command the local launcher starts (`python -m attnbench.sweep RUN_DIR`, under torchrun when the run
 spans several GPUs), appending to the same log file, and returns the child's exit status.
 
-Signals: Slurm sends a signal to every process of the job step, so the training child gets it directly.
-Plain `scancel` (SIGTERM, SIGKILL KillWait seconds later): the child stops at a step boundary and the job
-ends CANCELLED; the next `attnbench sweep` resubmits the run, which resumes from its checkpoint.
-Before the time limit (`sbatch --signal=USR1@<signal_delay_s>`) and on preemption with USR1: the child
-saves a checkpoint and exits with PREEMPTED_EXIT; submitit, which has this process catch the same
-signal (SUBMITIT_PREEMPT_SIGNAL=USR1, set by the job's setup), calls `checkpoint()`, which waits for the
-child and hands submitit a fresh TrainJob; submitit then requeues the job (`scontrol requeue`, the same
-job id), and the requeued job resumes the run from that checkpoint.
+Signals: Slurm sends a signal to every process of the job step, so the training child gets it directly;
+on SIGTERM or SIGUSR1 it finishes its step, writes a checkpoint and exits with
+attnbench.preemption.EXIT_PREEMPTED (75). Plain `scancel` (SIGTERM, SIGKILL KillWait seconds later): the
+job ends CANCELLED, and the next `attnbench sweep` resubmits the run, which resumes from that checkpoint.
+Before the time limit (`sbatch --signal=USR1@<signal_delay_s>`) and on a preemption that sends USR1:
+submitit, which has this process catch the same signal (SUBMITIT_PREEMPT_SIGNAL=USR1, set by the job's
+setup), calls `checkpoint()`, which waits for the child and hands submitit a fresh TrainJob; submitit
+then requeues the job (`scontrol requeue`, the same job id), and the requeued job resumes the run.
 """
 from __future__ import annotations
 
