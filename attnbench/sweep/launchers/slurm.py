@@ -145,13 +145,13 @@ class SlurmLauncher(Launcher):
         return ex
 
     def _submit(self, ex: Any, sweep: Sweep, out: Path, r: PlannedRun, man: _Manifest, why: str = "") -> _Watched:
+        import submitit  # the optional extra, for its exception types
+
         rd = out / "runs" / r.run_id
         state, step = run_state(rd)
         if state == "stale":
             _clear_stale(rd)
         log = out / "logs" / f"{r.run_id}.log"
-        import submitit  # the optional extra, for its exception types
-
         ex.update_parameters(job_name=f"{sweep.name}:{r.run_id}")
         try:
             job = ex.submit(TrainJob(str(rd), str(log), self.nproc, self.opts.cpus_per_job))
@@ -212,7 +212,7 @@ class SlurmLauncher(Launcher):
                     last_status = time.monotonic()
                     _say(_status_line(out, watched, n_done, n_total))
         except KeyboardInterrupt:
-            ids = sorted({w.job_id for w in watched.values()}, key=int)
+            ids = sorted({w.job_id for w in watched.values()}, key=lambda j: (len(j), j))
             if ids:
                 _say(f"stopped watching; {len(ids)} Slurm job(s) keep running ({', '.join(ids)}). Run the same command "
                      f"again to watch them (none is submitted twice), or cancel them: scancel {' '.join(ids)}")
