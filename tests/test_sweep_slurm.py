@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -168,6 +169,8 @@ def test_slurm_sweep_resumes_cancelled_watches_running_reports_failed(slurm_clus
 
     b = sweep_cli(cfg, out, "--launcher", "slurm")
     lines = []
+    watchdog = threading.Timer(240, b.kill)  # reading its output below would otherwise wait for ever
+    watchdog.start()
     try:
         for line in b.stdout:  # run 2's job resumes once sweep B has found it
             lines.append(line)
@@ -175,6 +178,7 @@ def test_slurm_sweep_resumes_cancelled_watches_running_reports_failed(slurm_clus
                 subprocess.run(["scontrol", "resume", jobs[good[1]]], check=True, timeout=10)
         b.wait(timeout=180)
     finally:
+        watchdog.cancel()
         if b.poll() is None:
             b.kill()
         subprocess.run(["scontrol", "resume", jobs[good[1]]], capture_output=True, timeout=10)
@@ -199,9 +203,9 @@ def test_slurm_sweep_resumes_cancelled_watches_running_reports_failed(slurm_clus
 
 def test_preemption_signal_requeues_the_job_and_the_run_resumes(slurm_cluster, local_reference, tiny_data, tmp_path):
     """SIGUSR1, the signal Slurm sends signal_delay_s before the time limit (and a preemption may send):
-    the training child stops (saving a checkpoint, with the preemption exit), submitit requeues the job
-    (same job id), and the requeued job resumes the run from its checkpoint to the local sweep's losses,
-    while the sweep watches; nothing is submitted twice."""
+    the training child stops (having saved a checkpoint where the trainer handles the signal, else at its
+    last checkpoint), submitit requeues the job (same job id), and the requeued job resumes the run from
+    its checkpoint to the local sweep's losses, while the sweep watches; nothing is submitted twice."""
     cfg = write_sweep(tmp_path, tiny_data)
     cfg.write_text(cfg.read_text().replace("seeds = [1, 2]", "seeds = [1]"))
     out = tmp_path / "out"
