@@ -196,6 +196,7 @@ def test_slurm_sweep_resumes_cancelled_watches_running_reports_failed(slurm_clus
     launches = {r: json.loads((out / "runs" / r / "run.json").read_text())["launches"] for r in good}
     assert len(launches[good[1]]) == 1  # watched, not submitted again
     assert len(launches[good[0]]) == 2 and launches[good[0]][1]["resumed_from_step"] >= EVAL
+    assert "stopped by SIGTERM" in (out / "logs" / f"{good[0]}.log").read_text()  # a checkpoint at the cancel
     assert launches[good[0]][1]["job_id"] == man["runs"][good[0]]["job_id"] != jobs[good[0]]
     for rid in good:
         assert_same_as_local(out / "runs" / rid, local_reference.run_dir(rid))
@@ -222,6 +223,7 @@ def test_preemption_signal_requeues_the_job_and_the_run_resumes(slurm_cluster, l
     assert p.returncode == 0, log
     run_log = (out / "logs" / f"{rid}.log").read_text()
     assert f"(Slurm job {job} on" in run_log and "restart 1)" in run_log, run_log  # the same job, requeued
+    assert "stopped by SIGUSR1" in run_log  # the child wrote a checkpoint at the signal
     assert "this job is preempted" in (out / "slurm" / f"{job}_0_log.err").read_text()
     man = json.loads((out / "sweep.json").read_text())
     assert man["runs"][rid]["status"] == "done" and man["runs"][rid]["job_id"] == job
