@@ -128,6 +128,7 @@ def assert_same_as_local(run_dir: Path, ref_dir: Path) -> None:
 
 # --- on the cluster --------------------------------------------------------------------------------
 
+@pytest.mark.fault("slurm-job-cancelled", "slurm-job-fails", "slurm-sweep-stopped")
 def test_slurm_sweep_resumes_cancelled_watches_running_reports_failed(slurm_cluster, local_reference, tiny_data,
                                                                      tmp_path):
     """Sweep A submits four jobs: two softmax runs, two that fail at start (train.device = "cuda", no GPU
@@ -202,6 +203,7 @@ def test_slurm_sweep_resumes_cancelled_watches_running_reports_failed(slurm_clus
         assert_same_as_local(out / "runs" / rid, local_reference.run_dir(rid))
 
 
+@pytest.mark.fault("slurm-job-usr1")
 def test_preemption_signal_requeues_the_job_and_the_run_resumes(slurm_cluster, local_reference, tiny_data, tmp_path):
     """SIGUSR1, the signal Slurm sends signal_delay_s before the time limit (and a preemption may send):
     the training child stops (having saved a checkpoint where the trainer handles the signal, else at its
