@@ -24,7 +24,7 @@ from .data import ensure_prepared, prepare_shakespeare_char
 from .data.prepare import ENV_VAR
 from .errors import AttnbenchError, did_you_mean
 from .report import bakeoff_section
-from .sweep import add_launch_options, load_sweep, run_sweep
+from .sweep import add_launch_options, launcher_options, load_sweep, run_sweep
 
 PRESETS = ("bakeoff", "bakeoff-quick")
 
@@ -87,7 +87,7 @@ def register_cli(subparsers: Any) -> None:
         report, failed = run_main(a.preset, a.out, a.data_dir or "data", a.input, preset_given=a.preset is not None,
                           devices=a.devices, jobs_per_device=a.jobs_per_device, nproc_per_node=a.nproc_per_node,
                           bench=not a.no_bench, status_interval=a.status_interval, overrides=a.overrides_set,
-                          cuda_mps=a.cuda_mps)
+                          cuda_mps=a.cuda_mps, launcher=a.launcher, launcher_options=launcher_options(a))
         return 0 if report.is_file() and not failed else 1
 
     p.set_defaults(func=run)

@@ -76,6 +76,17 @@ FAULTS: tuple[Fault, ...] = (
     Fault("sweep-run-preempted", "one run of a sweep preempted", "SIGTERM to the run's process after step 3",
           "the sweep records it interrupted (not failed) and resumes it from its checkpoint",
           "the run's checkpoint and metrics"),
+    # ------------------------------------------------------------------ Slurm jobs (tests/test_sweep_slurm.py)
+    Fault("slurm-job-cancelled", "a sweep's Slurm job cancelled mid-run", "`scancel` after the run's first "
+          "checkpoint", "the run recorded interrupted; the next `attnbench sweep` submits it again and it resumes "
+          "to the uninterrupted losses", "the checkpoint written at the SIGTERM, metrics"),
+    Fault("slurm-job-usr1", "a Slurm job signalled before its time limit or preempted (SIGUSR1)",
+          "`scancel --signal=USR1` after the run's first checkpoint", "the job is requeued (same id) and resumes "
+          "the run while the sweep watches", "the checkpoint written at the signal, metrics"),
+    Fault("slurm-job-fails", "Slurm jobs whose runs fail at start", "train.device = cuda with no GPU visible",
+          "FAILED with the tail of each run's log; the other jobs go on and finish", "the other runs"),
+    Fault("slurm-sweep-stopped", "the submitting sweep stopped while its jobs run", "SIGINT to `attnbench sweep`",
+          "exit 130 naming the jobs, which go on; the next sweep watches them and submits none twice", "every job"),
     # ------------------------------------------------------------------ full disk
     Fault("enospc-ckpt-weights", "disk full writing a checkpoint's weights", "model.safetensors' write fails "
           "half-way with ENOSPC", "exit 2: the folder being written, bytes needed and free; the last checkpoint "

@@ -8,6 +8,7 @@ One module per job, in the order a sweep uses them:
     processes.py    device slots, the training children, signals, the training loop
     __main__.py     the child: `python -m attnbench.sweep RUN_DIR` trains one planned run
     bench_phase.py  the benchmarks after training, one `attnbench bench` child per mixer
+    launchers/      where the runs train: `local` (processes.py) or `slurm` (a Slurm job per run, submitit)
     execute.py      `run_sweep`: all of the above, then `attnbench.report.build_report`
     cli.py          `attnbench sweep FILE` and the launch options `attnbench run` shares
 
@@ -16,14 +17,16 @@ checkpoint and starts the rest (manifest.py); after training each mixer is bench
 device (bench_phase.py) and `<out>/report/report.md` is written with its figures.
 """
 from .bench_phase import bench_command, bench_tasks, check_bench_options, prestarts_bench
-from .cli import add_launch_options, register_cli
+from .cli import add_launch_options, launcher_options, register_cli
 from .execute import run_sweep
+from .launchers import LAUNCHERS, make_launcher
 from .manifest import read_summary, run_state
 from .plan import ID_EXCLUDE, PlannedRun, plan, run_id_for
 from .processes import Slot, child_command, make_slots, resolve_devices, wants_mps
 from .spec import BENCHES, SWEEP_KEYS, BenchSpec, Sweep, add_overrides, load_sweep
 
-__all__ = ["BENCHES", "ID_EXCLUDE", "SWEEP_KEYS", "BenchSpec", "PlannedRun", "Slot", "Sweep", "add_launch_options",
-           "add_overrides", "bench_command", "bench_tasks", "check_bench_options",
-           "child_command", "load_sweep", "make_slots", "plan", "prestarts_bench", "read_summary", "register_cli",
-           "resolve_devices", "run_id_for", "run_state", "run_sweep", "wants_mps"]
+__all__ = ["BENCHES", "ID_EXCLUDE", "LAUNCHERS", "SWEEP_KEYS", "BenchSpec", "PlannedRun", "Slot",
+           "Sweep", "add_launch_options", "add_overrides", "bench_command", "bench_tasks", "check_bench_options",
+           "child_command", "launcher_options", "load_sweep", "make_launcher", "make_slots", "plan",
+           "prestarts_bench", "read_summary", "register_cli", "resolve_devices", "run_id_for", "run_state",
+           "run_sweep", "wants_mps"]

@@ -227,14 +227,15 @@ def _launch(sweep: Sweep, out: Path, r: PlannedRun, slot: Slot, man: _Manifest) 
     with contextlib.suppress(OSError, ValueError):
         old = json.loads((rd / RUN_FILE).read_text())
     launches = old.get("launches", []) + [{
-        "started": _now(), "device": slot.device, "nproc_per_node": slot.nproc, "jobs_per_device": slot.shared_by,
+        "started": _now(), "launcher": "local", "device": slot.device, "nproc_per_node": slot.nproc,
+        "jobs_per_device": slot.shared_by,
         "cuda_mps": "CUDA_MPS_PIPE_DIRECTORY" in slot.env, "resumed_from_step": step, "command": cmd}]
     _write_run_file(rd, r, sweep, launches)
     proc = _spawn(cmd, _child_env(slot.env), out / "logs" / f"{r.run_id}.log")
     slot.busy = True
     attempts = man.data["runs"][r.run_id].get("attempts", 0) + 1
-    man.set(r.run_id, status="running", attempts=attempts, device=slot.device, jobs_per_device=slot.shared_by,
-            pid=proc.pid)
+    man.set(r.run_id, status="running", attempts=attempts, launcher="local", device=slot.device,
+            jobs_per_device=slot.shared_by, pid=proc.pid)
     _say(f"start {r.run_id} on {slot.device}" + (f" (resume from step {step})" if step is not None else ""))
     return _Running(r, slot, proc, time.monotonic())
 

@@ -60,6 +60,7 @@ SWEEP_KEYS = {
     "overrides": "table of RunConfig keys for every run",
     "mixer_overrides": "table of tables: RunConfig keys per mixer",
     "bench": "table: enabled, benches, options",
+    "launcher": "table: type ('local' or 'slurm') and Slurm's job options (attnbench/sweep/launchers/slurm_options.py)",
 }
 BENCH_KEYS = ("enabled", "benches", "options")
 # Keys set by the sweep axes; setting them in [overrides] would silently lose to the axes.
@@ -94,6 +95,7 @@ class Sweep:
     devices: str = "auto"
     nproc_per_node: int = 1
     cuda_mps: bool = False
+    launcher: dict[str, Any] = field(default_factory=dict)  # [launcher]: checked by attnbench.sweep.launchers
     text: str = ""  # the file as written, kept in the manifest
 
 
@@ -210,6 +212,9 @@ def load_sweep(path: str | Path) -> Sweep:
         if key in _AXIS_KEYS:
             raise ConfigError(f"{path}: {key} is set by the sweep itself; use the sweep key {_AXIS_KEYS[key]!r} instead")
     sw.bench = _parse_bench(tree.get("bench", {}), path)
+    if not isinstance(tree.get("launcher", {}), dict):
+        raise ConfigError(f"{path}: launcher must be a table, e.g. [launcher] type = \"slurm\"")
+    sw.launcher = dict(tree.get("launcher", {}))
     return sw
 
 
