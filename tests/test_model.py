@@ -19,6 +19,7 @@ MIXER_ARGS = {
     "deltanet": {"chunk_size": 16},  # several chunks at T=24
     "gated_deltanet": {"chunk_size": 16},
     "gated_deltaproduct": {"num_householder": 3},  # interleaved length 72: two chunks of 64
+    "gla": {"chunk_size": 16},  # several chunks at T=24
 }
 
 
