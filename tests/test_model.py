@@ -21,6 +21,7 @@ MIXER_ARGS = {
     "gated_deltaproduct": {"num_householder": 3},  # interleaved length 72: two chunks of 64
     "swa": {"window": 8},  # the ring buffer wraps at T=24
     "mamba2": {"head_dim": 16, "d_state": 16, "chunk_size": 16},  # 4 heads, two chunks at T=24
+    "gla": {"chunk_size": 16},  # several chunks at T=24
 }
 
 
