@@ -1,6 +1,6 @@
 """Typed run configuration: TOML files + nanoGPT-style `--key=value` overrides, validated up front.
 
-A RunConfig has sections (data, model, optim, train, log). A key may be written bare when its name
+A RunConfig has sections (data, model, optim, train, log, task). A key may be written bare when its name
 is unique across sections (`--max_iters=2`) or dotted (`--model.n_layer=4`); a mixer's own settings
 live under `model.mixer_args` (`--model.mixer_args.chunk_size=32`). Every problem is a ConfigError
 naming the key and the nearest valid one, raised before any file is written. A config file is a path
@@ -28,6 +28,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPILE_SCOPES = ("blocks", "model")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+TASK_KINDS = ("lm", "mqar")
 
 
 @dataclass
@@ -49,6 +50,7 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = False
     pos_emb: str = "learned"  # learned | rope | none
+    mlp: bool = True  # false: a block without its MLP (mixer only), as in Zoology's recall models
     mixer_args: dict = field(default_factory=dict)  # validated by the mixer's own Args dataclass
     backend: str = "auto"  # op backend for the mixer: auto | torch | fla
     # parameter budget, e.g. "10.7M": with n_embd = "match" the width, n_head and the mixer's head args
@@ -101,6 +103,9 @@ class TrainConfig:
     progress: bool = True
     keep_checkpoints: int = 2
     resume: bool = False  # continue the run in out_dir from its latest checkpoint
+    # stop once an evaluation's accuracy is strictly above this (tasks with an accuracy, e.g. MQAR;
+    # Zoology stops at 0.99); None: train for max_iters
+    early_stop_accuracy: Optional[float] = None
 
 
 @dataclass
@@ -111,12 +116,30 @@ class LogConfig:
 
 
 @dataclass
+class TaskConfig:
+    """What a run learns. "lm": next-token prediction on data.dataset. "mqar": multi-query associative
+    recall (attnbench/tasks/mqar.py), prepared once into data.data_dir from these settings; the model's
+    block_size and vocab_size follow seq_len and vocab_size. The other keys apply to "mqar" only."""
+
+    kind: str = "lm"  # lm | mqar
+    seq_len: int = 64  # L: tokens per example
+    num_kv_pairs: int = 4  # K: key-value pairs (and queries) per example
+    vocab_size: int = 8192  # keys from the lower half, values from the upper half
+    power_a: float = 0.01  # query gaps drawn with weight (g+1)**(power_a-1), as Zoology
+    num_train: int = 100_000
+    num_test: int = 3_000
+    data_seed: int = 0  # the examples' seed (train.seed orders and initialises, this one generates)
+    random_non_queries: bool = False  # false: filler tokens are 0 (Zoology's published figure 2)
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -227,7 +250,8 @@ def all_keys() -> list[str]:
 
 
 def _section_types() -> dict[str, type]:
-    return {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "log": LogConfig}
+    return {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "log": LogConfig,
+            "task": TaskConfig}
 
 
 def _set(cfg: RunConfig, dotted: str, val: Any, source: str) -> None:
@@ -381,7 +405,8 @@ def validate(cfg: RunConfig) -> None:
     for key, val, allowed in [("model.pos_emb", m.pos_emb, POS_EMBS), ("train.device", t.device, DEVICES),
                               ("train.dtype", t.dtype, DTYPES), ("model.backend", m.backend, ("auto", "torch", "fla")),
                               ("train.compile_scope", t.compile_scope, COMPILE_SCOPES),
-                              ("train.compile_mode", t.compile_mode, COMPILE_MODES)]:
+                              ("train.compile_mode", t.compile_mode, COMPILE_MODES),
+                              ("task.kind", cfg.task.kind, TASK_KINDS)]:
         if val not in allowed:
             raise ConfigError(f"{key}={val!r} is not one of {allowed}{did_you_mean(val, list(allowed))}")
     if t.cuda_graph and t.dtype == "float16":
@@ -391,6 +416,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.cuda_graph=true already captures the step; train.compile_mode={t.compile_mode!r} would "
                           "capture CUDA graphs inside it. Use compile_mode='default' or "
                           "'max-autotune-no-cudagraphs' with cuda_graph, or cuda_graph=false")
+    if t.early_stop_accuracy is not None and not 0.0 < t.early_stop_accuracy <= 1.0:
+        raise ConfigError(f"train.early_stop_accuracy must be in (0, 1] (e.g. 0.99, as Zoology) or none, "
+                          f"got {t.early_stop_accuracy}")
+    if t.early_stop_accuracy is not None and cfg.task.kind == "lm":
+        raise ConfigError("train.early_stop_accuracy needs a task with an accuracy (task.kind = 'mqar'); "
+                          "language modelling reports a loss only")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if o.learning_rate <= 0 or o.min_lr < 0 or o.min_lr > o.learning_rate:

@@ -46,7 +46,7 @@ def model_flops_per_token(model_cfg: ModelConfig, T: Optional[int] = None, *,
     d, L, V = model_cfg.n_embd, model_cfg.n_layer, model_cfg.vocab_size
     parts = {
         "mixer": float(L * fn(model_cfg, T)),  # the sum over layers: every block holds the same mixer
-        "mlp": float(L * 2 * (2 * d * 4 * d)),
+        "mlp": float(L * 2 * (2 * d * 4 * d)) if model_cfg.mlp else 0.0,  # model.mlp = false: blocks without one
         "lm_head": float(2 * d * V),
         "embeddings": 0.0,
     }

@@ -1,6 +1,7 @@
 """A nanoGPT-style GPT whose attention is a pluggable mixer (attnbench/mixers/).
 
-Block = LayerNorm -> mixer -> dropout -> residual -> LayerNorm -> GELU MLP -> residual.
+Block = LayerNorm -> mixer -> dropout -> residual -> LayerNorm -> GELU MLP -> residual (model.mlp = false:
+the block ends after the mixer's residual, as in the recall models of docs/recall.md).
 Everything but the mixer is identical across mixers, so comparisons differ only in the mixer.
 """
 from __future__ import annotations
@@ -34,13 +35,14 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mixer = mixers.get(cfg.mixer)(cfg, layer_idx)
         self.drop = nn.Dropout(cfg.dropout)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.mlp else None
+        self.mlp = MLP(cfg) if cfg.mlp else None
 
     def forward(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         y, state = self.mixer(self.ln_1(x), state)
         x = x + self.drop(y)
-        x = x + self.mlp(self.ln_2(x))
+        if self.mlp is not None:
+            x = x + self.mlp(self.ln_2(x))
         return x, state
 
 
@@ -94,7 +96,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for every position [B, T, vocab]; loss (mean cross-entropy) when targets are given.
+        """Logits for every position [B, T, vocab]; loss (mean cross-entropy) when targets are given,
+        over the positions whose target is not -100 (a task's unlabelled positions).
 
         With a `cache`, `idx` continues the sequences the cache holds (prefill or decode) and the cache
         is updated in place.
@@ -117,7 +120,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     def new_cache(self, batch: int, max_len: int | None = None, device=None, dtype=None) -> Cache:

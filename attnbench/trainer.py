@@ -30,6 +30,7 @@ from .model import GPT
 from .ops import fla_preload
 from .ops.backend import gated_backward_route, record_backends
 from .preemption import Preempted, StopRequest, stop_requests
+from .tasks import TaskData, evaluate_task
 
 SUMMARY, METRICS, CONFIG = "summary.json", "metrics.jsonl", "config.json"
 # Tests set this to SIGKILL the process right after a given step (a crash at the worst moment).
@@ -216,6 +217,34 @@ def _disk_full(e: DiskFullError, step: int, last_good: int, run_dir: Path) -> Di
                          f"{run_dir / 'ckpt'} is kept: continue with --resume once there is space")
 
 
+# ------------------------------------------------------------------ tasks
+
+
+def _load_data(cfg: RunConfig) -> tuple[Corpus | None, TaskData | None, torch.Tensor, torch.Tensor]:
+    """The corpus (language modelling) or the prepared task, and the evaluation inputs and targets."""
+    if cfg.task.kind == "lm":
+        corpus = Corpus.load(cfg.data.data_dir, cfg.data.dataset)
+        cfg.model.vocab_size = corpus.vocab_size
+        return corpus, None, *val_windows(corpus.val, cfg.model.block_size)
+    task = TaskData(cfg.task, cfg.data.data_dir, cfg.train.batch_size, cfg.train.seed)
+    return None, task, task.test_x, task.test_y
+
+
+def _passes(cfg: RunConfig, accuracy: float | None) -> bool:
+    """Early stop: an accuracy strictly above train.early_stop_accuracy (Zoology's `> 0.99`)."""
+    t = cfg.train.early_stop_accuracy
+    return t is not None and accuracy is not None and accuracy > t
+
+
+def _task_summary(cfg: RunConfig, acc: dict, stopped_at: int | None) -> dict[str, Any]:
+    """What a task run adds to summary.json; perplexity and bits per character do not apply."""
+    t = cfg.task
+    return {"task": t.kind, "seq_len": t.seq_len, "num_kv_pairs": t.num_kv_pairs,
+            "best_val_accuracy": acc["best"], "final_val_accuracy": acc["last"],
+            "early_stop_accuracy": cfg.train.early_stop_accuracy, "early_stopped_at": stopped_at,
+            "best_val_ppl": None, "final_val_ppl": None, "best_val_bpc": None}
+
+
 # ------------------------------------------------------------------ the run
 
 
@@ -259,12 +288,13 @@ _RESUMABLE = {"train.out_dir", "train.resume", "train.progress", "train.log_inte
 
 def _config_diff(old: dict, new: dict) -> list[str]:
     out = []
+    defaults = RunConfig().to_dict()  # a key the saved config lacks (added since) had its default
     for sec, vals in new.items():
         for k, v in vals.items():
             key = f"{sec}.{k}"
             if key in _RESUMABLE:
                 continue
-            ov = old.get(sec, {}).get(k)
+            ov = old.get(sec, {}).get(k, defaults.get(sec, {}).get(k))
             if ov != v:
                 out.append(f"{key}: {ov!r} -> {v!r}")
     return out
@@ -300,9 +330,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
     run_dir, ckpt_path = prepare_run_dir(cfg)
     if ckpt_path is None and (run_dir / SUMMARY).exists():  # resumed a finished run: nothing to do
         return json.loads((run_dir / SUMMARY).read_text())
-    corpus = Corpus.load(cfg.data.data_dir, cfg.data.dataset)
-    cfg.model.vocab_size = corpus.vocab_size
-    val_x, val_y = val_windows(corpus.val, cfg.model.block_size)
+    corpus, task, val_x, val_y = _load_data(cfg)
     wandb = _Wandb(cfg, run_dir, dinfo.is_main)  # fails before any file is written if wandb is missing
 
     if device == "cuda":
@@ -318,9 +346,10 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
     model = GPT(cfg.model).to(dev)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
-    sampler = BatchSampler(corpus.train, cfg.model.block_size, tc.batch_size, tc.seed)
+    sampler = task.sampler if task is not None else BatchSampler(corpus.train, cfg.model.block_size, tc.batch_size, tc.seed)
     start_iter, best_val, tokens_seen, train_time = 0, float("inf"), 0, 0.0
     last_val: float | None = None
+    acc = {"best": None, "last": None}  # tasks with an accuracy: best and latest evaluation's
     torch.manual_seed(tc.seed + 1 + dinfo.rank)  # dropout stream, distinct per rank
 
     if ckpt_path is not None:
@@ -333,6 +362,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
         start_iter, best_val = int(st["step"]), float(st["best_val_loss"])
         tokens_seen, train_time = int(st["tokens"]), float(st["train_time_s"])
         last_val = st.get("last_val_loss")
+        acc.update(best=st.get("best_val_accuracy"), last=st.get("last_val_accuracy"))
     if tc.cuda_graph:  # after loading: load_state_dict restores the saved group settings
         make_graph_safe(optimizer, dev)
     if dinfo.is_main:
@@ -376,22 +406,30 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
             return save_checkpoint(run_dir, step, raw_model, {
                 "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "rng": rngs,
                 "best_val_loss": best_val, "last_val_loss": last_val, "tokens": tokens_seen,
+                "best_val_accuracy": acc["best"], "last_val_accuracy": acc["last"],
                 "train_time_s": train_time}, keep=tc.keep_checkpoints)
         return None
 
     def run_eval(step: int) -> float:
         nonlocal best_val, last_val
-        vl = evaluate(model, val_x, val_y, tc.eval_batch_size, dev, autocast, dinfo)
+        if task is None:
+            vl = evaluate(model, val_x, val_y, tc.eval_batch_size, dev, autocast, dinfo)
+            row = {"step": step, "val_loss": vl, "val_ppl": math.exp(vl), "val_bpc": corpus.bits_per_char(vl)}
+        else:
+            vl, a = evaluate_task(model, val_x, val_y, tc.eval_batch_size, dev, autocast, dinfo.rank,
+                                  dinfo.world_size, lambda t: distributed.all_reduce_sum(t, dinfo))
+            acc.update(best=max(a, acc["best"] if acc["best"] is not None else a), last=a)
+            row = {"step": step, "val_loss": vl, "val_accuracy": a}
         best_val, last_val = min(best_val, vl), vl
-        row = {"step": step, "val_loss": vl, "val_ppl": math.exp(vl), "val_bpc": corpus.bits_per_char(vl),
-               "tokens": tokens_seen, "flops": tokens_seen * flops_per_token, "train_time_s": train_time,
+        row |= {"tokens": tokens_seen, "flops": tokens_seen * flops_per_token, "train_time_s": train_time,
                "process_s": time.perf_counter() - t_process,
                "peak_mem_mb": peak_memory_mb(device)}
         log(row)
+        shown = f"val {vl:.4f}" + (f", accuracy {acc['last']:.4f}" if task is not None else "")
         if bar is not None:
-            bar.set_postfix_str(f"val {vl:.4f}")
+            bar.set_postfix_str(shown)
         elif dinfo.is_main:
-            print(f"step {step}: val loss {vl:.4f}")
+            print(f"step {step}: {shown}")
         return vl
 
     model.train()
@@ -449,9 +487,10 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
         t_interval = time.perf_counter()
 
     lr = lr_at(it, cfg)
+    stopped_at = it if _passes(cfg, acc["last"]) else None  # resumed from the evaluation that stopped it
     with stop_requests() as stop, record_backends() as op_backends:  # which kernels ran: for the summary
         try:
-            while it < tc.max_iters:
+            while it < tc.max_iters and stopped_at is None:
                 evaluated = False
                 if it % tc.eval_interval == 0 and not (ckpt_path is not None and it == start_iter):
                     torch.cuda.synchronize() if device == "cuda" else None
@@ -462,6 +501,9 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
                     checkpoint(it)
                     last_good, evaluated = it, True
                     t_interval = time.perf_counter()
+                    if _passes(cfg, acc["last"]):  # early stop: this evaluation is the final one
+                        stopped_at = it
+                        break
                 if _stopping(stop, dinfo, dev, it % tc.log_interval == 0):  # at a step boundary: checkpoint, stop
                     if bad.item():
                         raise NonFiniteLoss(f"non-finite loss before step {it}")
@@ -518,7 +560,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
     train_time += time.perf_counter() - t_interval
     if bad.item():
         raise NonFiniteLoss(f"non-finite loss before step {it}; last good checkpoint: step {last_good}")
-    if ckpt_path is not None and start_iter == it and last_val is not None:
+    if stopped_at is not None or (ckpt_path is not None and start_iter == it and last_val is not None):
         final_val = last_val  # resumed from the final checkpoint (killed before summary.json): no second eval
     else:
         final_val = run_eval(it)
@@ -529,11 +571,12 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
     # steady-state speed: skip the first logged interval (compilation, warm-up)
     steady = step_times[1:] or step_times
     ms_iter = 1000 * sum(d for _, d in steady) / max(1, sum(n for n, _ in steady))
+    bpc = corpus.bits_per_char if corpus is not None else (lambda v: None)
     summary = {
         "mixer": cfg.model.mixer, "n_params": n_params, "steps": it, "tokens": tokens_seen,
         "train_flops_per_token": flops_per_token, "flops": tokens_seen * flops_per_token,
         "final_val_loss": final_val, "best_val_loss": best_val, "best_val_ppl": math.exp(best_val),
-        "best_val_bpc": corpus.bits_per_char(best_val), "final_val_ppl": math.exp(final_val),
+        "best_val_bpc": bpc(best_val), "final_val_ppl": math.exp(final_val),
         "ms_per_iter": ms_iter, "tokens_per_s": tokens_per_iter * 1000 / ms_iter if ms_iter else None,
         "train_time_s": train_time, "peak_mem_mb": peak_memory_mb(device), "device": device,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -542,9 +585,12 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
         "cuda_graph": train_step.captured, "cuda_graph_reason": train_step.reason if tc.cuda_graph else None,
         "backend": cfg.model.backend, "op_backends": dict(sorted(op_backends.items())), "fla_preload": preloaded,
     }
+    if task is not None:
+        summary |= _task_summary(cfg, acc, stopped_at)
     if dinfo.is_main:
         atomic_write_json(run_dir / SUMMARY, summary)
         wandb.finish(summary)
-        print(f"done: best val loss {best_val:.4f} (ppl {math.exp(best_val):.2f}, bpc {summary['best_val_bpc']:.3f}), "
-              f"{ms_iter:.1f} ms/iter, {train_time:.0f} s training -> {run_dir}")
+        score = (f"best accuracy {acc['best']:.4f}, best val loss {best_val:.4f}" if task is not None else
+                 f"best val loss {best_val:.4f} (ppl {math.exp(best_val):.2f}, bpc {summary['best_val_bpc']:.3f})")
+        print(f"done: {score}, {ms_iter:.1f} ms/iter, {train_time:.0f} s training -> {run_dir}")
     return summary

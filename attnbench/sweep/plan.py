@@ -8,7 +8,11 @@ model section -> [overrides] -> `--set KEY=VALUE` -> [mixer_overrides.<mixer>] -
 (mixer, learning rate, seed) -> matched shape. Every resolved config is validated before anything
 runs (unknown keys name the nearest valid one).
 
-The run id is `<mixer>-lr<lr>-s<seed>-<hash>`, the hash being 8 hex digits of the resolved config
+[grid] and [[variants]] (attnbench/sweep/grid.py) add points: each point's settings come after
+[mixer_overrides], then the head_dim rule sets model.n_head from the width. MQAR runs (task.kind) need
+no corpus: their examples are prepared once here, before any run starts.
+
+The run id is `<mixer>[-<point>]-lr<lr>-s<seed>-<hash>` (the point's values, e.g. n_embd64-seq_len256), the hash being 8 hex digits of the resolved config
 without the settings that do not change what is computed (out_dir, progress, resume, logging,
 data_dir, checkpoint retention, eval batch size, torch.compile, CUDA graphs). So re-running a sweep
 recognises its runs (attnbench/sweep/manifest.py: done, resumed or started).
@@ -23,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import params
-from ..config import RunConfig, read_toml
+from ..config import RunConfig, TaskConfig, read_toml
 from ..data import Corpus
 from ..errors import ConfigError
 from ..resolve import load_config
+from ..tasks import prepare_task
+from .grid import apply_head_rule, point_label, points
 from .spec import Sweep
 
 # Settings that do not change what a run computes: left out of the run id so that changing them
@@ -45,14 +51,25 @@ class PlannedRun:
     seed: int
     config: dict[str, Any]  # the resolved RunConfig as a dict (out_dir set by the sweep)
     match: dict[str, Any] | None = None  # parameter match: n_params, budget, deviation
+    point: str = ""  # the [grid]/[[variants]] point's label ("" without them)
 
 
-def run_id_for(config: RunConfig | dict[str, Any]) -> str:
-    """`<mixer>-lr<lr>-s<seed>-<8 hex>`: the hash covers every setting that changes what is computed."""
+# Keys at these values leave a language-modelling run as it was before the keys existed: left out of the hash
+# there, so such runs keep their ids (and a re-run sweep recognises them).
+_ID_DEFAULTS = {"model.mlp": True, "train.early_stop_accuracy": None}
+
+
+def run_id_for(config: RunConfig | dict[str, Any], point: str = "") -> str:
+    """`<mixer>[-<point>]-lr<lr>-s<seed>-<8 hex>`: the hash covers every setting that changes what is computed."""
     d = config.to_dict() if isinstance(config, RunConfig) else config
-    kept = {sec: {k: v for k, v in vals.items() if f"{sec}.{k}" not in ID_EXCLUDE} for sec, vals in d.items()}
+    kept = {sec: {k: v for k, v in vals.items() if f"{sec}.{k}" not in ID_EXCLUDE
+                  and not (f"{sec}.{k}" in _ID_DEFAULTS and v == _ID_DEFAULTS[f"{sec}.{k}"])}
+            for sec, vals in d.items()}
+    if kept.get("task", {}).get("kind", "lm") == "lm":
+        kept.pop("task", None)  # a language-modelling run's task settings are unused
     h = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"{d['model']['mixer']}-lr{d['optim']['learning_rate']:g}-s{d['train']['seed']}-{h}"
+    mid = f"-{point}" if point else ""
+    return f"{d['model']['mixer']}{mid}-lr{d['optim']['learning_rate']:g}-s{d['train']['seed']}-{h}"
 
 
 def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: bool = True) -> list[PlannedRun]:
@@ -60,8 +77,9 @@ def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: 
     out = Path(out)
     runs: list[PlannedRun] = []
     vocab: dict[tuple[str, str], int | None] = {}
+    prepared: set[str] = set()
     base_tree = read_toml(sweep.base_config, "base config")[1]
-    for mixer in sweep.mixers:
+    for mixer, point in ((m, p) for m in sweep.mixers for p in points(sweep.grid, sweep.variants)):
         tree = json.loads(json.dumps(base_tree))
         model = tree.setdefault("model", {})
         if model.get("mixer", "softmax") != mixer:
@@ -76,21 +94,30 @@ def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: 
         if sweep.param_budget is not None:  # the matcher searches these; the sweep's overrides may still fix them
             for k in params.SEARCHED_ARGS:
                 model.get("mixer_args", {}).pop(k, None)
-        ov = list(sweep.overrides) + list(sweep.mixer_overrides.get(mixer, []))
+        ov = list(sweep.overrides) + list(sweep.mixer_overrides.get(mixer, [])) + list(point)
+        try:
+            ov = apply_head_rule(tree, ov, sweep.head_dim)
+        except ConfigError as e:
+            raise ConfigError(f"{sweep.path} (mixer {mixer}): {e}") from None
         if sweep.dataset:
             ov.append(("data.dataset", sweep.dataset))
         if data_dir is not None:
             ov.append(("data.data_dir", str(data_dir)))
-        src = f"{sweep.path} (mixer {mixer})"
+        label = point_label(point)
+        src = f"{sweep.path} (mixer {mixer}{', ' + label if label else ''})"
         try:
             mcfg = load_config(tree, dict(ov))
         except ConfigError as e:
             raise ConfigError(f"{src}: {e}") from None
-        key = (mcfg.data.data_dir, mcfg.data.dataset)
-        if load_data and key not in vocab:
-            vocab[key] = Corpus.load(*key).vocab_size
-        if vocab.get(key):
-            mcfg.model.vocab_size = vocab[key]
+        if mcfg.task.kind != "lm":
+            if load_data:
+                _prepare_once(mcfg.task, mcfg.data.data_dir, prepared)
+        else:
+            key = (mcfg.data.data_dir, mcfg.data.dataset)
+            if load_data and key not in vocab:
+                vocab[key] = Corpus.load(*key).vocab_size
+            if vocab.get(key):
+                mcfg.model.vocab_size = vocab[key]
         match = None
         if sweep.param_budget is not None:
             mcfg.model, match = _match_shape(sweep, mcfg, mixer)
@@ -107,10 +134,18 @@ def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: 
                     cfg = load_config(cfg)  # validate the combination (e.g. min_lr <= learning_rate)
                 except ConfigError as e:
                     raise ConfigError(f"{src}, learning rate {lr:g}, seed {seed}: {e}") from None
-                rid = run_id_for(cfg)
+                rid = run_id_for(cfg, label)
                 cfg.train.out_dir = str(out / "runs" / rid)
-                runs.append(PlannedRun(rid, mixer, float(lr), int(seed), cfg.to_dict(), match))
+                runs.append(PlannedRun(rid, mixer, float(lr), int(seed), cfg.to_dict(), match, label))
     return runs
+
+
+def _prepare_once(task: TaskConfig, data_dir: str, done: set[str]) -> None:
+    """Generate a task's examples into data_dir before the runs start (each run then only loads them)."""
+    key = json.dumps([dataclasses.asdict(task), str(data_dir)], sort_keys=True)
+    if key not in done:
+        prepare_task(task, data_dir)
+        done.add(key)
 
 
 def _match_shape(sweep: Sweep, cfg: RunConfig, mixer: str) -> tuple[Any, dict[str, Any]]:

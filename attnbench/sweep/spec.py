@@ -23,6 +23,11 @@ process, benchmarks the mixers and writes the report. Example (attnbench/configs
     "train.max_iters" = 3000
     [mixer_overrides.nsa]                           # RunConfig keys for one mixer's runs
     "model.backend" = "torch"
+    [grid]                                          # optional: more axes, every combination (grid.py)
+    "model.n_embd" = [64, 128]
+    [[variants]]                                    # optional: coupled settings, one point each (grid.py)
+    "task.seq_len" = 256
+    "task.num_kv_pairs" = 16
     [bench]                                         # benchmarks after training (`attnbench bench all`)
     enabled = true
     benches = ["latency", "memory", "throughput"]
@@ -38,6 +43,7 @@ from .. import mixers as mixer_registry
 from ..config import CONFIGS_DIR, SECTIONS, all_keys, find_config_file, read_toml
 from ..counts import parse_count
 from ..errors import ConfigError, did_you_mean
+from .grid import check_disjoint, parse_grid, parse_variants
 
 BENCHES = ("latency", "memory", "throughput")
 
@@ -61,6 +67,9 @@ SWEEP_KEYS = {
     "mixer_overrides": "table of tables: RunConfig keys per mixer",
     "bench": "table: enabled, benches, options",
     "launcher": "table: type ('local' or 'slurm') and Slurm's job options (attnbench/sweep/launchers/slurm_options.py)",
+    "grid": "table of dotted RunConfig keys -> lists of values: one run per combination (attnbench/sweep/grid.py)",
+    "variants": "array of tables [[variants]], each a set of RunConfig keys that go together: one run per variant",
+    "head_dim": "model.n_head = max(1, n_embd // head_dim) for every run (sweeping widths with one head rule)",
 }
 BENCH_KEYS = ("enabled", "benches", "options")
 # Keys set by the sweep axes; setting them in [overrides] would silently lose to the axes.
@@ -91,6 +100,9 @@ class Sweep:
     overrides: list[tuple[str, Any]] = field(default_factory=list)
     mixer_overrides: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)
     bench: BenchSpec = field(default_factory=BenchSpec)
+    grid: list[tuple[str, list[Any]]] = field(default_factory=list)
+    variants: list[list[tuple[str, Any]]] = field(default_factory=list)
+    head_dim: int | None = None
     jobs_per_device: int = 1
     devices: str = "auto"
     nproc_per_node: int = 1
@@ -215,6 +227,14 @@ def load_sweep(path: str | Path) -> Sweep:
     if not isinstance(tree.get("launcher", {}), dict):
         raise ConfigError(f"{path}: launcher must be a table, e.g. [launcher] type = \"slurm\"")
     sw.launcher = dict(tree.get("launcher", {}))
+    sw.grid = parse_grid(tree.get("grid", {}), path)
+    sw.variants = parse_variants(tree["variants"], path) if "variants" in tree else []
+    check_disjoint(sw.grid, sw.variants, path)
+    if "head_dim" in tree:
+        h = tree["head_dim"]
+        if not isinstance(h, int) or isinstance(h, bool) or h < 1:
+            raise ConfigError(f"{path}: head_dim must be an integer >= 1 (e.g. 64), got {h!r}")
+        sw.head_dim = h
     return sw
 
 

@@ -1,5 +1,6 @@
 """Synthetic tasks: generated examples with labels only where the task asks a question, and their metrics."""
 
+from .feed import ExampleSampler, TaskData, evaluate_task, prepare_task, task_config
 from .mqar import (
     IGNORE_INDEX,
     MQARConfig,
@@ -16,6 +17,11 @@ from .mqar import (
 )
 
 __all__ = [
+    "ExampleSampler",
+    "TaskData",
+    "evaluate_task",
+    "prepare_task",
+    "task_config",
     "IGNORE_INDEX",
     "MQARConfig",
     "MQARData",
