@@ -25,8 +25,9 @@ from .data.prepare import ENV_VAR
 from .errors import AttnbenchError, did_you_mean
 from .report import bakeoff_section
 from .sweep import add_launch_options, launcher_options, load_sweep, run_sweep
+from .sweep.grid import task_kinds
 
-PRESETS = ("bakeoff", "bakeoff-quick")
+PRESETS = ("bakeoff", "bakeoff-quick", "recall", "recall-full", "recall-quick")  # recall*: docs/recall.md
 
 
 def preset_path(name: str) -> Path:
@@ -51,10 +52,13 @@ def run_main(preset: str | None = None, out: str | None = None, data_dir: str = 
     sweep = load_sweep(path)
     out = out or str(Path("out") / sweep.name)
     print(f"attnbench run: preset {preset!r} ({how}) from {sweep.path} -> {out}", flush=True)
-    print(f"attnbench run: data: shakespeare_char in {data_dir}", flush=True)
-    if input_path is not None or os.environ.get(ENV_VAR):
+    if "lm" not in task_kinds(sweep.base_config, sweep.overrides, sweep.grid, sweep.variants):
+        print(f"attnbench run: data: generated task examples in {data_dir}", flush=True)  # by the sweep's plan
+    elif input_path is not None or os.environ.get(ENV_VAR):
+        print(f"attnbench run: data: shakespeare_char in {data_dir}", flush=True)
         prepare_shakespeare_char(data_dir, input_path)  # idempotent: a folder from the same source is kept
     else:
+        print(f"attnbench run: data: shakespeare_char in {data_dir}", flush=True)
         ensure_prepared(data_dir, "shakespeare_char")  # a prepared folder is used as is; else download
     man = run_sweep(sweep, out=out, data_dir=data_dir, **launch)
     report = Path(out) / man.get("report", "report/report.md")

@@ -1,6 +1,7 @@
 """report.md: the settings, tables, figures, skipped runs and notes of a results folder, in one file."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from ..files import atomic_write_text
 from .colors import mixer_color
 from .figures import fig_decode, fig_flops, fig_generalisation, fig_loss, fig_lr, fig_memory, fig_throughput
 from .load import load_results
+from .recall import is_recall, recall_section
 from .tables import (bakeoff, bakeoff_markdown, bench_caption, bench_shape_mismatches, by_mixer, crossover_text,
                      kernel_lines, param_table, settings_lines)
 from .wandb_table import log_bakeoff_to_wandb
@@ -16,19 +18,23 @@ from .wandb_table import log_bakeoff_to_wandb
 def build_report(root: str | Path, out: str | Path | None = None) -> Path:
     """Write report.md and the figures; returns the path of report.md."""
     res = load_results(root)
+    recall_runs = [r for r in res.runs if is_recall(r)]
+    res = dataclasses.replace(res, runs=[r for r in res.runs if not is_recall(r)])  # the LM sections' runs
     out = Path(out) if out else res.root / "report"
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):  # figures of an earlier report that may not be redrawn now
         old.unlink()
     md: list[str] = [f"# attnbench report: {res.name}", ""]
-    mixers = list(by_mixer(res.runs))
-    md.append(f"{len(res.runs)} finished runs of {', '.join(mixers) or 'no mixer'}; built "
+    mixers = list(by_mixer(res.runs + recall_runs))
+    md.append(f"{len(res.runs) + len(recall_runs)} finished runs of {', '.join(mixers) or 'no mixer'}; built "
               f"{time.strftime('%Y-%m-%d %H:%M')} from `{res.root}` (files on disk only).")
     md.append("")
     md += [f"- {s}" for s in settings_lines(res)]
     md.append("")
     notes = list(res.notes)
     figs: list[tuple[str, Path | None, str]] = []
+    if recall_runs:  # MQAR runs: accuracy against width and state; loss curves of a recall task say little
+        md += recall_section(recall_runs, out)
     if res.runs:
         md += ["## Parameters", "", param_table(res), ""]
         rows = bakeoff(res)
@@ -52,7 +58,7 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Path:
             notes.append("learning-rate sensitivity: one learning rate per mixer was swept; no figure.")
         else:
             figs.append(("Learning-rate sensitivity", lr_fig, ""))
-    if not res.bench:
+    if not res.bench and res.runs:
         notes.append(f"no benchmark data in {res.root / 'bench'}: decode latency, memory, OOM threshold and "
                      "throughput figures and columns are omitted (run `attnbench bench all --json FILE`).")
     else:

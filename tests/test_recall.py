@@ -1,0 +1,184 @@
+"""Recall runs (MQAR through the trainer): the evaluation's accuracy, the loss over labelled positions, early
+stop, the sweep's [grid]/[[variants]] expansion and run ids, bad task settings, the report's section."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnbench.trainer as trainer
+from attnbench.config import RunConfig
+from attnbench.errors import ConfigError
+from attnbench.model import GPT
+from attnbench.report import build_report
+from attnbench.resolve import load_config
+from attnbench.sweep.plan import plan, run_id_for
+from attnbench.sweep.spec import load_sweep
+from attnbench.tasks import IGNORE_INDEX, ExampleSampler, evaluate_task
+
+TINY_TASK = {"kind": "mqar", "seq_len": 16, "num_kv_pairs": 2, "vocab_size": 32, "num_train": 64, "num_test": 16}
+
+
+def tiny(tmp_path: Path, **train) -> dict:
+    return {"model": {"mixer": "softmax", "n_layer": 2, "n_head": 1, "n_embd": 16, "dropout": 0.0, "pos_emb": "rope",
+                      "mlp": False},
+            "optim": {"learning_rate": 3e-3, "min_lr": 3e-4, "warmup_iters": 2},
+            "train": {"out_dir": str(tmp_path / "run"), "batch_size": 8, "max_iters": 40, "eval_interval": 5,
+                      "eval_batch_size": 8, "log_interval": 5, "compile": False, "progress": False, **train},
+            "task": dict(TINY_TASK), "data": {"data_dir": str(tmp_path / "data")}}
+
+
+class _Echo(torch.nn.Module):
+    """Predicts input + 1 at every position (one-hot logits over 8 tokens)."""
+
+    def forward(self, x):
+        return F.one_hot((x + 1) % 8, 8).float() * 10, None
+
+
+def test_evaluation_accuracy_on_a_hand_made_batch():
+    x = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [5, 5, 5, 5]])
+    y = torch.full((3, 4), IGNORE_INDEX)
+    y[0, 1], y[0, 3] = 3, 5  # both right
+    y[1, 0], y[1, 2] = 2, 7  # one of two right
+    # the third example has no labels: skipped, as Zoology's mean skips it
+    loss, acc = evaluate_task(_Echo(), x, y, batch=2, device="cpu", autocast=torch.autocast("cpu", enabled=False))
+    assert acc == pytest.approx(0.75)
+    logits = _Echo()(x)[0]
+    assert loss == pytest.approx(F.cross_entropy(logits[y != IGNORE_INDEX], y[y != IGNORE_INDEX]).item(), rel=1e-6)
+
+
+def test_model_loss_ignores_unlabelled_positions():
+    torch.manual_seed(0)
+    cfg = load_config({"model": {"n_layer": 1, "n_head": 1, "n_embd": 16, "mlp": False}, "task": TINY_TASK})
+    model = GPT(cfg.model)
+    x = torch.randint(0, 32, (2, 16))
+    y = torch.full((2, 16), IGNORE_INDEX)
+    y[0, 5], y[1, 9] = 20, 30
+    logits, loss = model(x, y)
+    mask = y != IGNORE_INDEX
+    assert loss.item() == pytest.approx(F.cross_entropy(logits[mask], y[mask]).item(), rel=1e-6)
+    assert model.blocks[0].mlp is None and cfg.model.block_size == 16 and cfg.model.vocab_size == 32
+
+
+def test_example_sampler_is_seeded_and_covers_each_epoch():
+    xs = np.arange(10)[:, None].repeat(3, 1)
+    a, b = ExampleSampler(xs, xs, 5, seed=1), ExampleSampler(xs, xs, 5, seed=1)
+    first = [a.next_step(1)[0][0][:, 0].tolist() for _ in range(5)]
+    assert first == [b.next_step(1)[0][0][:, 0].tolist() for _ in range(5)]
+    epoch = sum(first, [])[:10]
+    assert sorted(epoch) == list(range(10))  # one epoch: every example once
+    c = ExampleSampler(xs, xs, 5, seed=1)
+    c.load_state_dict(a.state_dict())
+    assert c.next_step(1)[0][0].tolist() == a.next_step(1)[0][0].tolist()
+
+
+def test_early_stop_fires_and_the_summary_records_it(tmp_path, monkeypatch):
+    accs = iter([0.0, 0.5, 0.995, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+
+    def fake_eval(*a, **k):
+        return 1.0, next(accs)
+
+    monkeypatch.setattr(trainer, "evaluate_task", fake_eval)
+    s = trainer.train(tiny(tmp_path, early_stop_accuracy=0.99))
+    assert s["early_stopped_at"] == 10 and s["steps"] == 10 < 40
+    assert s["best_val_accuracy"] == s["final_val_accuracy"] == 0.995
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_accuracy"] for r in rows if "val_accuracy" in r] == [0.0, 0.5, 0.995]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["early_stopped_at"] == 10
+
+
+def test_mqar_run_trains_and_reports(tmp_path):
+    s = trainer.train(tiny(tmp_path, max_iters=10, early_stop_accuracy=0.99))
+    assert s["task"] == "mqar" and 0.0 <= s["best_val_accuracy"] <= 1.0 and s["early_stopped_at"] is None
+    report = build_report(tmp_path / "run", tmp_path / "report")
+    text = report.read_text()
+    assert "## Recall (MQAR)" in text and "## Bake-off" not in text
+    assert "| 16 | 2 | softmax | 16 |" in text
+    assert (tmp_path / "report" / "recall_vs_width.png").is_file()
+    assert (tmp_path / "report" / "recall_vs_state.png").is_file()
+
+
+@pytest.mark.parametrize("task, words", [
+    ({"seq_len": 12, "num_kv_pairs": 4}, ["seq_len", "num_kv_pairs"]),
+    ({"num_kv_pairs": 20, "vocab_size": 32, "seq_len": 128}, ["num_kv_pairs", "vocab_size"]),
+    ({"vocab_size": 2**31 + 2}, ["vocab_size", "int32"]),
+    ({"kind": "mqa"}, ["task.kind", "mqar"]),
+])
+def test_bad_task_settings_fail_before_anything_is_written(tmp_path, task, words):
+    cfg = tiny(tmp_path)
+    cfg["task"].update(task)
+    with pytest.raises(ConfigError) as e:
+        trainer.train(cfg)
+    for w in words:
+        assert w in str(e.value)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+def test_early_stop_needs_a_task_with_an_accuracy():
+    with pytest.raises(ConfigError, match="early_stop_accuracy"):
+        load_config({"train": {"early_stop_accuracy": 0.99}})
+
+
+SWEEP = """
+name = "g"
+base_config = "mqar"
+mixers = ["softmax", "deltanet"]
+learning_rates = [1e-3, 3e-3]
+head_dim = 16
+[overrides]
+"model.pos_emb" = "none"
+"model.param_budget" = "none"
+"task.vocab_size" = 64
+[mixer_overrides.softmax]
+"model.pos_emb" = "rope"
+[grid]
+"model.n_embd" = [16, 48]
+[[variants]]
+"task.seq_len" = 16
+"task.num_kv_pairs" = 2
+[[variants]]
+"task.seq_len" = 32
+"task.num_kv_pairs" = 4
+"train.batch_size" = 4
+"""
+
+
+def test_grid_and_variants_expand_into_runs_with_their_ids(tmp_path):
+    (tmp_path / "g.toml").write_text(SWEEP)
+    runs = plan(load_sweep(tmp_path / "g.toml"), tmp_path / "out", load_data=False)
+    assert len(runs) == 2 * 2 * 2 * 2 and len({r.run_id for r in runs}) == 16
+    r = next(r for r in runs if r.mixer == "deltanet" and r.point == "n_embd48-seq_len32-num_kv_pairs4-batch_size4")
+    assert r.run_id.startswith("deltanet-n_embd48-seq_len32-num_kv_pairs4-batch_size4-lr0.001-s")
+    m, t = r.config["model"], r.config["task"]
+    assert (m["n_embd"], m["n_head"], m["block_size"], m["vocab_size"], m["pos_emb"]) == (48, 3, 32, 64, "none")
+    assert (t["seq_len"], t["num_kv_pairs"], r.config["train"]["batch_size"]) == (32, 4, 4)
+    assert {r.config["model"]["pos_emb"] for r in runs if r.mixer == "softmax"} == {"rope"}
+
+
+def test_grid_errors_name_the_key(tmp_path):
+    (tmp_path / "g.toml").write_text(SWEEP.replace('"model.n_embd" = [16, 48]', '"model.n_embed" = [16]'))
+    with pytest.raises(ConfigError, match="model.n_embd"):
+        load_sweep(tmp_path / "g.toml")
+    (tmp_path / "g.toml").write_text(SWEEP.replace('"model.n_embd" = [16, 48]', '"optim.learning_rate" = [1.0]'))
+    with pytest.raises(ConfigError, match="set by the sweep"):
+        load_sweep(tmp_path / "g.toml")
+
+
+def test_recall_presets_plan():
+    assert len(plan(load_sweep("sweeps/recall"), "/tmp/unused", load_data=False)) == 60
+    assert len(plan(load_sweep("sweeps/recall-full"), "/tmp/unused", load_data=False)) == 320
+
+
+def test_language_model_run_ids_do_not_depend_on_the_task_keys():
+    d = RunConfig().to_dict()
+    old = {sec: {k: v for k, v in vals.items() if k not in ("mlp", "early_stop_accuracy")}
+           for sec, vals in d.items() if sec != "task"}
+    from attnbench.sweep.plan import ID_EXCLUDE
+    kept = {sec: {k: v for k, v in vals.items() if f"{sec}.{k}" not in ID_EXCLUDE} for sec, vals in old.items()}
+    h = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    assert run_id_for(d).endswith(h)
