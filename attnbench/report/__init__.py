@@ -17,6 +17,10 @@ Output, in DIR/report/ (or --out):
   decode_latency.png        decode ms/token against prompt length (latency benchmark)
   memory_vs_context.png     peak training memory against context length (memory benchmark)
   throughput_vs_context.png training tokens/s against context length (throughput benchmark)
+  recall_vs_width.png       MQAR runs: accuracy against width, one panel per (L, K) (report/recall.py)
+  recall_vs_state.png       MQAR runs: accuracy against decode-state bytes per sequence
+A folder of MQAR runs (task.kind = "mqar") gets the "Recall (MQAR)" section (table and the two recall
+figures) in place of the language-modelling tables and curves; a folder with both kinds gets both.
 
 Aggregation: a run's score is its best validation loss (the lowest of its evaluations: the checkpoint
 one would keep, as nanoGPT keeps the best-val checkpoint; small models on small data overfit, and a
@@ -36,6 +40,7 @@ Modules, each with one job:
   tables.py       aggregation and table text: by_mixer, best_lr, the bake-off, parameters, settings, kernels
   figures.py      the PNG figures (matplotlib) and the curves behind them
   wandb_table.py  the bake-off table to W&B (optional)
+  recall.py       the Recall (MQAR) section: best run per (mixer, L, K, width), its table and figures
   markdown.py     build_report: report.md from all of the above; bakeoff_section reads its table back
   cli.py          `attnbench report`
 """
