@@ -17,7 +17,7 @@ from attnbench.errors import ConfigError
 from attnbench.model import GPT
 from attnbench.report import build_report
 from attnbench.resolve import load_config
-from attnbench.sweep.plan import plan, run_id_for
+from attnbench.sweep.plan import ID_EXCLUDE, plan, run_id_for
 from attnbench.sweep.spec import load_sweep
 from attnbench.tasks import IGNORE_INDEX, ExampleSampler, evaluate_task
 
@@ -178,7 +178,6 @@ def test_language_model_run_ids_do_not_depend_on_the_task_keys():
     d = RunConfig().to_dict()
     old = {sec: {k: v for k, v in vals.items() if k not in ("mlp", "early_stop_accuracy")}
            for sec, vals in d.items() if sec != "task"}
-    from attnbench.sweep.plan import ID_EXCLUDE
     kept = {sec: {k: v for k, v in vals.items() if f"{sec}.{k}" not in ID_EXCLUDE} for sec, vals in old.items()}
     h = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
     assert run_id_for(d).endswith(h)
