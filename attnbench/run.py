@@ -52,7 +52,7 @@ def run_main(preset: str | None = None, out: str | None = None, data_dir: str = 
     sweep = load_sweep(path)
     out = out or str(Path("out") / sweep.name)
     print(f"attnbench run: preset {preset!r} ({how}) from {sweep.path} -> {out}", flush=True)
-    if "lm" not in task_kinds(sweep.base_config, sweep.overrides, sweep.grid, sweep.variants):
+    if "lm" not in task_kinds(sweep.base_config, sweep.overrides, sweep.grid, sweep.points):
         print(f"attnbench run: data: generated task examples in {data_dir}", flush=True)  # by the sweep's plan
     elif input_path is not None or os.environ.get(ENV_VAR):
         print(f"attnbench run: data: shakespeare_char in {data_dir}", flush=True)

@@ -1,5 +1,5 @@
 """Recall runs (MQAR through the trainer): the evaluation's accuracy, the loss over labelled positions, early
-stop, the sweep's [grid]/[[variants]] expansion and run ids, bad task settings, the report's section."""
+stop, the sweep's [grid]/[[points]] expansion and run ids, bad task settings, the report's section."""
 from __future__ import annotations
 
 import hashlib
@@ -138,17 +138,17 @@ head_dim = 16
 "model.pos_emb" = "rope"
 [grid]
 "model.n_embd" = [16, 48]
-[[variants]]
+[[points]]
 "task.seq_len" = 16
 "task.num_kv_pairs" = 2
-[[variants]]
+[[points]]
 "task.seq_len" = 32
 "task.num_kv_pairs" = 4
 "train.batch_size" = 4
 """
 
 
-def test_grid_and_variants_expand_into_runs_with_their_ids(tmp_path):
+def test_grid_and_points_expand_into_runs_with_their_ids(tmp_path):
     (tmp_path / "g.toml").write_text(SWEEP)
     runs = plan(load_sweep(tmp_path / "g.toml"), tmp_path / "out", load_data=False)
     assert len(runs) == 2 * 2 * 2 * 2 and len({r.run_id for r in runs}) == 16

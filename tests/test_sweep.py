@@ -213,7 +213,7 @@ def test_presets_parse_and_plan(tmp_path):
         s = sw.load_sweep(f)
         runs = sw.plan(s, tmp_path / f.stem, load_data=False)
         assert sorted({r.mixer for r in runs}) == sorted(s.mixers)
-        points = len(sw.grid.points(s.grid, s.variants))  # [grid] x [[variants]] (recall presets), else 1
+        points = len(sw.grid.expand(s.grid, s.points))  # [grid] x [[points]] (recall presets), else 1
         assert len(runs) == len(s.mixers) * len(s.learning_rates or [None]) * len(s.seeds or [None]) * points
         if f.stem in ("bakeoff", "bakeoff-quick"):
             assert len(s.mixers) == 5

@@ -1,19 +1,19 @@
-"""Axes of a sweep beyond mixers, learning rates and seeds: `[grid]` and `[[variants]]`.
+"""Axes of a sweep beyond mixers, learning rates and seeds: `[grid]` and `[[points]]`.
 
 Zoology describes a sweep as a list of configs; these two tables produce that list from a sweep file:
 
     [grid]                                   # dotted RunConfig keys -> lists: every combination
     "model.n_embd" = [64, 128, 256]
 
-    [[variants]]                             # each a table of settings that go together
+    [[points]]                             # each a table of settings that go together
     "task.seq_len" = 64
     "task.num_kv_pairs" = 4
-    [[variants]]
+    [[points]]
     "task.seq_len" = 256
     "task.num_kv_pairs" = 16
     "train.batch_size" = 256
 
-The points are the cartesian product of the grid's lists and the variants (either may be absent; with
+The points are the cartesian product of the grid's lists and the [[points]] tables (either may be absent; with
 neither there is one empty point). Each point is a list of overrides applied after [overrides] and
 [mixer_overrides] (attnbench/sweep/plan.py) and is named in the run id by its values (`point_label`).
 `head_dim = 64` (a sweep key) sets each run's model.n_head to max(1, n_embd // head_dim), so widths can be
@@ -69,17 +69,17 @@ def parse_grid(tree: Any, path: Path) -> list[tuple[str, list[Any]]]:
     return out
 
 
-def parse_variants(tree: Any, path: Path) -> list[list[tuple[str, Any]]]:
-    """`[[variants]]`: a list of tables of coupled overrides, no two alike."""
+def parse_points(tree: Any, path: Path) -> list[list[tuple[str, Any]]]:
+    """`[[points]]`: a list of tables of coupled overrides, no two alike."""
     if not isinstance(tree, list) or not all(isinstance(t, dict) for t in tree):
-        raise ConfigError(f"{path}: variants must be an array of tables: [[variants]] \"task.seq_len\" = 256 ...")
+        raise ConfigError(f"{path}: points must be an array of tables: [[points]] \"task.seq_len\" = 256 ...")
     if not tree:
-        raise ConfigError(f"{path}: variants is empty; give at least one [[variants]] table or leave it out")
+        raise ConfigError(f"{path}: points is empty; give at least one [[points]] table or leave it out")
     out, seen = [], set()
     for i, table in enumerate(tree):
         if not table:
-            raise ConfigError(f"{path}: [[variants]] number {i + 1} is empty")
-        where = f"[[variants]] number {i + 1}"
+            raise ConfigError(f"{path}: [[points]] number {i + 1} is empty")
+        where = f"[[points]] number {i + 1}"
         items = [(_check_key(k, where, path), _scalar(v, k, where, path)) for k, v in table.items()]
         sig = repr(sorted(items, key=lambda kv: kv[0]))
         if sig in seen:
@@ -89,17 +89,17 @@ def parse_variants(tree: Any, path: Path) -> list[list[tuple[str, Any]]]:
     return out
 
 
-def check_disjoint(grid: list[tuple[str, list]], variants: list[list[tuple[str, Any]]], path: Path) -> None:
+def check_disjoint(grid: list[tuple[str, list]], tables: list[list[tuple[str, Any]]], path: Path) -> None:
     """A key in both the grid and a variant would be set twice per run: refuse it."""
-    both = {k for k, _ in grid} & {k for v in variants for k, _ in v}
+    both = {k for k, _ in grid} & {k for v in tables for k, _ in v}
     if both:
-        raise ConfigError(f"{path}: {', '.join(sorted(both))} is set in both [grid] and [[variants]]; keep it in one")
+        raise ConfigError(f"{path}: {', '.join(sorted(both))} is set in both [grid] and [[points]]; keep it in one")
 
 
-def points(grid: list[tuple[str, list]], variants: list[list[tuple[str, Any]]]) -> list[list[tuple[str, Any]]]:
+def expand(grid: list[tuple[str, list]], tables: list[list[tuple[str, Any]]]) -> list[list[tuple[str, Any]]]:
     """Every combination of the grid's values with each variant (one empty point when there are neither)."""
     combos = [list(zip([k for k, _ in grid], vals)) for vals in itertools.product(*[v for _, v in grid])]
-    return [c + list(v) for v in (variants or [[]]) for c in combos]
+    return [c + list(v) for v in (tables or [[]]) for c in combos]
 
 
 def _short(key: str) -> str:
@@ -123,11 +123,11 @@ def head_count(n_embd: Any, head_dim: int | None) -> int | None:
 
 
 def task_kinds(base_config: Path, overrides: list[tuple[str, Any]], grid: list[tuple[str, list]],
-               variants: list[list[tuple[str, Any]]]) -> set[str]:
+               tables: list[list[tuple[str, Any]]]) -> set[str]:
     """The task kinds (task.kind) a sweep's runs train on, e.g. {"lm"} or {"mqar"}."""
     kinds = {parse_config(base_config, dict(overrides)).task.kind}
     kinds |= {str(v) for k, vals in grid if k == "task.kind" for v in vals}
-    kinds |= {str(v) for var in variants for k, v in var if k == "task.kind"}
+    kinds |= {str(v) for var in tables for k, v in var if k == "task.kind"}
     return kinds
 
 

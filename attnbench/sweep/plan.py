@@ -8,7 +8,7 @@ model section -> [overrides] -> `--set KEY=VALUE` -> [mixer_overrides.<mixer>] -
 (mixer, learning rate, seed) -> matched shape. Every resolved config is validated before anything
 runs (unknown keys name the nearest valid one).
 
-[grid] and [[variants]] (attnbench/sweep/grid.py) add points: each point's settings come after
+[grid] and [[points]] (attnbench/sweep/grid.py) add points: each point's settings come after
 [mixer_overrides], then the head_dim rule sets model.n_head from the width. MQAR runs (task.kind) need
 no corpus: their examples are prepared once here, before any run starts.
 
@@ -32,7 +32,7 @@ from ..data import Corpus
 from ..errors import ConfigError
 from ..resolve import load_config
 from ..tasks import prepare_task
-from .grid import apply_head_rule, point_label, points
+from .grid import apply_head_rule, expand, point_label
 from .spec import Sweep
 
 # Settings that do not change what a run computes: left out of the run id so that changing them
@@ -51,7 +51,7 @@ class PlannedRun:
     seed: int
     config: dict[str, Any]  # the resolved RunConfig as a dict (out_dir set by the sweep)
     match: dict[str, Any] | None = None  # parameter match: n_params, budget, deviation
-    point: str = ""  # the [grid]/[[variants]] point's label ("" without them)
+    point: str = ""  # the [grid]/[[points]] point's label ("" without them)
 
 
 # Keys at these values leave a language-modelling run as it was before the keys existed: left out of the hash
@@ -79,7 +79,7 @@ def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: 
     vocab: dict[tuple[str, str], int | None] = {}
     prepared: set[str] = set()
     base_tree = read_toml(sweep.base_config, "base config")[1]
-    for mixer, point in ((m, p) for m in sweep.mixers for p in points(sweep.grid, sweep.variants)):
+    for mixer, point in ((m, p) for m in sweep.mixers for p in expand(sweep.grid, sweep.points)):
         tree = json.loads(json.dumps(base_tree))
         model = tree.setdefault("model", {})
         if model.get("mixer", "softmax") != mixer:

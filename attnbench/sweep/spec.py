@@ -25,7 +25,7 @@ process, benchmarks the mixers and writes the report. Example (attnbench/configs
     "model.backend" = "torch"
     [grid]                                          # optional: more axes, every combination (grid.py)
     "model.n_embd" = [64, 128]
-    [[variants]]                                    # optional: coupled settings, one point each (grid.py)
+    [[points]]                                    # optional: coupled settings, one point each (grid.py)
     "task.seq_len" = 256
     "task.num_kv_pairs" = 16
     [bench]                                         # benchmarks after training (`attnbench bench all`)
@@ -43,7 +43,7 @@ from .. import mixers as mixer_registry
 from ..config import CONFIGS_DIR, SECTIONS, all_keys, find_config_file, read_toml
 from ..counts import parse_count
 from ..errors import ConfigError, did_you_mean
-from .grid import check_disjoint, parse_grid, parse_variants
+from .grid import check_disjoint, parse_grid, parse_points
 
 BENCHES = ("latency", "memory", "throughput")
 
@@ -68,7 +68,7 @@ SWEEP_KEYS = {
     "bench": "table: enabled, benches, options",
     "launcher": "table: type ('local' or 'slurm') and Slurm's job options (attnbench/sweep/launchers/slurm_options.py)",
     "grid": "table of dotted RunConfig keys -> lists of values: one run per combination (attnbench/sweep/grid.py)",
-    "variants": "array of tables [[variants]], each a set of RunConfig keys that go together: one run per variant",
+    "points": "array of tables [[points]], each a set of RunConfig keys that go together: one run per table",
     "head_dim": "model.n_head = max(1, n_embd // head_dim) for every run (sweeping widths with one head rule)",
 }
 BENCH_KEYS = ("enabled", "benches", "options")
@@ -101,7 +101,7 @@ class Sweep:
     mixer_overrides: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)
     bench: BenchSpec = field(default_factory=BenchSpec)
     grid: list[tuple[str, list[Any]]] = field(default_factory=list)
-    variants: list[list[tuple[str, Any]]] = field(default_factory=list)
+    points: list[list[tuple[str, Any]]] = field(default_factory=list)
     head_dim: int | None = None
     jobs_per_device: int = 1
     devices: str = "auto"
@@ -228,8 +228,8 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: launcher must be a table, e.g. [launcher] type = \"slurm\"")
     sw.launcher = dict(tree.get("launcher", {}))
     sw.grid = parse_grid(tree.get("grid", {}), path)
-    sw.variants = parse_variants(tree["variants"], path) if "variants" in tree else []
-    check_disjoint(sw.grid, sw.variants, path)
+    sw.points = parse_points(tree["points"], path) if "points" in tree else []
+    check_disjoint(sw.grid, sw.points, path)
     if "head_dim" in tree:
         h = tree["head_dim"]
         if not isinstance(h, int) or isinstance(h, bool) or h < 1:
