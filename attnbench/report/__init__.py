@@ -17,6 +17,8 @@ Output, in DIR/report/ (or --out):
   decode_latency.png        decode ms/token against prompt length (latency benchmark)
   memory_vs_context.png     peak training memory against context length (memory benchmark)
   throughput_vs_context.png training tokens/s against context length (throughput benchmark)
+  loss_vs_position.png      validation loss against position far past the training length (runs evaluated
+                            by `attnbench eval`: the "Length generalisation" section)
 
 Aggregation: a run's score is its best validation loss (the lowest of its evaluations: the checkpoint
 one would keep, as nanoGPT keeps the best-val checkpoint; small models on small data overfit, and a
@@ -36,6 +38,7 @@ Modules, each with one job:
   tables.py       aggregation and table text: by_mixer, best_lr, the bake-off, parameters, settings, kernels
   figures.py      the PNG figures (matplotlib) and the curves behind them
   wandb_table.py  the bake-off table to W&B (optional)
+  lengthgen.py    the length-generalisation section and its figures, from each run's eval/lengthgen.jsonl
   markdown.py     build_report: report.md from all of the above; bakeoff_section reads its table back
   cli.py          `attnbench report`
 """

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..files import atomic_write_text
 from .colors import mixer_color
 from .figures import fig_decode, fig_flops, fig_generalisation, fig_loss, fig_lr, fig_memory, fig_throughput
+from .lengthgen import lengthgen_section
 from .load import load_results
 from .tables import (bakeoff, bakeoff_markdown, bench_caption, bench_shape_mismatches, by_mixer, crossover_text,
                      kernel_lines, param_table, settings_lines)
@@ -74,6 +75,7 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Path:
             if p is None:
                 continue
             md += [f"### {title}", "", f"![{title}]({p.name})", ""] + ([cap, ""] if cap else [])
+    md += lengthgen_section(res, out)
     if res.skipped:
         md += ["## Skipped runs", ""] + [f"- skipped: {n} ({why})" for n, why in res.skipped] + [""]
     if notes:
