@@ -40,12 +40,14 @@ def longest_ok(rows: list[dict]) -> dict | None:
 
 
 def lowest_position(rows: list[dict]) -> str:
-    """The bucket of the lowest loss on the longest evaluated window, e.g. '2048-4095 of 16384'."""
+    """The bucket of the lowest loss on the longest evaluated window, e.g. '2048-4095 of 16384' (0-based
+    positions)."""
     r = longest_ok(rows)
     if r is None:
         return "-"
     b = min(r["buckets"], key=lambda b: b["loss"])
-    return f"{b['lo']}-{b['hi'] - 1} of {r['length']}"
+    span = str(b["lo"]) if b["hi"] - b["lo"] == 1 else f"{b['lo']}-{b['hi'] - 1}"
+    return f"{span} of {r['length']}"
 
 
 def cell(rows: list[dict], target: int) -> tuple[str, int | None]:

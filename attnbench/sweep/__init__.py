@@ -8,6 +8,7 @@ One module per job, in the order a sweep uses them:
     processes.py    device slots, the training children, signals, the training loop
     __main__.py     the child: `python -m attnbench.sweep RUN_DIR` trains one planned run
     bench_phase.py  the benchmarks after training, one `attnbench bench` child per mixer
+    eval_phase.py   the [eval] table: every finished run at longer lengths (attnbench/evaluate/)
     execute.py      `run_sweep`: all of the above, then `attnbench.report.build_report`
     cli.py          `attnbench sweep FILE` and the launch options `attnbench run` shares
 
@@ -21,9 +22,9 @@ from .execute import run_sweep
 from .manifest import read_summary, run_state
 from .plan import ID_EXCLUDE, PlannedRun, plan, run_id_for
 from .processes import Slot, child_command, make_slots, resolve_devices, wants_mps
-from .spec import BENCHES, SWEEP_KEYS, BenchSpec, Sweep, add_overrides, load_sweep
+from .spec import BENCHES, SWEEP_KEYS, BenchSpec, EvalSpec, Sweep, add_overrides, load_sweep
 
-__all__ = ["BENCHES", "ID_EXCLUDE", "SWEEP_KEYS", "BenchSpec", "PlannedRun", "Slot", "Sweep", "add_launch_options",
+__all__ = ["BENCHES", "ID_EXCLUDE", "SWEEP_KEYS", "BenchSpec", "EvalSpec", "PlannedRun", "Slot", "Sweep", "add_launch_options",
            "add_overrides", "bench_command", "bench_tasks", "check_bench_options",
            "child_command", "load_sweep", "make_slots", "plan", "prestarts_bench", "read_summary", "register_cli",
            "resolve_devices", "run_id_for", "run_state", "run_sweep", "wants_mps"]

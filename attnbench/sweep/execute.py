@@ -7,6 +7,7 @@ from ..errors import ConfigError
 from ..files import atomic_write_text
 from ..report import build_report
 from .bench_phase import _BenchPhase, check_bench_options
+from .eval_phase import check_eval, run_eval_phase
 from .manifest import _clear_stale, _folder_lock, _Manifest, _write_run_file, run_state
 from .plan import PlannedRun, plan
 from .processes import (Slot, _interruptible, _say, _train_all, _training_env, child_command, make_slots,
@@ -18,7 +19,7 @@ def run_sweep(sweep: Sweep | str | Path, out: str | Path | None = None, devices:
               jobs_per_device: int | None = None, nproc_per_node: int | None = None, data_dir: str | None = None,
               bench: bool = True, report: bool = True, dry_run: bool = False, status_interval: float = 30.0,
               overrides: list[str] | None = None, cuda_mps: bool | None = None) -> dict:
-    """Plan, train (resumably), benchmark and report. Returns the manifest (sweep.json's content).
+    """Plan, train (resumably), benchmark, evaluate at the [eval] lengths (when the sweep file asks) and report. Returns the manifest (sweep.json's content).
 
     Raises KeyboardInterrupt after a clean stop on Ctrl-C/SIGTERM, AttnbenchError on bad input. Runs
     that fail are recorded as failed (their log's tail is printed); the other runs go on.
@@ -38,6 +39,7 @@ def run_sweep(sweep: Sweep | str | Path, out: str | Path | None = None, devices:
                               f"it (set it in [overrides]; accumulation is split across processes)")
     if bench:
         check_bench_options(sweep.bench, sweep.path)
+    check_eval(sweep, runs)
     slots = make_slots(resolve_devices(devices or sweep.devices), jobs, nproc)
     graphed = any(r.config["train"].get("cuda_graph") for r in runs)
     if graphed and any(not str(sl.device).startswith("cuda") for sl in slots):
@@ -97,6 +99,7 @@ def _execute(sweep: Sweep, out: Path, runs: list[PlannedRun], slots: list[Slot],
                 failed = _train_all(sweep, out, todo, slots, man, status_interval, n_done, len(runs))
             if benches is not None:
                 benches.run()
+            run_eval_phase(sweep, out, slots)
         finally:
             if benches is not None:
                 benches.stop()
