@@ -25,7 +25,7 @@ from .config import CONFIGS_DIR
 from .data import ensure_prepared, prepare_shakespeare_char
 from .data.prepare import ENV_VAR
 from .errors import AttnbenchError, did_you_mean
-from .report import bakeoff_section
+from .report import bakeoff_section, lengthgen_table
 from .sweep import add_launch_options, load_sweep, run_sweep
 
 PRESETS = ("bakeoff", "bakeoff-quick", "lengthgen", "lengthgen-quick")
@@ -64,6 +64,11 @@ def run_main(preset: str | None = None, out: str | None = None, data_dir: str = 
     print()
     if table:
         print(table)
+        print()
+    lengths = lengthgen_table(report) if report.is_file() else ""
+    if lengths:
+        print("Length generalisation (loss at multiples of the training length):")
+        print(lengths)
         print()
     failed = [k for k, v in man["runs"].items() if v["status"] == "failed"]
     if failed:

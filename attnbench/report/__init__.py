@@ -45,9 +45,9 @@ Modules, each with one job:
 from .cli import register_cli
 from .colors import MIXER_COLORS, MIXER_ORDER, mixer_color
 from .load import Results, RunResult, load_results, load_run
-from .markdown import bakeoff_section, build_report
+from .markdown import bakeoff_section, build_report, lengthgen_table
 from .tables import BakeoffRow, bakeoff, bakeoff_markdown, best_lr, by_mixer, crossover_text
 
 __all__ = ["BakeoffRow", "MIXER_COLORS", "MIXER_ORDER", "Results", "RunResult", "bakeoff", "bakeoff_markdown",
-           "bakeoff_section", "best_lr", "build_report", "by_mixer", "crossover_text", "load_results", "load_run",
-           "mixer_color", "register_cli"]
+           "bakeoff_section", "best_lr", "build_report", "by_mixer", "crossover_text", "lengthgen_table", "load_results",
+           "load_run", "mixer_color", "register_cli"]

@@ -82,7 +82,7 @@ def lengthgen_section(res: Results, out: Path) -> list[str]:
     fig = fig_lengthgen(data, out / FIGURE)
     trained = sorted({r.config["model"]["block_size"] for r, _ in data.values()})
     base = trained[0]
-    head = ["model", "position embedding", "trained at"] + [f"{m}x ({m * base})" for m in MULTIPLES] + \
+    head = ["model", "model.pos_emb", "trained at"] + [f"{m}x ({m * base})" for m in MULTIPLES] + \
         ["lowest loss at positions"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label in sorted(data, key=mixer_key):
@@ -99,6 +99,7 @@ def lengthgen_section(res: Results, out: Path) -> list[str]:
           "Cells: mean loss over every token of the windows of that length (the nearest evaluated length when "
           "not exactly the multiple, marked @); 'not defined': the model cannot represent that length. "
           "Lowest loss at positions: the position bucket with the lowest loss in the longest evaluated window. "
+          "model.pos_emb is the model's embedding; NSA applies its own RoPE in every case. "
           "docs/length-generalisation.md says what to expect of each mixer.", "", *lines, ""]
     if fig is not None:
         md += [f"![Loss against position]({fig.name})", "",

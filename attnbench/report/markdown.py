@@ -89,9 +89,18 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Path:
 
 def bakeoff_section(report_md: str | Path) -> str:
     """The bake-off table of a written report.md (for printing at the end of a sweep)."""
+    return _section_table(report_md, "## Bake-off")
+
+
+def lengthgen_table(report_md: str | Path) -> str:
+    """The length-generalisation table of a written report.md, or '' when it has none."""
+    return _section_table(report_md, "## Length generalisation")
+
+
+def _section_table(report_md: str | Path, heading: str) -> str:
     text = Path(report_md).read_text()
-    if "## Bake-off" not in text:
+    if heading not in text:
         return ""
-    part = text.split("## Bake-off", 1)[1].split("\n## ", 1)[0]
+    part = text.split(heading, 1)[1].split("\n## ", 1)[0]
     return "\n".join(line for line in part.strip().splitlines() if line.startswith("|"))
 
