@@ -31,7 +31,10 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--data_dir", default=None, help="folder of prepared datasets (default: each run's data.data_dir)")
 
     def run(a: argparse.Namespace) -> int:
-        evaluate_path(a.dir, parse_lengths(a.lengths), a.checkpoint, a.device, a.batch_tokens, a.data_dir)
+        done = evaluate_path(a.dir, parse_lengths(a.lengths), a.checkpoint, a.device, a.batch_tokens, a.data_dir)
+        rows = [r for rs in done.values() for r in rs]
+        print(f"eval: {len(rows)} rows in {len(done)} run folder(s), eval/lengthgen.jsonl and eval/lengthgen.png; "
+              f"`attnbench report {a.dir}` adds the length-generalisation section to a sweep's report")
         return 0
 
     p.set_defaults(func=run)

@@ -25,6 +25,7 @@ from ..files import atomic_write_text, read_jsonl
 from ..report.lengthgen import fig_run_lengthgen
 from ..resolve import load_config
 from ..sample import CHECKPOINTS, load_run_checkpoint
+from ..trainer import resolve_dtype
 from .positions import BucketSums
 from .windows import check_length, eval_windows
 
@@ -103,15 +104,16 @@ def not_defined_reason(cfg: RunConfig, length: int) -> str | None:
     return None
 
 
-def _losses(model, x: torch.Tensor, y: torch.Tensor, device: str) -> torch.Tensor:
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+def _losses(model, x: torch.Tensor, y: torch.Tensor, device: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    ctx = (torch.autocast("cuda", dtype=dtype) if device.startswith("cuda") and dtype != torch.float32
+           else contextlib.nullcontext())
     with torch.no_grad(), ctx:
         logits, _ = model(x.to(device))
         return F.cross_entropy(logits.float().transpose(1, 2), y.to(device), reduction="none")
 
 
-def evaluate_length(model, x: torch.Tensor, y: torch.Tensor, device: str, batch_tokens: int
-                    ) -> tuple[BucketSums | None, int]:
+def evaluate_length(model, x: torch.Tensor, y: torch.Tensor, device: str, batch_tokens: int,
+                    dtype: torch.dtype = torch.float32) -> tuple[BucketSums | None, int]:
     """Bucket sums over every window (None: one window alone ran out of GPU memory) and the batch it ran
     at. Starts at batch_tokens // length windows per batch and halves on CUDA out-of-memory."""
     n, length = x.shape
@@ -121,7 +123,7 @@ def evaluate_length(model, x: torch.Tensor, y: torch.Tensor, device: str, batch_
     while i < n:
         oom = False
         try:
-            sums.add(_losses(model, x[i:i + batch], y[i:i + batch], device))
+            sums.add(_losses(model, x[i:i + batch], y[i:i + batch], device, dtype))
         except torch.OutOfMemoryError:
             oom = True  # handled outside the except block, so the error does not pin the batch's tensors
         if oom:
@@ -142,9 +144,10 @@ def evaluate_run(run: RunToEval, lengths: list[int], checkpoint: str = "best", d
     model, cfg, ckpt = load_run_checkpoint(run.path, checkpoint, device)
     corpus = Corpus.load(run.cfg.data.data_dir, run.cfg.data.dataset, auto_prepare=False)
     step = _step_of(ckpt)
+    dtype = resolve_dtype(cfg, "cuda" if device.startswith("cuda") else "cpu")  # as the run was trained
     base = {"run": run.path.name, "label": run.label, "mixer": cfg.model.mixer, "pos_emb": cfg.model.pos_emb,
             "block_size": cfg.model.block_size, "checkpoint": checkpoint, "checkpoint_dir": ckpt.name, "step": step,
-            "device": device, "dtype": "bfloat16" if device.startswith("cuda") else "float32"}
+            "device": device, "dtype": str(dtype).replace("torch.", "")}
     rows = []
     for length in lengths:
         row = {**base, "length": length, "ratio": length / cfg.model.block_size}
@@ -154,7 +157,7 @@ def evaluate_run(run: RunToEval, lengths: list[int], checkpoint: str = "best", d
             continue
         x, y = eval_windows(corpus.val, length)
         t0 = time.perf_counter()
-        sums, batch = evaluate_length(model, x, y, device, batch_tokens)
+        sums, batch = evaluate_length(model, x, y, device, batch_tokens, dtype)
         if sums is None:
             rows.append({**row, "status": "out_of_memory", "windows": len(x),
                          "reason": f"one window of {length} tokens does not fit in GPU memory"})
@@ -199,7 +202,7 @@ def is_evaluated(run_dir: Path, lengths: list[int], checkpoint: str) -> bool:
     return set(lengths) <= have
 
 
-def resolve_device(device: str) -> str:
+def eval_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -213,7 +216,7 @@ def evaluate_path(path: str | Path, lengths: list[int], checkpoint: str = "best"
     """Evaluate a run folder, or every finished run of a sweep folder; every check runs first."""
     if batch_tokens < 1:
         raise AttnbenchError(f"--batch_tokens must be >= 1, got {batch_tokens}")
-    device = resolve_device(device)
+    device = eval_device(device)
     runs, notes = find_runs(path)
     checked = check_runs(runs, lengths, checkpoint, data_dir)
     for n in notes:
