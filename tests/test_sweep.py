@@ -212,7 +212,7 @@ def test_presets_parse_and_plan(tmp_path):
     for f in files:
         s = sw.load_sweep(f)
         runs = sw.plan(s, tmp_path / f.stem, load_data=False)
-        assert sorted({r.mixer for r in runs}) == sorted(s.mixers)
+        assert sorted({r.label for r in runs}) == sorted(s.mixers)
         assert len(runs) == len(s.mixers) * len(s.learning_rates or [None]) * len(s.seeds or [None])
         if f.stem in ("bakeoff", "bakeoff-quick"):
             assert len(s.mixers) == 5
