@@ -149,11 +149,11 @@ def test_out_of_memory_halves_the_batch_then_reports_the_length(monkeypatch):
     real = eval_run._losses
     seen = []
 
-    def tight(model, xb, yb, device):
+    def tight(model, xb, yb, *rest):
         seen.append(len(xb))
         if len(xb) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(model, xb, yb, device)
+        return real(model, xb, yb, *rest)
 
     monkeypatch.setattr(eval_run, "_losses", tight)
     sums, batch = evaluate_length(model, x, y, "cpu", batch_tokens=8 * 32)
