@@ -18,7 +18,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
+from .checkpoint import best_val_loss, latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
 from .config import RunConfig
 from .resolve import load_config
 from .data import BatchSampler, Corpus, val_windows
@@ -216,6 +216,15 @@ def _disk_full(e: DiskFullError, step: int, last_good: int, run_dir: Path) -> Di
                          f"{run_dir / 'ckpt'} is kept: continue with --resume once there is space")
 
 
+def _checkpoint_eval(run_eval, checkpoint, step: int, run_dir: Path) -> float:
+    """Evaluate, save a checkpoint, and mark it as the best one when its validation loss is the lowest so
+    far (ckpt/best.json: `attnbench eval --checkpoint best` loads it, and pruning keeps it)."""
+    best = best_val_loss(run_dir)
+    vl = run_eval(step)
+    checkpoint(step, vl if best is None or vl < best else None)
+    return vl
+
+
 # ------------------------------------------------------------------ the run
 
 
@@ -366,7 +375,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
     elif dinfo.is_main:
         print(f"training {cfg.model.mixer}: {n_params / 1e6:.2f}M parameters, {tc.max_iters} iterations -> {run_dir}")
 
-    def checkpoint(step: int) -> Path | None:
+    def checkpoint(step: int, best: float | None = None) -> Path | None:
         rngs = [None] * dinfo.world_size
         if dinfo.enabled:
             torch.distributed.all_gather_object(rngs, _rng_state(device))
@@ -376,7 +385,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
             return save_checkpoint(run_dir, step, raw_model, {
                 "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "rng": rngs,
                 "best_val_loss": best_val, "last_val_loss": last_val, "tokens": tokens_seen,
-                "train_time_s": train_time}, keep=tc.keep_checkpoints)
+                "train_time_s": train_time}, keep=tc.keep_checkpoints, best_val=best)
         return None
 
     def run_eval(step: int) -> float:
@@ -458,8 +467,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
                     train_time += time.perf_counter() - t_interval
                     if bad.item():
                         raise NonFiniteLoss(f"non-finite loss before step {it}")
-                    run_eval(it)
-                    checkpoint(it)
+                    _checkpoint_eval(run_eval, checkpoint, it, run_dir)
                     last_good, evaluated = it, True
                     t_interval = time.perf_counter()
                 if _stopping(stop, dinfo, dev, it % tc.log_interval == 0):  # at a step boundary: checkpoint, stop
@@ -521,9 +529,8 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
     if ckpt_path is not None and start_iter == it and last_val is not None:
         final_val = last_val  # resumed from the final checkpoint (killed before summary.json): no second eval
     else:
-        final_val = run_eval(it)
         try:
-            checkpoint(it)
+            final_val = _checkpoint_eval(run_eval, checkpoint, it, run_dir)
         except DiskFullError as e:
             raise _disk_full(e, it, last_good, run_dir) from None
     # steady-state speed: skip the first logged interval (compilation, warm-up)

@@ -17,6 +17,8 @@ Output, in DIR/report/ (or --out):
   decode_latency.png        decode ms/token against prompt length (latency benchmark)
   memory_vs_context.png     peak training memory against context length (memory benchmark)
   throughput_vs_context.png training tokens/s against context length (throughput benchmark)
+  loss_vs_position.png      validation loss against position far past the training length (runs evaluated
+                            by `attnbench eval`: the "Length generalisation" section)
 
 Aggregation: a run's score is its best validation loss (the lowest of its evaluations: the checkpoint
 one would keep, as nanoGPT keeps the best-val checkpoint; small models on small data overfit, and a
@@ -36,15 +38,16 @@ Modules, each with one job:
   tables.py       aggregation and table text: by_mixer, best_lr, the bake-off, parameters, settings, kernels
   figures.py      the PNG figures (matplotlib) and the curves behind them
   wandb_table.py  the bake-off table to W&B (optional)
+  lengthgen.py    the length-generalisation section and its figures, from each run's eval/lengthgen.jsonl
   markdown.py     build_report: report.md from all of the above; bakeoff_section reads its table back
   cli.py          `attnbench report`
 """
 from .cli import register_cli
 from .colors import MIXER_COLORS, MIXER_ORDER, mixer_color
 from .load import Results, RunResult, load_results, load_run
-from .markdown import bakeoff_section, build_report
+from .markdown import bakeoff_section, build_report, lengthgen_table
 from .tables import BakeoffRow, bakeoff, bakeoff_markdown, best_lr, by_mixer, crossover_text
 
 __all__ = ["BakeoffRow", "MIXER_COLORS", "MIXER_ORDER", "Results", "RunResult", "bakeoff", "bakeoff_markdown",
-           "bakeoff_section", "best_lr", "build_report", "by_mixer", "crossover_text", "load_results", "load_run",
-           "mixer_color", "register_cli"]
+           "bakeoff_section", "best_lr", "build_report", "by_mixer", "crossover_text", "lengthgen_table", "load_results",
+           "load_run", "mixer_color", "register_cli"]

@@ -45,14 +45,19 @@ class PlannedRun:
     seed: int
     config: dict[str, Any]  # the resolved RunConfig as a dict (out_dir set by the sweep)
     match: dict[str, Any] | None = None  # parameter match: n_params, budget, deviation
+    label: str = ""  # the sweep's name for the run's row: the mixer, or a variant's label
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.mixer
 
 
-def run_id_for(config: RunConfig | dict[str, Any]) -> str:
-    """`<mixer>-lr<lr>-s<seed>-<8 hex>`: the hash covers every setting that changes what is computed."""
+def run_id_for(config: RunConfig | dict[str, Any], label: str | None = None) -> str:
+    """`<label>-lr<lr>-s<seed>-<8 hex>` (label: the mixer unless a variant's is given): the hash covers every
+    setting that changes what is computed."""
     d = config.to_dict() if isinstance(config, RunConfig) else config
     kept = {sec: {k: v for k, v in vals.items() if f"{sec}.{k}" not in ID_EXCLUDE} for sec, vals in d.items()}
     h = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"{d['model']['mixer']}-lr{d['optim']['learning_rate']:g}-s{d['train']['seed']}-{h}"
+    return f"{label or d['model']['mixer']}-lr{d['optim']['learning_rate']:g}-s{d['train']['seed']}-{h}"
 
 
 def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: bool = True) -> list[PlannedRun]:
@@ -61,7 +66,8 @@ def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: 
     runs: list[PlannedRun] = []
     vocab: dict[tuple[str, str], int | None] = {}
     base_tree = read_toml(sweep.base_config, "base config")[1]
-    for mixer in sweep.mixers:
+    for label in sweep.mixers:
+        mixer = sweep.mixer_of(label)
         tree = json.loads(json.dumps(base_tree))
         model = tree.setdefault("model", {})
         if model.get("mixer", "softmax") != mixer:
@@ -76,12 +82,12 @@ def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: 
         if sweep.param_budget is not None:  # the matcher searches these; the sweep's overrides may still fix them
             for k in params.SEARCHED_ARGS:
                 model.get("mixer_args", {}).pop(k, None)
-        ov = list(sweep.overrides) + list(sweep.mixer_overrides.get(mixer, []))
+        ov = list(sweep.overrides) + list(sweep.mixer_overrides.get(label, []))
         if sweep.dataset:
             ov.append(("data.dataset", sweep.dataset))
         if data_dir is not None:
             ov.append(("data.data_dir", str(data_dir)))
-        src = f"{sweep.path} (mixer {mixer})"
+        src = f"{sweep.path} (mixer {label})"
         try:
             mcfg = load_config(tree, dict(ov))
         except ConfigError as e:
@@ -107,9 +113,9 @@ def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: 
                     cfg = load_config(cfg)  # validate the combination (e.g. min_lr <= learning_rate)
                 except ConfigError as e:
                     raise ConfigError(f"{src}, learning rate {lr:g}, seed {seed}: {e}") from None
-                rid = run_id_for(cfg)
+                rid = run_id_for(cfg, label if label != mixer else None)
                 cfg.train.out_dir = str(out / "runs" / rid)
-                runs.append(PlannedRun(rid, mixer, float(lr), int(seed), cfg.to_dict(), match))
+                runs.append(PlannedRun(rid, mixer, float(lr), int(seed), cfg.to_dict(), match, label))
     return runs
 
 
