@@ -172,6 +172,20 @@ def test_model_level_checks_across_several_chunks():
     check_greedy_generate_same_with_and_without_cache(tiny_model(T=40), 50)
 
 
+def test_decode_step_is_graph_safe():
+    """The latency benchmark's CPU check (in-place state updates, no host-side position) passes for kda."""
+    from attnbench.bench import decode_graph
+    from attnbench.bench.shapes import bench_config, build_model, resolve_shapes
+
+    shape = resolve_shapes(["kda"], match=False, sets=["n_layer=2", "n_embd=32", "n_head=2"])[0]
+    m = build_model(bench_config(shape.cfg, 28), "cpu").eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        cache = m.new_cache(2, 28)
+        m(torch.randint(0, 65, (2, 12)), cache=cache)
+    assert decode_graph.host_frozen_check(m, cache, torch.randint(0, 65, (4, 2, 1))) is None
+
+
 # ------------------------------------------------------------------ configuration and init
 
 

@@ -218,7 +218,8 @@ def kda_fla_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk
 
 def kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
         scale: float | None = None, initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-        qk_l2norm: bool = True, backend: str = "auto", chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+        qk_l2norm: bool = True, backend: str = "auto",
+        chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KDA op: FLA's kernels on CUDA (bf16/fp16), the PyTorch chunked/recurrent form otherwise.
 
     qk_l2norm normalises q and k over the head dim as FLA does. Returns o `[B, T, H, V]` in q's dtype and,
