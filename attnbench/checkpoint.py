@@ -1,6 +1,8 @@
 """Checkpoints that survive a kill at any instant and verify themselves.
 
-Layout: <run>/ckpt/<step>-<nonce>/{model.safetensors, state.pt, manifest.json} and <run>/ckpt/latest.json.
+Layout: <run>/ckpt/<step>-<nonce>/{model.safetensors, state.pt, manifest.json}, <run>/ckpt/latest.json and
+<run>/ckpt/best.json (the folder of the best validation loss so far; pruning never removes it, so a run
+keeps the checkpoint one would evaluate, whatever keep_checkpoints says).
 A checkpoint folder is written under a temporary name and renamed once complete; latest.json is
 replaced atomically afterwards. A kill at any point leaves latest.json naming a complete folder.
 Weights are safetensors; the rest (optimizer, RNG, data position) is a torch file of tensors and
@@ -34,6 +36,7 @@ from .errors import AttnbenchError
 from .files import atomic_write_json, disk_full_error, fsync_dir, is_disk_full
 
 MODEL_FILE, STATE_FILE, MANIFEST, LATEST = "model.safetensors", "state.pt", "manifest.json", "latest.json"
+BEST = "best.json"
 PAYLOAD = (MODEL_FILE, STATE_FILE)
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,10 @@ def _nbytes(obj: Any) -> int:
     return 0
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dict[str, Any], keep: int = 2,
+                    best_val: float | None = None) -> Path:
+    """Write a checkpoint, name it in latest.json (and in best.json, with its loss, when `best_val` is
+    given: the best validation loss so far), then prune."""
     ckdir = Path(run_dir) / "ckpt"
     ckdir.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}-{time.time_ns() % 10**9:09d}"
@@ -89,19 +95,23 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dic
     os.replace(tmp, ckdir / name)
     fsync_dir(ckdir)
     atomic_write_json(ckdir / LATEST, {"step": step, "dir": name})
+    if best_val is not None:  # the previous best, no longer named, is pruned like any older folder
+        atomic_write_json(ckdir / BEST, {"step": step, "dir": name, "val_loss": best_val})
     _prune(ckdir, keep, current=name)
     return ckdir / name
 
 
 def _prune(ckdir: Path, keep: int, current: str) -> None:
     """Keep the `keep` newest intact folders (`current` counts as one) and every damaged folder; remove
-    the older intact ones and the leftovers of saves that were killed."""
+    the older intact ones and the leftovers of saves that were killed. The folder best.json names stays
+    as well, without counting towards `keep`."""
     kept = 0
+    best = _best_name(ckdir)
     for p in sorted(_folders(ckdir), reverse=True):
         if p.name == current:
             kept += 1
-        elif verify_checkpoint(p) is not None:
-            continue  # damaged: kept for inspection
+        elif verify_checkpoint(p) is not None or p.name == best:
+            continue  # damaged (kept for inspection) or the best one
         elif kept < keep:
             kept += 1
         else:
@@ -109,6 +119,35 @@ def _prune(ckdir: Path, keep: int, current: str) -> None:
     for p in ckdir.iterdir():
         if p.name.startswith(".tmp-"):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _best_name(ckdir: Path) -> str | None:
+    try:
+        name = json.loads((ckdir / BEST).read_text())["dir"]
+        return name if isinstance(name, str) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def best_val_loss(run_dir: str | Path) -> float | None:
+    """The validation loss best.json records, or None."""
+    try:
+        return float(json.loads((Path(run_dir) / "ckpt" / BEST).read_text())["val_loss"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint of the best validation loss (best.json's folder), verified; None when the run has
+    no best.json or its folder is gone. CheckpointError when the folder is damaged."""
+    ckdir = Path(run_dir) / "ckpt"
+    name = _best_name(ckdir)
+    if name is None or not (ckdir / name).is_dir():
+        return None
+    problem = verify_checkpoint(ckdir / name)
+    if problem is not None:
+        raise CheckpointError(f"the best checkpoint {ckdir / name} is damaged: {problem}")
+    return ckdir / name
 
 
 def _folders(ckdir: Path) -> list[Path]:

@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from . import params_cli, report, run, sample, sweep
+from . import evaluate, params_cli, report, run, sample, sweep
 from .bench import cli as bench_cli
 from .data import prepare
 from .errors import AttnbenchError
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.register_cli(sub)
     _train_cli(sub)
     sample.register_cli(sub)
-    for mod in (params_cli, bench_cli, sweep, report, run):
+    for mod in (params_cli, bench_cli, sweep, report, evaluate, run):
         mod.register_cli(sub)
     return parser
 

@@ -1,12 +1,14 @@
-"""`attnbench run [--preset bakeoff|bakeoff-quick]`: the main job in one command.
+"""`attnbench run [--preset bakeoff|bakeoff-quick|lengthgen|lengthgen-quick]`: the main job in one command.
 
 1. prepares shakespeare_char in --data_dir when it is missing (from --input, $ATTNBENCH_DATA, an
    earlier download or the network);
 2. picks the preset for the hardware unless --preset is given: a CUDA GPU -> `bakeoff` (five mixers
    at ~10.7M parameters, 3000 iterations), otherwise `bakeoff-quick` (the same comparison scaled down
    for a CPU; minutes, not hours);
-3. runs the sweep (attnbench/configs/sweeps/<preset>.toml: training, benchmarks, report) into --out
-   (default out/<preset>), printing where it is; re-running the command continues where it stopped;
+3. runs the sweep (attnbench/configs/sweeps/<preset>.toml: training, benchmarks, evaluation at longer
+   lengths when the preset has an [eval] table, report) into --out (default out/<preset>), printing where
+   it is; re-running the command continues where it stopped; `lengthgen` trains at 256 tokens and
+   evaluates to 64x that (docs/length-generalisation.md);
 4. prints the bake-off table and the report's path.
 """
 from __future__ import annotations
@@ -23,11 +25,12 @@ from .config import CONFIGS_DIR
 from .data import ensure_prepared, prepare_shakespeare_char
 from .data.prepare import ENV_VAR
 from .errors import AttnbenchError, did_you_mean
-from .report import bakeoff_section
+from .report import bakeoff_section, lengthgen_table
 from .sweep import add_launch_options, launcher_options, load_sweep, run_sweep
 from .sweep.grid import task_kinds
 
-PRESETS = ("bakeoff", "bakeoff-quick", "recall", "recall-full", "recall-quick")  # recall*: docs/recall.md
+PRESETS = ("bakeoff", "bakeoff-quick", "lengthgen", "lengthgen-quick", "recall", "recall-full",
+           "recall-quick")  # recall*: docs/recall.md
 
 
 def preset_path(name: str) -> Path:
@@ -67,6 +70,11 @@ def run_main(preset: str | None = None, out: str | None = None, data_dir: str = 
     if table:
         print(table)
         print()
+    lengths = lengthgen_table(report) if report.is_file() else ""
+    if lengths:
+        print("Length generalisation (loss at multiples of the training length):")
+        print(lengths)
+        print()
     failed = [k for k, v in man["runs"].items() if v["status"] == "failed"]
     if failed:
         print(f"attnbench run: {len(failed)} run(s) failed: {', '.join(failed)} (logs in {Path(out) / 'logs'})")
@@ -79,7 +87,9 @@ def register_cli(subparsers: Any) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None,
                    help="bakeoff (GPU: five mixers at ~10.7M parameters, 3000 iterations) or bakeoff-quick (the "
-                        "same on a CPU, scaled down); default: bakeoff with CUDA, else bakeoff-quick")
+                        "same on a CPU, scaled down); lengthgen (GPU: the mixers trained at 256 tokens, evaluated "
+                        "to 64x that) or lengthgen-quick (its CPU version); default: bakeoff with CUDA, else "
+                        "bakeoff-quick")
     p.add_argument("--out", default=None, help="results folder (default: out/<preset>)")
     p.add_argument("--input", default=None, help="local tiny Shakespeare input.txt (else $ATTNBENCH_DATA, else download)")
     add_launch_options(p)

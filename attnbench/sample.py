@@ -7,27 +7,48 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, resume_checkpoint
+from .checkpoint import best_checkpoint, load_checkpoint, resume_checkpoint
 from .config import RunConfig
 from .data import Corpus
 from .resolve import load_config
-from .errors import AttnbenchError
+from .errors import AttnbenchError, did_you_mean
 from .model import GPT
+
+
+CHECKPOINTS = ("latest", "best")
 
 
 def load_run(out_dir: str | Path, device: str = "cpu") -> tuple[GPT, RunConfig]:
     """The model of a run folder, with the weights of its latest checkpoint, in eval mode."""
+    model, cfg, _ = load_run_checkpoint(out_dir, "latest", device)
+    return model, cfg
+
+
+def load_run_checkpoint(out_dir: str | Path, which: str = "latest", device: str = "cpu"
+                        ) -> tuple[GPT, RunConfig, Path]:
+    """The model of a run folder in eval mode, with the weights of its newest intact checkpoint ("latest")
+    or of its best validation loss ("best", ckpt/best.json), and that checkpoint's folder."""
     run = Path(out_dir)
+    if which not in CHECKPOINTS:
+        raise AttnbenchError(f"unknown checkpoint {which!r}: use one of {', '.join(CHECKPOINTS)}"
+                             f"{did_you_mean(which, CHECKPOINTS)}")
     if not (run / "config.json").is_file():
         raise AttnbenchError(f"{run} is not a run folder (no config.json); pass the --out_dir of a training run")
     cfg = load_config(json.loads((run / "config.json").read_text()))
-    ckpt = resume_checkpoint(run)  # the newest intact one; damaged folders stay, with a warning
-    if ckpt is None:
-        raise AttnbenchError(f"{run} has no checkpoint yet; train it first (attnbench train ...)")
+    if which == "best":
+        ckpt = best_checkpoint(run)
+        if ckpt is None:
+            raise AttnbenchError(f"{run} has no best checkpoint (ckpt/best.json and the folder it names): it was "
+                                 "trained by an attnbench that did not keep one, or not evaluated yet; use "
+                                 "--checkpoint latest")
+    else:
+        ckpt = resume_checkpoint(run)  # the newest intact one; damaged folders stay, with a warning
+        if ckpt is None:
+            raise AttnbenchError(f"{run} has no checkpoint yet; train it first (attnbench train ...)")
     cfg.model.dropout = 0.0
     model = GPT(cfg.model)
     load_checkpoint(ckpt, model)
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), cfg, ckpt
 
 
 def sample(out_dir: str, start: str = "\n", num_samples: int = 3, max_new_tokens: int = 500, temperature: float = 0.8,

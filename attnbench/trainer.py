@@ -18,7 +18,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
+from .checkpoint import best_val_loss, latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
 from .config import RunConfig
 from .resolve import load_config
 from .data import BatchSampler, Corpus, val_windows
@@ -245,6 +245,15 @@ def _task_summary(cfg: RunConfig, acc: dict, stopped_at: int | None) -> dict[str
             "best_val_ppl": None, "final_val_ppl": None, "best_val_bpc": None}
 
 
+def _checkpoint_eval(run_eval, checkpoint, step: int, run_dir: Path) -> float:
+    """Evaluate, save a checkpoint, and mark it as the best one when its validation loss is the lowest so
+    far (ckpt/best.json: `attnbench eval --checkpoint best` loads it, and pruning keeps it)."""
+    best = best_val_loss(run_dir)
+    vl = run_eval(step)
+    checkpoint(step, vl if best is None or vl < best else None)
+    return vl
+
+
 # ------------------------------------------------------------------ the run
 
 
@@ -396,7 +405,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
     elif dinfo.is_main:
         print(f"training {cfg.model.mixer}: {n_params / 1e6:.2f}M parameters, {tc.max_iters} iterations -> {run_dir}")
 
-    def checkpoint(step: int) -> Path | None:
+    def checkpoint(step: int, best: float | None = None) -> Path | None:
         rngs = [None] * dinfo.world_size
         if dinfo.enabled:
             torch.distributed.all_gather_object(rngs, _rng_state(device))
@@ -407,7 +416,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
                 "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "rng": rngs,
                 "best_val_loss": best_val, "last_val_loss": last_val, "tokens": tokens_seen,
                 "best_val_accuracy": acc["best"], "last_val_accuracy": acc["last"],
-                "train_time_s": train_time}, keep=tc.keep_checkpoints)
+                "train_time_s": train_time}, keep=tc.keep_checkpoints, best_val=best)
         return None
 
     def run_eval(step: int) -> float:
@@ -497,8 +506,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
                     train_time += time.perf_counter() - t_interval
                     if bad.item():
                         raise NonFiniteLoss(f"non-finite loss before step {it}")
-                    run_eval(it)
-                    checkpoint(it)
+                    _checkpoint_eval(run_eval, checkpoint, it, run_dir)
                     last_good, evaluated = it, True
                     t_interval = time.perf_counter()
                     if _passes(cfg, acc["last"]):  # early stop: this evaluation is the final one
@@ -563,9 +571,8 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
     if stopped_at is not None or (ckpt_path is not None and start_iter == it and last_val is not None):
         final_val = last_val  # resumed from the final checkpoint (killed before summary.json): no second eval
     else:
-        final_val = run_eval(it)
         try:
-            checkpoint(it)
+            final_val = _checkpoint_eval(run_eval, checkpoint, it, run_dir)
         except DiskFullError as e:
             raise _disk_full(e, it, last_good, run_dir) from None
     # steady-state speed: skip the first logged interval (compilation, warm-up)

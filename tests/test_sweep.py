@@ -212,7 +212,7 @@ def test_presets_parse_and_plan(tmp_path):
     for f in files:
         s = sw.load_sweep(f)
         runs = sw.plan(s, tmp_path / f.stem, load_data=False)
-        assert sorted({r.mixer for r in runs}) == sorted(s.mixers)
+        assert sorted({r.label for r in runs}) == sorted(s.mixers)
         points = len(sw.grid.expand(s.grid, s.points))  # [grid] x [[points]] (recall presets), else 1
         assert len(runs) == len(s.mixers) * len(s.learning_rates or [None]) * len(s.seeds or [None]) * points
         if f.stem in ("bakeoff", "bakeoff-quick"):
@@ -342,10 +342,10 @@ options = { contexts = [16], tokens_per_batch = 32, steps = 1, warmup_steps = 1 
 def test_presets_are_bundled_and_an_unknown_one_names_them():
     from attnbench import run
 
-    assert run.preset_path("bakeoff-quick") == CONFIGS_DIR / "sweeps" / "bakeoff-quick.toml"
-    with pytest.raises(AttnbenchError, match=r"'bakeof' is not a preset \(presets: bakeoff, bakeoff-quick, "
-                                             r"recall, recall-full, recall-quick\); "
-                                             r"did you mean 'bakeoff'"):
+    for name in run.PRESETS:
+        assert run.preset_path(name) == CONFIGS_DIR / "sweeps" / f"{name}.toml" and run.preset_path(name).is_file()
+    with pytest.raises(AttnbenchError, match=r"'bakeof' is not a preset \(presets: bakeoff, bakeoff-quick, lengthgen, "
+                                             r"lengthgen-quick, recall, recall-full, recall-quick\); did you mean 'bakeoff'"):
         run.preset_path("bakeof")
 
 

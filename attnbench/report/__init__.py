@@ -19,6 +19,8 @@ Output, in DIR/report/ (or --out):
   throughput_vs_context.png training tokens/s against context length (throughput benchmark)
   recall_vs_width.png       MQAR runs: accuracy against width, one panel per (L, K) (report/recall.py)
   recall_vs_state.png       MQAR runs: accuracy against decode-state bytes per sequence
+  loss_vs_position.png      validation loss against position far past the training length (runs evaluated
+                            by `attnbench eval`: the "Length generalisation" section)
 A folder of MQAR runs (task.kind = "mqar") gets the "Recall (MQAR)" section (table and the two recall
 figures) in place of the language-modelling tables and curves; a folder with both kinds gets both.
 
@@ -41,15 +43,16 @@ Modules, each with one job:
   figures.py      the PNG figures (matplotlib) and the curves behind them
   wandb_table.py  the bake-off table to W&B (optional)
   recall.py       the Recall (MQAR) section: best run per (mixer, L, K, width), its table and figures
+  lengthgen.py    the length-generalisation section and its figures, from each run's eval/lengthgen.jsonl
   markdown.py     build_report: report.md from all of the above; bakeoff_section reads its table back
   cli.py          `attnbench report`
 """
 from .cli import register_cli
 from .colors import MIXER_COLORS, MIXER_ORDER, mixer_color
 from .load import Results, RunResult, load_results, load_run
-from .markdown import bakeoff_section, build_report
+from .markdown import bakeoff_section, build_report, lengthgen_table
 from .tables import BakeoffRow, bakeoff, bakeoff_markdown, best_lr, by_mixer, crossover_text
 
 __all__ = ["BakeoffRow", "MIXER_COLORS", "MIXER_ORDER", "Results", "RunResult", "bakeoff", "bakeoff_markdown",
-           "bakeoff_section", "best_lr", "build_report", "by_mixer", "crossover_text", "load_results", "load_run",
-           "mixer_color", "register_cli"]
+           "bakeoff_section", "best_lr", "build_report", "by_mixer", "crossover_text", "lengthgen_table", "load_results",
+           "load_run", "mixer_color", "register_cli"]

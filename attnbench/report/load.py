@@ -30,6 +30,12 @@ class RunResult:
         return self.config["model"]["mixer"]
 
     @property
+    def label(self) -> str:
+        """What the report calls the run: its sweep variant's label (run.json), else its mixer."""
+        label = self.run_meta.get("label")
+        return label if isinstance(label, str) and label else self.mixer
+
+    @property
     def lr(self) -> float:
         return float(self.config["optim"]["learning_rate"])
 

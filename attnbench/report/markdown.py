@@ -8,6 +8,7 @@ from pathlib import Path
 from ..files import atomic_write_text
 from .colors import mixer_color
 from .figures import fig_decode, fig_flops, fig_generalisation, fig_loss, fig_lr, fig_memory, fig_throughput
+from .lengthgen import lengthgen_section
 from .load import load_results
 from .recall import is_recall, recall_section
 from .tables import (bakeoff, bakeoff_markdown, bench_caption, bench_shape_mismatches, by_mixer, crossover_text,
@@ -80,6 +81,7 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Path:
             if p is None:
                 continue
             md += [f"### {title}", "", f"![{title}]({p.name})", ""] + ([cap, ""] if cap else [])
+    md += lengthgen_section(res, out)
     if res.skipped:
         md += ["## Skipped runs", ""] + [f"- skipped: {n} ({why})" for n, why in res.skipped] + [""]
     if notes:
@@ -93,9 +95,18 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Path:
 
 def bakeoff_section(report_md: str | Path) -> str:
     """The bake-off table of a written report.md (for printing at the end of a sweep)."""
+    return _section_table(report_md, "## Bake-off")
+
+
+def lengthgen_table(report_md: str | Path) -> str:
+    """The length-generalisation table of a written report.md, or '' when it has none."""
+    return _section_table(report_md, "## Length generalisation")
+
+
+def _section_table(report_md: str | Path, heading: str) -> str:
     text = Path(report_md).read_text()
-    if "## Bake-off" not in text:
+    if heading not in text:
         return ""
-    part = text.split("## Bake-off", 1)[1].split("\n## ", 1)[0]
+    part = text.split(heading, 1)[1].split("\n## ", 1)[0]
     return "\n".join(line for line in part.strip().splitlines() if line.startswith("|"))
 

@@ -41,10 +41,11 @@ def _fmt_num(x: float | None) -> str:
 
 
 def by_mixer(runs: list[RunResult]) -> dict[str, dict[float, list[RunResult]]]:
-    """mixer -> learning rate -> its runs (one per seed), mixers in MIXER_ORDER."""
+    """mixer (the run's label: a sweep variant such as softmax_nope is its own row) -> learning rate -> its
+    runs (one per seed), mixers in MIXER_ORDER."""
     out: dict[str, dict[float, list[RunResult]]] = {}
     for r in runs:
-        out.setdefault(r.mixer, {}).setdefault(r.lr, []).append(r)
+        out.setdefault(r.label, {}).setdefault(r.lr, []).append(r)
     return {m: out[m] for m in sorted(out, key=mixer_key)}
 
 

@@ -9,6 +9,7 @@ One module per job, in the order a sweep uses them:
     __main__.py     the child: `python -m attnbench.sweep RUN_DIR` trains one planned run
     bench_phase.py  the benchmarks after training, one `attnbench bench` child per mixer
     launchers/      where the runs train: `local` (processes.py) or `slurm` (a Slurm job per run, submitit)
+    eval_phase.py   the [eval] table: every finished run at longer lengths (attnbench/evaluate/)
     execute.py      `run_sweep`: all of the above, then `attnbench.report.build_report`
     cli.py          `attnbench sweep FILE` and the launch options `attnbench run` shares
 
@@ -23,9 +24,9 @@ from .launchers import LAUNCHERS, make_launcher
 from .manifest import read_summary, run_state
 from .plan import ID_EXCLUDE, PlannedRun, plan, run_id_for
 from .processes import Slot, child_command, make_slots, resolve_devices, wants_mps
-from .spec import BENCHES, SWEEP_KEYS, BenchSpec, Sweep, add_overrides, load_sweep
+from .spec import BENCHES, SWEEP_KEYS, BenchSpec, EvalSpec, Sweep, add_overrides, load_sweep
 
-__all__ = ["BENCHES", "ID_EXCLUDE", "LAUNCHERS", "SWEEP_KEYS", "BenchSpec", "PlannedRun", "Slot",
+__all__ = ["BENCHES", "ID_EXCLUDE", "LAUNCHERS", "SWEEP_KEYS", "BenchSpec", "EvalSpec", "PlannedRun", "Slot",
            "Sweep", "add_launch_options", "add_overrides", "bench_command", "bench_tasks", "check_bench_options",
            "child_command", "launcher_options", "load_sweep", "make_launcher", "make_slots", "plan",
            "prestarts_bench", "read_summary", "register_cli", "resolve_devices", "run_id_for", "run_state",

@@ -92,7 +92,7 @@ class _BenchPhase:
         self.sweep, self.out, self.slots, self.man = sweep, out, slots, man
         self.devices = sorted({s.device.split(",")[0] for s in slots})
         self.queue: list[tuple[str, dict, str, Path]] = []
-        for mixer in sweep.mixers:
+        for mixer in dict.fromkeys(sweep.mixer_of(m) for m in sweep.mixers):  # a variant's mixer is benchmarked once
             model = next(r.config["model"] for r in runs if r.mixer == mixer)
             for task in bench_tasks(sweep.bench):
                 final = out / "bench" / (f"{mixer}.jsonl" if task == "all" else f"{mixer}-{task}.jsonl")

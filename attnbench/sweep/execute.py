@@ -8,6 +8,7 @@ from ..files import atomic_write_text
 from ..report import build_report
 from .bench_phase import _BenchPhase, check_bench_options
 from .launchers import Launcher, make_launcher
+from .eval_phase import check_eval, run_eval_phase
 from .manifest import _clear_stale, _folder_lock, _Manifest, _write_run_file, run_state
 from .plan import PlannedRun, plan
 from .processes import Slot, _interruptible, _say
@@ -19,7 +20,7 @@ def run_sweep(sweep: Sweep | str | Path, out: str | Path | None = None, devices:
               bench: bool = True, report: bool = True, dry_run: bool = False, status_interval: float = 30.0,
               overrides: list[str] | None = None, cuda_mps: bool | None = None, launcher: str | None = None,
               launcher_options: dict | None = None) -> dict:
-    """Plan, train (resumably), benchmark and report. Returns the manifest (sweep.json's content).
+    """Plan, train (resumably), benchmark, evaluate at the [eval] lengths (when the sweep file asks) and report. Returns the manifest (sweep.json's content).
 
     `launcher`: 'local' (child processes here) or 'slurm' (a Slurm job per run; `launcher_options` are
     the command line's --partition, --time, ... over the sweep file's [launcher] table).
@@ -42,6 +43,7 @@ def run_sweep(sweep: Sweep | str | Path, out: str | Path | None = None, devices:
                               f"it (set it in [overrides]; accumulation is split across processes)")
     if bench:
         check_bench_options(sweep.bench, sweep.path)
+    check_eval(sweep, runs)
     launch, slots = make_launcher(launcher, sweep, devices, jobs, nproc, launcher_options)
     graphed = any(r.config["train"].get("cuda_graph") for r in runs)
     train_devices = launch.devices()
@@ -108,6 +110,7 @@ def _execute(sweep: Sweep, out: Path, runs: list[PlannedRun], launch: Launcher, 
             failed = launch.train(sweep, out, todo, man, status_interval, n_done, len(runs))
             if benches is not None:
                 benches.run()
+            run_eval_phase(sweep, out, slots)
         finally:
             if benches is not None:
                 benches.stop()

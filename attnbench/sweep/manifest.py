@@ -47,6 +47,7 @@ class _Manifest:
             "mixers": sweep.mixers, "param_budget": sweep.param_budget,
             # what an earlier sweep recorded about a run (status, attempts, last pid) is kept
             "runs": {r.run_id: {"status": "pending", "attempts": 0, **prev.get(r.run_id, {}), "mixer": r.mixer,
+                                "label": r.label,
                                 "learning_rate": r.learning_rate, "seed": r.seed, "dir": f"runs/{r.run_id}",
                                 "match": r.match} for r in runs},
             "bench": old.get("bench", {}) if isinstance(old, dict) else {},
@@ -141,7 +142,7 @@ def _write_run_file(run_dir: Path, r: PlannedRun, sweep: Sweep, launches: list[d
     with contextlib.suppress(OSError, ValueError):
         old = json.loads((run_dir / RUN_FILE).read_text())
     atomic_write_json(run_dir / RUN_FILE, {
-        "run_id": r.run_id, "sweep": sweep.name, "mixer": r.mixer, "learning_rate": r.learning_rate, "seed": r.seed,
+        "run_id": r.run_id, "sweep": sweep.name, "mixer": r.mixer, "label": r.label, "learning_rate": r.learning_rate, "seed": r.seed,
         "match": r.match, "config": r.config,
         "launches": launches if launches is not None else old.get("launches", []),
     })

@@ -51,7 +51,11 @@ class PlannedRun:
     seed: int
     config: dict[str, Any]  # the resolved RunConfig as a dict (out_dir set by the sweep)
     match: dict[str, Any] | None = None  # parameter match: n_params, budget, deviation
+    label: str = ""  # the sweep's name for the run's row: the mixer, or a variant's label
     point: str = ""  # the [grid]/[[points]] point's label ("" without them)
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.mixer
 
 
 # Keys at these values leave a language-modelling run as it was before the keys existed: left out of the hash
@@ -59,8 +63,9 @@ class PlannedRun:
 _ID_DEFAULTS = {"model.mlp": True, "train.early_stop_accuracy": None}
 
 
-def run_id_for(config: RunConfig | dict[str, Any], point: str = "") -> str:
-    """`<mixer>[-<point>]-lr<lr>-s<seed>-<8 hex>`: the hash covers every setting that changes what is computed."""
+def run_id_for(config: RunConfig | dict[str, Any], label: str | None = None, point: str = "") -> str:
+    """`<label>[-<point>]-lr<lr>-s<seed>-<8 hex>` (label: the mixer unless a variant's is given; point: the
+    [grid]/[[points]] values): the hash covers every setting that changes what is computed."""
     d = config.to_dict() if isinstance(config, RunConfig) else config
     kept = {sec: {k: v for k, v in vals.items() if f"{sec}.{k}" not in ID_EXCLUDE
                   and not (f"{sec}.{k}" in _ID_DEFAULTS and v == _ID_DEFAULTS[f"{sec}.{k}"])}
@@ -69,7 +74,7 @@ def run_id_for(config: RunConfig | dict[str, Any], point: str = "") -> str:
         kept.pop("task", None)  # a language-modelling run's task settings are unused
     h = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
     mid = f"-{point}" if point else ""
-    return f"{d['model']['mixer']}{mid}-lr{d['optim']['learning_rate']:g}-s{d['train']['seed']}-{h}"
+    return f"{label or d['model']['mixer']}{mid}-lr{d['optim']['learning_rate']:g}-s{d['train']['seed']}-{h}"
 
 
 def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: bool = True) -> list[PlannedRun]:
@@ -79,7 +84,8 @@ def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: 
     vocab: dict[tuple[str, str], int | None] = {}
     prepared: set[str] = set()
     base_tree = read_toml(sweep.base_config, "base config")[1]
-    for mixer, point in ((m, p) for m in sweep.mixers for p in expand(sweep.grid, sweep.points)):
+    for label, point in ((m, p) for m in sweep.mixers for p in expand(sweep.grid, sweep.points)):
+        mixer = sweep.mixer_of(label)
         tree = json.loads(json.dumps(base_tree))
         model = tree.setdefault("model", {})
         if model.get("mixer", "softmax") != mixer:
@@ -94,17 +100,17 @@ def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: 
         if sweep.param_budget is not None:  # the matcher searches these; the sweep's overrides may still fix them
             for k in params.SEARCHED_ARGS:
                 model.get("mixer_args", {}).pop(k, None)
-        ov = list(sweep.overrides) + list(sweep.mixer_overrides.get(mixer, [])) + list(point)
+        ov = list(sweep.overrides) + list(sweep.mixer_overrides.get(label, [])) + list(point)
         try:
             ov = apply_head_rule(tree, ov, sweep.head_dim)
         except ConfigError as e:
-            raise ConfigError(f"{sweep.path} (mixer {mixer}): {e}") from None
+            raise ConfigError(f"{sweep.path} (mixer {label}): {e}") from None
         if sweep.dataset:
             ov.append(("data.dataset", sweep.dataset))
         if data_dir is not None:
             ov.append(("data.data_dir", str(data_dir)))
-        label = point_label(point)
-        src = f"{sweep.path} (mixer {mixer}{', ' + label if label else ''})"
+        plabel = point_label(point)
+        src = f"{sweep.path} (mixer {label}{', ' + plabel if plabel else ''})"
         try:
             mcfg = load_config(tree, dict(ov))
         except ConfigError as e:
@@ -134,9 +140,9 @@ def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: 
                     cfg = load_config(cfg)  # validate the combination (e.g. min_lr <= learning_rate)
                 except ConfigError as e:
                     raise ConfigError(f"{src}, learning rate {lr:g}, seed {seed}: {e}") from None
-                rid = run_id_for(cfg, label)
+                rid = run_id_for(cfg, label if label != mixer else None, plabel)
                 cfg.train.out_dir = str(out / "runs" / rid)
-                runs.append(PlannedRun(rid, mixer, float(lr), int(seed), cfg.to_dict(), match, label))
+                runs.append(PlannedRun(rid, mixer, float(lr), int(seed), cfg.to_dict(), match, label, plabel))
     return runs
 
 

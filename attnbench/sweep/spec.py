@@ -32,6 +32,19 @@ process, benchmarks the mixers and writes the report. Example (attnbench/configs
     enabled = true
     benches = ["latency", "memory", "throughput"]
     options = { }                                   # extra `--key value` options for the bench command
+    [eval]                                          # optional: `attnbench eval` of every finished run after
+    lengths = [256, 1024, 4096, 16384]              # training (length generalisation, in the report)
+    checkpoint = "best"                             # or "latest"
+    batch_tokens = 65536                            # optional: tokens per forward batch
+
+Variants: one mixer trained twice with different settings, each its own row in the report. A label in
+`mixers` that is not a mixer names one in [variants], and [mixer_overrides.<label>] sets what differs:
+
+    mixers = ["softmax", "softmax_nope"]
+    [variants]
+    softmax_nope = "softmax"                        # label = the mixer it trains
+    [mixer_overrides.softmax_nope]
+    "model.pos_emb" = "none"
 """
 from __future__ import annotations
 
@@ -54,7 +67,7 @@ SWEEP_KEYS = {
     "base_config": "run TOML every run starts from",
     "dataset": "data.dataset of every run",
     "param_budget": "parameter budget, e.g. '10.7M': shapes from attnbench.params.match_all",
-    "mixers": "list of registered mixer names",
+    "mixers": "list of registered mixer names, or labels of [variants]",
     "learning_rates": "list of optim.learning_rate values",
     "seeds": "list of train.seed values",
     "min_lr_ratio": "optim.min_lr = ratio * learning rate (else the config's min_lr)",
@@ -64,14 +77,20 @@ SWEEP_KEYS = {
     "cuda_mps": "true: runs sharing a GPU (jobs_per_device > 1) train under a private CUDA MPS daemon, so their "
                 "kernels overlap instead of taking turns (attnbench/cuda_mps.py; CLI --cuda_mps / --no-cuda_mps wins)",
     "overrides": "table of RunConfig keys for every run",
-    "mixer_overrides": "table of tables: RunConfig keys per mixer",
+    "mixer_overrides": "table of tables: RunConfig keys per mixer (or variant label)",
+    "variants": "table label = mixer: a label listed in mixers that trains that mixer, with its own "
+                "[mixer_overrides.<label>] (e.g. softmax_nope = \"softmax\" with model.pos_emb = \"none\")",
     "bench": "table: enabled, benches, options",
     "launcher": "table: type ('local' or 'slurm') and Slurm's job options (attnbench/sweep/launchers/slurm_options.py)",
     "grid": "table of dotted RunConfig keys -> lists of values: one run per combination (attnbench/sweep/grid.py)",
     "points": "array of tables [[points]], each a set of RunConfig keys that go together: one run per table",
     "head_dim": "model.n_head = max(1, n_embd // head_dim) for every run (sweeping widths with one head rule)",
+    "eval": "table: lengths, checkpoint, batch_tokens: evaluate every finished run at these lengths after "
+            "training (`attnbench eval`; the report's length-generalisation section)",
 }
 BENCH_KEYS = ("enabled", "benches", "options")
+EVAL_KEYS = ("lengths", "checkpoint", "batch_tokens")
+EVAL_CHECKPOINTS = ("best", "latest")
 # Keys set by the sweep axes; setting them in [overrides] would silently lose to the axes.
 _AXIS_KEYS = {"model.mixer": "mixers", "optim.learning_rate": "learning_rates", "train.seed": "seeds",
               "train.out_dir": "--out", "data.dataset": "dataset"}
@@ -82,6 +101,13 @@ class BenchSpec:
     enabled: bool = True
     benches: list[str] = field(default_factory=lambda: list(BENCHES))
     options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalSpec:
+    lengths: list[int]
+    checkpoint: str = "best"
+    batch_tokens: int = 1 << 16
 
 
 @dataclass
@@ -103,12 +129,18 @@ class Sweep:
     grid: list[tuple[str, list[Any]]] = field(default_factory=list)
     points: list[list[tuple[str, Any]]] = field(default_factory=list)
     head_dim: int | None = None
+    variants: dict[str, str] = field(default_factory=dict)  # label -> the mixer it trains
+    eval: EvalSpec | None = None
     jobs_per_device: int = 1
     devices: str = "auto"
     nproc_per_node: int = 1
     cuda_mps: bool = False
     launcher: dict[str, Any] = field(default_factory=dict)  # [launcher]: checked by attnbench.sweep.launchers
     text: str = ""  # the file as written, kept in the manifest
+
+    def mixer_of(self, label: str) -> str:
+        """The mixer a label of `mixers` trains (itself, unless it is a variant)."""
+        return self.variants.get(label, label)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -183,10 +215,12 @@ def load_sweep(path: str | Path) -> Sweep:
     if not mixers:
         raise ConfigError(f"{path}: mixers is missing: list the mixers to compare, e.g. mixers = [\"softmax\"] "
                           f"(available: {', '.join(mixer_registry.available())})")
+    variants = _parse_variants(tree.get("variants", {}), mixers, path)
     for m in mixers:
-        mixer_registry.get(m)  # ConfigError with the nearest registered name
+        mixer_registry.get(variants.get(m, m))  # ConfigError with the nearest registered name
     sw = Sweep(name=str(tree.get("name", path.stem)), path=path, base_config=base, mixers=mixers, text=text,
-               learning_rates=_list_of(tree, "learning_rates", float, path), seeds=_list_of(tree, "seeds", int, path))
+               learning_rates=_list_of(tree, "learning_rates", float, path), seeds=_list_of(tree, "seeds", int, path),
+               variants=variants)
     for key in ("dataset", "param_budget", "devices"):
         if key in tree:
             if not isinstance(tree[key], (str, int, float)) or isinstance(tree[key], bool):
@@ -235,7 +269,46 @@ def load_sweep(path: str | Path) -> Sweep:
         if not isinstance(h, int) or isinstance(h, bool) or h < 1:
             raise ConfigError(f"{path}: head_dim must be an integer >= 1 (e.g. 64), got {h!r}")
         sw.head_dim = h
+    if "eval" in tree:
+        sw.eval = _parse_eval(tree["eval"], path)
     return sw
+
+
+def _parse_variants(tree: Any, mixers: list[str], path: Path) -> dict[str, str]:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: variants must be a table of label = mixer, e.g. [variants] softmax_nope = \"softmax\"")
+    for label, mixer in tree.items():
+        if not isinstance(mixer, str):
+            raise ConfigError(f"{path}: variants.{label} must name a mixer, got {mixer!r}")
+        if label in mixer_registry.available():
+            raise ConfigError(f"{path}: variants.{label}: {label!r} is a mixer's own name; give the variant another label")
+        if label not in mixers:
+            raise ConfigError(f"{path}: variants.{label} is not listed in mixers; add {label!r} to mixers to train it")
+        mixer_registry.get(mixer)
+    return dict(tree)
+
+
+def _parse_eval(tree: Any, path: Path) -> EvalSpec:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: eval must be a table: [eval] lengths = [256, 1024]")
+    for k in tree:
+        if k not in EVAL_KEYS:
+            raise ConfigError(f"{path}: unknown key eval.{k}{did_you_mean(k, EVAL_KEYS, list_all=True)}")
+    lengths = tree.get("lengths")
+    if not isinstance(lengths, list) or not lengths or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths):
+        raise ConfigError(f"{path}: eval.lengths must be a non-empty list of positive token counts, got {lengths!r}")
+    spec = EvalSpec(sorted(set(lengths)))
+    ck = tree.get("checkpoint", spec.checkpoint)
+    if ck not in EVAL_CHECKPOINTS:
+        raise ConfigError(f"{path}: eval.checkpoint {ck!r} is not a checkpoint: use one of "
+                          f"{', '.join(EVAL_CHECKPOINTS)}{did_you_mean(str(ck), EVAL_CHECKPOINTS)}")
+    spec.checkpoint = ck
+    bt = tree.get("batch_tokens", spec.batch_tokens)
+    if not isinstance(bt, int) or isinstance(bt, bool) or bt < 1:
+        raise ConfigError(f"{path}: eval.batch_tokens must be a positive integer, got {bt!r}")
+    spec.batch_tokens = bt
+    return spec
 
 
 def add_overrides(sweep: Sweep, items: list[str]) -> None:

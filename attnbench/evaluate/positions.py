@@ -1,0 +1,58 @@
+"""Per-position losses averaged in position buckets.
+
+Position t (0-based) is the t-th prediction of a window: the model has seen t + 1 tokens of it. Buckets
+are powers of two, [0, 1), [1, 2), [2, 4), [4, 8), ..., the last one cut at the window length, so the
+bucket [L/2, L) of a window of L tokens holds its second half. Sums are accumulated in float64 so that a
+bucket's mean is the mean of its token losses, whatever the batching.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def bucket_edges(length: int) -> list[tuple[int, int]]:
+    """[(0, 1), (1, 2), (2, 4), ..., (2^k, length)]: half-open ranges of positions covering [0, length)."""
+    edges = [(0, 1)] if length >= 1 else []
+    lo = 1
+    while lo < length:
+        edges.append((lo, min(2 * lo, length)))
+        lo *= 2
+    return edges
+
+
+def bucket_of_positions(length: int) -> torch.Tensor:
+    """The bucket index of every position 0..length-1, int64 [length]."""
+    idx = torch.empty(length, dtype=torch.long)
+    for i, (lo, hi) in enumerate(bucket_edges(length)):
+        idx[lo:hi] = i
+    return idx
+
+
+class BucketSums:
+    """Loss sums and token counts per bucket, for windows of one length."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.edges = bucket_edges(length)
+        self.index = bucket_of_positions(length)
+        self.sums = torch.zeros(len(self.edges), dtype=torch.float64)
+        self.counts = torch.zeros(len(self.edges), dtype=torch.long)
+        self.windows = 0
+
+    def add(self, losses: torch.Tensor) -> None:
+        """losses [B, length]: the token losses of B windows."""
+        per_pos = losses.detach().double().sum(0).cpu()
+        self.sums.index_add_(0, self.index, per_pos)
+        self.counts.index_add_(0, self.index, torch.full((self.length,), losses.shape[0], dtype=torch.long))
+        self.windows += losses.shape[0]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.counts.sum())
+
+    def mean(self) -> float:
+        return float(self.sums.sum() / self.counts.sum())
+
+    def rows(self) -> list[dict]:
+        return [{"lo": lo, "hi": hi, "loss": float(s / c), "tokens": int(c)}
+                for (lo, hi), s, c in zip(self.edges, self.sums, self.counts) if c > 0]
