@@ -210,6 +210,8 @@ def test_presets_parse_and_plan(tmp_path):
     files = sorted((CONFIGS_DIR / "sweeps").glob("*.toml"))
     assert {"bakeoff", "bakeoff-quick"} <= {f.stem for f in files}
     for f in files:
+        if f.stem == "bakeoff-all":  # tests/test_hybrid.py plans it mixer by mixer (skipping those not merged yet)
+            continue
         s = sw.load_sweep(f)
         runs = sw.plan(s, tmp_path / f.stem, load_data=False)
         assert sorted({r.mixer for r in runs}) == sorted(s.mixers)
