@@ -1,10 +1,10 @@
-"""`attnbench run [--preset bakeoff|bakeoff-quick]`: the main job in one command.
+"""`attnbench run [--preset bakeoff|bakeoff-quick|bakeoff-all]`: the main job in one command.
 
 1. prepares shakespeare_char in --data_dir when it is missing (from --input, $ATTNBENCH_DATA, an
    earlier download or the network);
 2. picks the preset for the hardware unless --preset is given: a CUDA GPU -> `bakeoff` (five mixers
    at ~10.7M parameters, 3000 iterations), otherwise `bakeoff-quick` (the same comparison scaled down
-   for a CPU; minutes, not hours);
+   for a CPU; minutes, not hours); `bakeoff-all` (every mixer and two hybrids, GPU) is chosen by name;
 3. runs the sweep (attnbench/configs/sweeps/<preset>.toml: training, benchmarks, report) into --out
    (default out/<preset>), printing where it is; re-running the command continues where it stopped;
 4. prints the bake-off table and the report's path.
@@ -26,7 +26,7 @@ from .errors import AttnbenchError, did_you_mean
 from .report import bakeoff_section
 from .sweep import add_launch_options, launcher_options, load_sweep, run_sweep
 
-PRESETS = ("bakeoff", "bakeoff-quick")
+PRESETS = ("bakeoff", "bakeoff-quick", "bakeoff-all")
 
 
 def preset_path(name: str) -> Path:

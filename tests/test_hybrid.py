@@ -18,6 +18,7 @@ import attnbench
 from attnbench import flops, mixers
 from attnbench import sweep as sw
 from attnbench.bench.shapes import resolve_shapes
+from attnbench.cli import main as bench_main
 from attnbench.config import CONFIGS_DIR, ModelConfig, parse_config
 from attnbench.errors import ConfigError
 from attnbench.files import read_jsonl
@@ -232,6 +233,21 @@ def test_bench_shape_of_a_hybrid_from_the_mixers_config_files():
     assert s.cfg.n_layer == 8  # the softmax config's 6 layers rounded up to the 4-layer pattern
     assert abs(s.n_params_matched / 10.7e6 - 1) <= 0.01
     assert resolve_shapes(["deltanet*2+softmax"], match=False)[0].cfg.n_layer == 6
+
+
+def test_benchmarks_build_a_hybrid_by_name(tmp_path):
+    """latency (with its graph-safety check), memory and throughput on a tiny hybrid: rows named by the pattern."""
+    out = tmp_path / "all.jsonl"
+    rc = bench_main(["bench", "all", "--mixers", HYBRID, "--device", "cpu", "--no_match", "--set", "n_layer=3",
+                     "--set", "n_embd=32", "--set", "n_head=2", "--set", f"{HYBRID}.deltanet.chunk_size=16",
+                     "--prompt_lens", "8", "--decode_steps", "3", "--decode_warmup", "1", "--prefill_repeats", "1",
+                     "--start", "16", "--max_len", "32", "--no_isolate", "--contexts", "16", "--tokens_per_batch", "32",
+                     "--steps", "1", "--warmup_steps", "1", "--json", str(out)])
+    assert rc == 0
+    rows = read_jsonl(out)
+    assert {r["bench"] for r in rows} == {"latency", "memory", "throughput"}
+    assert {r["mixer"] for r in rows} == {HYBRID}
+    assert all(r["shape"]["mixer_args"]["deltanet"]["chunk_size"] == 16 for r in rows if "shape" in r)
 
 
 # ---------------------------------------------------------------- the all-mixer preset
