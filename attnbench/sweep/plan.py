@@ -5,15 +5,15 @@ from the base model section, plus `<base dir>/<mixer>.toml`'s model section when
 minus the mixer args the matcher searches, e.g. head_dim, unless [overrides] fix them); without it,
 that model section (or the base) is used as is. A hybrid (a layer pattern, "gated_deltanet*3+softmax")
 takes each of its mixers' arguments from `<base dir>/<mixer>.toml`'s [model.mixer_args] into its
-sub-table `model.mixer_args.<mixer>` (the rest of the model section comes from the base). Precedence, last wins: base config -> mixer config's
-model section -> [overrides] -> `--set KEY=VALUE` -> [mixer_overrides.<mixer>] -> the sweep axes
-(mixer, learning rate, seed) -> matched shape. Every resolved config is validated before anything
-runs (unknown keys name the nearest valid one).
+sub-table `model.mixer_args.<mixer>` (the rest of the model section comes from the base). Precedence,
+last wins: base config -> mixer config's model section -> [overrides] -> `--set KEY=VALUE` ->
+[mixer_overrides.<mixer>] -> the sweep axes (mixer, learning rate, seed) -> matched shape. Every
+resolved config is validated before anything runs (unknown keys name the nearest valid one).
 
-The run id is `<mixer>-lr<lr>-s<seed>-<hash>` (a pattern's name made file-safe: mixers.file_safe), the hash being 8 hex digits of the resolved config
-without the settings that do not change what is computed (out_dir, progress, resume, logging,
-data_dir, checkpoint retention, eval batch size, torch.compile, CUDA graphs). So re-running a sweep
-recognises its runs (attnbench/sweep/manifest.py: done, resumed or started).
+The run id is `<mixer>-lr<lr>-s<seed>-<hash>` (a pattern's name made file-safe by mixers.file_safe),
+the hash being 8 hex digits of the resolved config without the settings that do not change what is
+computed (out_dir, progress, resume, logging, data_dir, checkpoint retention, eval batch size,
+torch.compile, CUDA graphs). So re-running a sweep recognises its runs (attnbench/sweep/manifest.py: done, resumed or started).
 """
 from __future__ import annotations
 
