@@ -343,7 +343,7 @@ def test_presets_are_bundled_and_an_unknown_one_names_them():
     from attnbench import run
 
     assert run.preset_path("bakeoff-quick") == CONFIGS_DIR / "sweeps" / "bakeoff-quick.toml"
-    with pytest.raises(AttnbenchError, match=r"'bakeof' is not a preset \(presets: bakeoff, bakeoff-quick\); "
+    with pytest.raises(AttnbenchError, match=r"'bakeof' is not a preset \(presets: bakeoff, bakeoff-quick, bakeoff-all\); "
                                              r"did you mean 'bakeoff'"):
         run.preset_path("bakeof")
 
