@@ -30,6 +30,7 @@ from attnbench.resolve import load_config
 from attnbench.sample import load_run
 from attnbench.sweep import bench_phase
 from conftest import tiny_run_config
+from test_model import MIXER_ARGS  # the small CPU settings of each mixer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,8 +95,17 @@ def test_config_files_and_overrides_nest_per_mixer_args():
 # ---------------------------------------------------------------- the model-level contract
 
 
-def test_model_level_contract():
-    m = tiny_hybrid()
+def _registered(spec: str) -> None:
+    missing = [n for n in dict.fromkeys(part.split("*")[0] for part in spec.split("+")) if n not in mixers.available()]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not registered in this checkout (not merged into it yet)")
+
+
+@pytest.mark.parametrize("spec, n_layer", [(HYBRID, 3), ("mamba2+swa", 2), ("gated_deltanet*3+softmax", 4)])
+def test_model_level_contract(spec, n_layer):
+    """The checks tests/test_model.py runs on every mixer, on hybrids (each mixer with its tiny CPU args)."""
+    _registered(spec)
+    m = tiny_hybrid(spec, n_layer, mixer_args={n: MIXER_ARGS.get(n, {}) for n in mixers.components(spec)})
     check_logits_and_loss(m, T)
     check_causal(m, T)
     check_batch_independent(m, T)
@@ -134,9 +144,11 @@ def test_fixed_args_of_a_hybrid_are_kept():
     assert m.within
 
 
-@pytest.fixture(scope="module")
-def matched():
-    return match_shape("gated_deltanet*3+softmax", "10.7M", n_layer=4).model_cfg
+@pytest.fixture(scope="module", params=[("gated_deltanet*3+softmax", 4), ("mamba2+swa", 2)], ids=lambda p: p[0])
+def matched(request):
+    spec, n_layer = request.param
+    _registered(spec)
+    return match_shape(spec, "10.7M", n_layer=n_layer).model_cfg
 
 
 @pytest.mark.parametrize("Tc", [64, 256])
@@ -148,9 +160,9 @@ def test_flops_match_the_flop_counter(matched, Tc):
     predicted = flops.model_flops_per_token(cfg, Tc, torch_path=True)["total"] * Tc
     assert abs(predicted / measured - 1) < 0.05, (predicted, measured)
     # the mixer part is the sum of each layer's own mixer
-    parts = {n: flops.model_flops_per_token(replace(mixers.layer_config(cfg, n), mixer=n, n_layer=1), Tc)["mixer"]
-             for n in ("gated_deltanet", "softmax")}
-    assert flops.model_flops_per_token(cfg, Tc)["mixer"] == 3 * parts["gated_deltanet"] + parts["softmax"]
+    layers = mixers.layer_names(cfg.mixer, cfg.n_layer)
+    one = {n: flops.model_flops_per_token(replace(mixers.layer_config(cfg, n), n_layer=1), Tc)["mixer"] for n in layers}
+    assert flops.model_flops_per_token(cfg, Tc)["mixer"] == sum(one[n] for n in layers)
 
 
 def test_decode_state_elements_equal_a_filled_cache(matched):
@@ -273,9 +285,7 @@ def test_preset_plans_each_mixer_within_1pct(mixer, tmp_path):
     """Each run of the preset gets a shape within 1% of the budget (a mixer not yet registered is skipped)."""
     import tomli_w
 
-    missing = [n for n in dict.fromkeys(part.split("*")[0] for part in mixer.split("+")) if n not in mixers.available()]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not registered in this checkout (not merged into it yet)")
+    _registered(mixer)
     tree = tomllib.loads(PRESET.read_text())  # the preset with this one mixer (load_sweep checks every name)
     tree["mixers"] = [mixer]
     tree["mixer_overrides"] = {k: v for k, v in tree.get("mixer_overrides", {}).items() if k == mixer}
