@@ -41,6 +41,7 @@ class DataConfig:
 class ModelConfig:
     """The GPT's shape and its mixer. Also exported as `attnbench.GPTConfig`."""
 
+    # a registered mixer, or a layer pattern (a hybrid) such as "gated_deltanet*3+softmax" (attnbench.mixers)
     mixer: str = "softmax"
     n_layer: int = 6
     n_head: int = 6
@@ -51,7 +52,8 @@ class ModelConfig:
     bias: bool = False
     pos_emb: str = "learned"  # learned | rope | none
     mlp: bool = True  # false: a block without its MLP (mixer only), as in Zoology's recall models
-    mixer_args: dict = field(default_factory=dict)  # validated by the mixer's own Args dataclass
+    # validated by the mixer's own Args dataclass; a hybrid holds one sub-table per mixer of its pattern
+    mixer_args: dict = field(default_factory=dict)
     backend: str = "auto"  # op backend for the mixer: auto | torch | fla
     # parameter budget, e.g. "10.7M": with n_embd = "match" the width, n_head and the mixer's head args
     # are searched so the GPT's parameter count is closest to it (n_layer fixed); otherwise a record
@@ -275,13 +277,30 @@ def _set(cfg: RunConfig, dotted: str, val: Any, source: str) -> None:
     if key not in names:
         raise ConfigError(f"{source}: unknown key {sec_name}.{key}{did_you_mean(key, list(names))}")
     if sec_name == "model" and key == "mixer_args" and len(rest) > 1:
-        # mixer_args.<name>: raw value, coerced and checked by the mixer's Args dataclass in validate()
-        sub = ".".join(rest[1:])
-        section.mixer_args[sub] = val
+        # mixer_args.<name>: raw value, coerced and checked by the mixer's Args dataclass in validate();
+        # mixer_args.<mixer>.<name> (a hybrid's per-mixer sub-table) nests
+        set_nested(section.mixer_args, rest[1:], val)
         return
     if len(rest) > 1:
         raise ConfigError(f"{source}: {sec_name}.{key} has no sub-keys")
     setattr(section, key, coerce_value(val, field_types(type(section))[key], f"{sec_name}.{key}"))
+
+
+def set_nested(d: dict[str, Any], keys: list[str], val: Any) -> None:
+    """d[k1][k2]... = val, creating tables on the way; a table value is merged into a table already there
+    (so `[model.mixer_args.softmax]` and `--model.mixer_args.softmax.head_dim=64` combine)."""
+    for k in keys[:-1]:
+        if not isinstance(d.get(k), dict):
+            d[k] = {}
+        d = d[k]
+    last = keys[-1]
+    if isinstance(val, dict):
+        if not isinstance(d.get(last), dict):
+            d[last] = {}
+        for k, v in val.items():
+            set_nested(d[last], [k], v)
+    else:
+        d[last] = val
 
 
 def _apply_tree(cfg: RunConfig, d: dict[str, Any], source: str, prefix: str = "") -> None:

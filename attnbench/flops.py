@@ -5,7 +5,7 @@ multiply-add is 2 FLOPs, matrix products only. Attention-like mixing is counted 
 (no causal halving), as the kernels compute it; the delta family at its chunked algorithm (see each
 mixer's `flops_per_token`).
 
-Per layer: the mixer (`Mixer.flops_per_token(cfg, T)`) and the MLP (c_fc d->4d and c_proj 4d->d:
+Per layer: the mixer (`Mixer.flops_per_token(cfg, T)`; a hybrid sums each layer's own mixer) and the MLP (c_fc d->4d and c_proj 4d->d:
 2 * 2 * d * 4d = 16 d^2). Once per token: the LM head (2 * d * vocab). Embedding lookups are gathers
 (0 FLOPs). Left out: layer norms, GELU, residual adds, dropout and biases (elementwise, O(d) per token:
 well under 1% at the shapes we train). Training is 3x forward (backward = 2x forward for matmuls).
@@ -41,11 +41,12 @@ def model_flops_per_token(model_cfg: ModelConfig, T: Optional[int] = None, *,
     computes when that differs from the algorithm's cost, e.g. NSA's dense masked branches).
     """
     T = int(T or model_cfg.block_size)
-    cls = registry.get(model_cfg.mixer)
-    fn = _mixer_flops_fn(cls, torch_path)
     d, L, V = model_cfg.n_embd, model_cfg.n_layer, model_cfg.vocab_size
+    # the sum over layers: each distinct mixer's FLOPs times its layers (all n_layer for a plain mixer)
+    mixer = sum(layers * _mixer_flops_fn(registry.get(c.mixer), torch_path)(c, T)
+                for c, layers in registry.layer_groups(model_cfg))
     parts = {
-        "mixer": float(L * fn(model_cfg, T)),  # the sum over layers: every block holds the same mixer
+        "mixer": float(mixer),  # the sum over layers of each layer's own mixer
         "mlp": float(L * 2 * (2 * d * 4 * d)) if model_cfg.mlp else 0.0,  # model.mlp = false: blocks without one
         "lm_head": float(2 * d * V),
         "embeddings": 0.0,
@@ -61,9 +62,10 @@ def train_flops_per_token(model_cfg: ModelConfig, T: Optional[int] = None) -> fl
 
 def decode_state_elements(model_cfg: ModelConfig, T: int) -> int:
     """Numbers one sequence keeps to continue decoding at context T, summed over layers (KV caches for
-    attention, recurrent matrices and convolution tails for the delta family)."""
-    cls = registry.get(model_cfg.mixer)
-    return int(model_cfg.n_layer * cls.decode_state_elements(model_cfg, T))  # the same mixer in every block
+    attention, recurrent matrices and convolution tails for the delta family; a hybrid's layers each
+    keep their own mixer's state)."""
+    return int(sum(layers * registry.get(c.mixer).decode_state_elements(c, T)
+                   for c, layers in registry.layer_groups(model_cfg)))
 
 
 # ---------------------------------------------------------------- tables for the README / CLI
@@ -86,8 +88,9 @@ def flops_table(budget: Any, Ts: Sequence[int] = (256, 8192), mixers: Optional[S
     soft = next((m.model_cfg for m in matches if m.mixer == "softmax"), None)
     rows = []
     for m in matches:
-        cls = registry.get(m.mixer)
-        if not all(getattr(cls, f).__func__ is not getattr(Mixer, f).__func__ for f in ("flops_per_token", "decode_state_elements")):
+        classes = [registry.get(n) for n in registry.components(m.mixer)]
+        if not all(getattr(cls, f).__func__ is not getattr(Mixer, f).__func__
+                   for cls in classes for f in ("flops_per_token", "decode_state_elements")):
             continue  # a mixer without accounting yet: no row rather than no table
         cross = cross_mixer = None
         if m.mixer != "softmax":

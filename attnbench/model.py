@@ -3,6 +3,8 @@
 Block = LayerNorm -> mixer -> dropout -> residual -> LayerNorm -> GELU MLP -> residual (model.mlp = false:
 the block ends after the mixer's residual, as in the recall models of docs/recall.md).
 Everything but the mixer is identical across mixers, so comparisons differ only in the mixer.
+A hybrid (`mixer = "gated_deltanet*3+softmax"`) builds each block with its layer's mixer and arguments
+(attnbench.mixers.layer_names / layer_config); decoding keeps one state per block, of that block's kind.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mixer = mixers.get(cfg.mixer)(cfg, layer_idx)
+        self.mixer = mixers.get(cfg.mixer)(cfg, layer_idx)  # cfg: the layer's own (mixers.layer_config)
         self.drop = nn.Dropout(cfg.dropout)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.mlp else None
         self.mlp = MLP(cfg) if cfg.mlp else None
@@ -58,12 +60,13 @@ class Cache:
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        mixers.get(config.mixer).check_config(config)
+        mixers.check_model(config)  # every mixer of the model: its arguments and check_config
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        names = mixers.layer_names(config.mixer, config.n_layer)
+        self.blocks = nn.ModuleList([Block(mixers.layer_config(config, n), i) for i, n in enumerate(names)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.wte.weight = self.lm_head.weight  # weight tying

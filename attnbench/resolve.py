@@ -26,9 +26,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
         r = resolve_match(m)
         m.n_embd, m.n_head, m.mixer_args = r.n_embd, r.n_head, dict(r.mixer_args)
     validate(cfg)
-    cls = mixers.get(m.mixer)
-    cls.Args.from_dict(m.mixer_args, m.mixer).validate(m.n_embd, m.n_head)
-    cls.check_config(m)
+    mixers.check_model(m)  # each mixer's Args and check_config (every mixer of a hybrid's pattern)
     return cfg
 
 

@@ -1,10 +1,10 @@
-"""`attnbench run [--preset bakeoff|bakeoff-quick|lengthgen|lengthgen-quick]`: the main job in one command.
+"""`attnbench run [--preset bakeoff|bakeoff-quick|lengthgen|lengthgen-quick|recall|recall-full|recall-quick|bakeoff-all]`: the main job in one command.
 
 1. prepares shakespeare_char in --data_dir when it is missing (from --input, $ATTNBENCH_DATA, an
    earlier download or the network);
 2. picks the preset for the hardware unless --preset is given: a CUDA GPU -> `bakeoff` (five mixers
    at ~10.7M parameters, 3000 iterations), otherwise `bakeoff-quick` (the same comparison scaled down
-   for a CPU; minutes, not hours);
+   for a CPU; minutes, not hours); `bakeoff-all` (every mixer and two hybrids, GPU) is chosen by name;
 3. runs the sweep (attnbench/configs/sweeps/<preset>.toml: training, benchmarks, evaluation at longer
    lengths when the preset has an [eval] table, report) into --out (default out/<preset>), printing where
    it is; re-running the command continues where it stopped; `lengthgen` trains at 256 tokens and
@@ -29,8 +29,8 @@ from .report import bakeoff_section, lengthgen_table
 from .sweep import add_launch_options, launcher_options, load_sweep, run_sweep
 from .sweep.grid import task_kinds
 
-PRESETS = ("bakeoff", "bakeoff-quick", "lengthgen", "lengthgen-quick", "recall", "recall-full",
-           "recall-quick")  # recall*: docs/recall.md
+PRESETS = ("bakeoff", "bakeoff-quick", "bakeoff-all", "lengthgen", "lengthgen-quick", "recall", "recall-full",
+           "recall-quick")  # recall*: docs/recall.md; bakeoff-all: docs/hybrids.md
 
 
 def preset_path(name: str) -> Path:

@@ -3,8 +3,10 @@
 Shapes are the trained ones: `configs/<mixer>.toml`'s [model] section (softmax: shakespeare_char.toml),
 whose widths are parameter-matched (n_embd = "match", resolved by attnbench.params). For another
 --budget, `attnbench.params.match_shape` re-matches with the config's mixer args held fixed. Without
-a config file: the ModelConfig defaults. `--set key=value` overrides apply on top (tests use them for
-tiny shapes).
+a config file: the ModelConfig defaults. A hybrid ("gated_deltanet*3+softmax") takes the softmax
+config's model section with each of its mixers' [model.mixer_args] from that mixer's config file, and
+the smallest n_layer the pattern fits from the softmax config's 6 up (the bakeoff-all preset's choice:
+8 for a 4-layer pattern), matched to the budget. `--set key=value` overrides apply on top (tests use them for tiny shapes).
 
 Position embeddings: benchmark models use pos_emb='none' where the config says 'learned'. The learned
 table costs one lookup and add per token (negligible time) but its parameters grow with the context
@@ -13,6 +15,7 @@ position index would keep a decode step out of a CUDA graph. Every row says whic
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ import torch
 
 from .. import mixers as registry
 from .. import params
-from ..config import CONFIGS_DIR, ModelConfig, coerce_value, field_types
+from ..config import CONFIGS_DIR, ModelConfig, coerce_value, field_types, read_toml, set_nested
 from ..counts import parse_count
 from ..errors import ConfigError, did_you_mean
 from ..model import GPT
@@ -49,6 +52,8 @@ def _configs_dirs() -> list[Path]:
 
 
 def _config_file_shape(mixer: str) -> tuple[ModelConfig, str]:
+    if registry.is_hybrid(mixer):
+        return _hybrid_shape(mixer)
     names = [f"{mixer}.toml"] + (["shakespeare_char.toml"] if mixer == "softmax" else [])
     for d in _configs_dirs():
         for name in names:
@@ -58,6 +63,20 @@ def _config_file_shape(mixer: str) -> tuple[ModelConfig, str]:
                 if cfg.mixer == mixer:
                     return cfg, f"configs/{name}"
     return ModelConfig(mixer=mixer), "ModelConfig defaults"
+
+
+def _hybrid_shape(pattern: str) -> tuple[ModelConfig, str]:
+    """A hybrid's shape: the softmax config's model section, each mixer's args from its own config file."""
+    base, source = _config_file_shape("softmax")
+    args, used = {}, []
+    for name in registry.components(pattern):
+        f = next((d / f"{name}.toml" for d in _configs_dirs() if (d / f"{name}.toml").is_file()), None)
+        model = read_toml(f, "mixer config")[1].get("model", {}) if f is not None else {}
+        args[name] = {k: v for k, v in model.get("mixer_args", {}).items() if k not in params.SEARCHED_ARGS}
+        used += [f"configs/{f.name}"] if f is not None else []
+    period = sum(count for _, count in registry.parse_pattern(pattern))  # the pattern's length in layers
+    cfg = dataclasses.replace(base, mixer=pattern, mixer_args=args, n_layer=-(-base.n_layer // period) * period)
+    return cfg, f"{pattern}: {source}" + (f" with the args of {', '.join(used)}" if used else "")
 
 
 def _match(mixer: str, budget: int, budget_text: str, cfg: ModelConfig, source: str
@@ -90,11 +109,11 @@ def parse_sets(items: list[str] | None, mixers: list[str]) -> tuple[dict[str, An
         key, val = item.split("=", 1)
         key = key.strip().removeprefix("model.")
         if "." in key:
-            mixer, arg = key.split(".", 1)
+            mixer, arg = key.split(".", 1)  # a hybrid's: "<pattern>.<mixer>.<arg>" (patterns hold no ".")
             arg = arg.removeprefix("mixer_args.")
             if mixer not in mixers:
                 raise ConfigError(f"--set {item!r}: {mixer!r} is not one of the benchmarked mixers {mixers}")
-            per.setdefault(mixer, {})[arg] = _literal(val)
+            set_nested(per.setdefault(mixer, {}), arg.split("."), _literal(val))
         elif key in model_fields and key not in ("mixer", "mixer_args"):
             glob[key] = coerce_value(val, model_fields[key], f"--set {key}")
         else:
@@ -121,7 +140,7 @@ def resolve_shapes(mixers: list[str] | None = None, budget: str | int = DEFAULT_
     """The models to benchmark, one per mixer (default: every registered mixer)."""
     names = list(mixers) if mixers else registry.available()
     for n in names:
-        registry.get(n)  # ConfigError naming the nearest mixer for a typo
+        registry.parse_pattern(n)  # ConfigError naming the nearest mixer for a typo
     budget_n = parse_count(budget)
     glob, per = parse_sets(sets, names)
     shapes = []
@@ -132,7 +151,9 @@ def resolve_shapes(mixers: list[str] | None = None, budget: str | int = DEFAULT_
         if got is not None:
             cfg, n_matched, source = got
         if glob or n in per:
-            args = {**cfg.mixer_args, **per.get(n, {})}
+            args = copy.deepcopy(cfg.mixer_args)
+            for k, v in per.get(n, {}).items():  # a hybrid's sub-tables merge key by key
+                set_nested(args, [k], v)
             cfg = dataclasses.replace(cfg, **glob, mixer_args=args)
             source += " + --set"
         shapes.append(BenchShape(n, dataclasses.replace(cfg, dropout=0.0), source, n_matched))

@@ -26,6 +26,8 @@ Settings: `Args`
 
 Construction: `__init__(cfg, layer_idx)`
     `cfg` is the `ModelConfig` (n_embd, n_head, head_dim, bias, dropout, pos_emb, backend, mixer_args);
+    in a hybrid (`model.mixer = "gated_deltanet*3+softmax"`) it is the layer's own, with `mixer` this
+    mixer's name and `mixer_args` its sub-table, so a mixer needs nothing to take part in hybrids;
     call `super().__init__(cfg, layer_idx)` first, which sets `self.args`. The constructor must run on
     the meta device (the parameter search counts parameters there without allocating), so it creates
     parameters and buffers but never reads their values. The search reports a shape's head dim and heads from the

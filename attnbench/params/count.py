@@ -45,6 +45,7 @@ class Match:
     kv_heads: Optional[int] = None  # where the mixer has its own KV heads
     budget: int = 0
     kernel_ok: bool = True  # the mixer accepted this shape with backend='fla'
+    per_mixer: Optional[dict[str, dict[str, Any]]] = None  # a hybrid's head_dim, heads, kv_heads per mixer
 
     @property
     def within(self) -> bool:
@@ -55,6 +56,7 @@ class Match:
         return {"mixer": self.mixer, "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head,
                 "heads": self.heads, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
                 "mixer_args": dict(c.mixer_args), "params": self.n_params, "budget": self.budget,
-                "deviation": self.deviation, "kernel_ok": self.kernel_ok}
+                "deviation": self.deviation, "kernel_ok": self.kernel_ok,
+                **({"per_mixer": self.per_mixer} if self.per_mixer else {})}
 
 

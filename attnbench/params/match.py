@@ -43,7 +43,7 @@ def match_shape(mixer: str, budget: int | str, n_layer: int = 6, base: Optional[
     base = _base_cfg(base)
     if mixer_args is None:
         mixer_args = dict(base.mixer_args) if base.mixer == mixer else {}
-    registry.get(mixer)  # unknown names: ConfigError with a suggestion
+    registry.layer_names(mixer, n_layer)  # unknown names (with a suggestion), n_layer not fitting a pattern
     d_ref = softmax_width(budget, n_layer, base)
     search = _Search(mixer, budget, n_layer, base, mixer_args, tol, head_dim, d_ref)
     ranked = search.run()
@@ -65,7 +65,7 @@ def match_shape(mixer: str, budget: int | str, n_layer: int = 6, base: Optional[
     n = count_params(cfg)
     return Match(mixer=mixer, model_cfg=cfg, n_params=n, deviation=n / budget - 1,
                  head_dim=top.head_dim, heads=top.heads, kv_heads=top.kv_heads, budget=budget,
-                 kernel_ok=top.kernel_ok)
+                 kernel_ok=top.kernel_ok, per_mixer=top.per_mixer)
 
 
 def match_all(budget: int | str, mixers: Optional[list[str]] = None, n_layer: int = 6,

@@ -19,6 +19,11 @@ Inside the band, comparable shapes come before closeness: a 2-head model 0.3% fr
 different model from a 6-head one 0.8% from it, and both are parameter-matched.
 With nothing inside 1%, the closest shape wins. n_layer is never changed.
 
+Hybrids ("gated_deltanet*3+softmax"): one n_embd and n_head for the whole model, and each mixer of the
+pattern searches its own SEARCHED_ARGS (knobs named "<mixer>.<arg>") under its own validity rules; the
+count sums each mixer's layers; the head-dim preference takes the mixer furthest from the target, and
+the reported head dim and heads are the first mixer's (Match.per_mixer has each one's).
+
 Speed: for fixed heads and mixer args ("a family") the count is a quadratic polynomial in the width
 (every weight is d x something, d x d or independent of d), so each family costs three meta-device
 builds of one block plus a fitted polynomial; families whose best possible head dim is already beaten
@@ -73,6 +78,8 @@ class _Cand:
     kv_heads: Optional[int] = None
     kernel_ok: bool = True
     key: tuple = field(default=(), compare=False)
+    hd_dev: int = 0  # |head dim - target|, the largest over a hybrid's mixers
+    per_mixer: Optional[dict] = None  # a hybrid's head dim, heads and kv heads per mixer
 
 
 def _searched_fields(cls: type, fixed: dict[str, Any]) -> dict[str, tuple]:
@@ -90,20 +97,34 @@ def _searched_fields(cls: type, fixed: dict[str, Any]) -> dict[str, tuple]:
 class _Search:
     def __init__(self, mixer: str, budget: int, n_layer: int, base: ModelConfig, fixed: dict[str, Any],
                  tol: float, head_dim: int, d_ref: float):
-        self.name, self.cls = mixer, registry.get(mixer)
+        self.name, self.hybrid = mixer, registry.is_hybrid(mixer)
         self.budget, self.n_layer, self.tol, self.target_hd, self.d_ref = budget, n_layer, tol, head_dim, d_ref
         self.base = replace(base, mixer=mixer, n_layer=n_layer, mixer_args={})
-        parsed = self.cls.Args.from_dict(fixed, mixer)  # coerces CLI strings; unknown keys: ConfigError
-        self.fixed = {k: getattr(parsed, k) for k in fixed}
+        names = registry.layer_names(mixer, n_layer)  # unknown mixers, n_layer not fitting: ConfigError
+        self.parts = [(n, registry.get(n), names.count(n)) for n in dict.fromkeys(names)]  # (mixer, class, layers)
+        registry.check_mixer_args(mixer, fixed)
+        # the caller's fixed args per mixer, coerced (CLI strings); unknown keys: ConfigError
+        self.fixed: dict[str, dict[str, Any]] = {}
+        for n, cls, _ in self.parts:
+            given = dict(fixed.get(n) or {}) if self.hybrid else dict(fixed)
+            parsed = cls.Args.from_dict(given, n)
+            self.fixed[n] = {k: getattr(parsed, k) for k in given}
         self._rest: dict[int, int] = {}  # width -> params outside the mixers (embeddings, norms, MLPs, head)
         self._mixer_counts: dict[tuple, Optional[int]] = {}
         self.errors: Counter[str] = Counter()  # why candidates were refused (for the error message)
 
     # -- configs and validity (no builds)
 
+    def knob(self, mixer: str, arg: str) -> str:
+        """A searched arg's name in a family: the arg itself, or "<mixer>.<arg>" in a hybrid."""
+        return f"{mixer}.{arg}" if self.hybrid else arg
+
     def cfg(self, fam: _Family, d: int, backend: Optional[str] = None) -> ModelConfig:
-        return replace(self.base, n_embd=d, n_head=fam.n_head,
-                       mixer_args={**self.fixed, **{k: v for k, v in fam.knobs if v is not None}},
+        knobs = dict(fam.knobs)
+        args = {n: {**self.fixed[n], **{a: v for a in SEARCHED_ARGS
+                                        if (v := knobs.get(self.knob(n, a))) is not None}}
+                for n, _, _ in self.parts}
+        return replace(self.base, n_embd=d, n_head=fam.n_head, mixer_args=args if self.hybrid else args[self.name],
                        backend=backend or self.base.backend)
 
     def valid(self, fam: _Family, d: int) -> bool:
@@ -111,8 +132,10 @@ class _Search:
             return False
         cfg = self.cfg(fam, d)
         try:
-            self.cls.Args.from_dict(cfg.mixer_args, self.name).validate(d, fam.n_head)
-            self.cls.check_config(cfg)
+            for n, cls, _ in self.parts:
+                lc = registry.layer_config(cfg, n)
+                cls.Args.from_dict(lc.mixer_args, n).validate(d, fam.n_head)
+                cls.check_config(lc)
         except _CHECK_ERRORS as e:
             self.errors[str(e)] += 1
             return False
@@ -144,36 +167,47 @@ class _Search:
         return self._rest[d]
 
     def mixer_params(self, fam: _Family, d: int) -> Optional[int]:
+        """Parameters of all the mixers of the model (each mixer's layers: equal in size)."""
         key = (fam, d)
         if key not in self._mixer_counts:
             try:
-                with torch.device("meta"):
-                    m = self.cls(self.cfg(fam, d, backend="torch"), 0)
-                self._mixer_counts[key] = sum(p.numel() for p in m.parameters() if p.requires_grad)
+                cfg = self.cfg(fam, d, backend="torch")
+                total = 0
+                for n, cls, layers in self.parts:
+                    with torch.device("meta"):
+                        m = cls(registry.layer_config(cfg, n), 0)
+                    total += layers * sum(p.numel() for p in m.parameters() if p.requires_grad)
+                self._mixer_counts[key] = total
             except _CHECK_ERRORS:
                 self._mixer_counts[key] = None
         return self._mixer_counts[key]
 
     def estimate(self, fam: _Family, d: int) -> Optional[int]:
-        """GPT count assuming every layer's mixer is the same size (checked on the winner by count_params)."""
+        """GPT count from one build of each mixer (checked on the winner by count_params)."""
         m = self.mixer_params(fam, d)
-        return None if m is None else self.rest(d) + self.n_layer * m
+        return None if m is None else self.rest(d) + m
 
     def describe(self, c: _Cand) -> _Cand:
-        """Head dim, heads and kernel acceptance of a candidate (one or two mixer builds)."""
-        cfg = self.cfg(c.fam, c.d, backend="fla")
-        try:
-            with torch.device("meta"):
-                m = self.cls(cfg, 0)
-            c.kernel_ok = True
-        except Exception:  # noqa: BLE001 (any refusal of the kernel backend; the torch build below must work)
-            c.kernel_ok = False
-            cfg = self.cfg(c.fam, c.d, backend="torch")
-            with torch.device("meta"):
-                m = self.cls(cfg, 0)
-        c.head_dim = _first_int(m, ("head_dim", "head_k_dim", "head_k"), cfg.n_embd // cfg.n_head)
-        c.heads = _first_int(m, ("n_head", "n_heads", "num_heads"), cfg.n_head)
-        c.kv_heads = _first_int(m, ("n_kv_head", "n_kv_heads", "num_kv_heads"), None)
+        """Head dim, heads and kernel acceptance of a candidate (one or two builds of each mixer)."""
+        per = {}
+        c.kernel_ok = True
+        for n, cls, _ in self.parts:
+            cfg = registry.layer_config(self.cfg(c.fam, c.d, backend="fla"), n)
+            try:
+                with torch.device("meta"):
+                    m = cls(cfg, 0)
+            except Exception:  # noqa: BLE001 (any refusal of the kernel backend; the torch build below must work)
+                c.kernel_ok = False
+                cfg = registry.layer_config(self.cfg(c.fam, c.d, backend="torch"), n)
+                with torch.device("meta"):
+                    m = cls(cfg, 0)
+            per[n] = {"head_dim": _first_int(m, ("head_dim", "head_k_dim", "head_k"), cfg.n_embd // cfg.n_head),
+                      "heads": _first_int(m, ("n_head", "n_heads", "num_heads"), cfg.n_head),
+                      "kv_heads": _first_int(m, ("n_kv_head", "n_kv_heads", "num_kv_heads"), None)}
+        first = per[self.parts[0][0]]
+        c.head_dim, c.heads, c.kv_heads = first["head_dim"], first["heads"], first["kv_heads"]
+        c.hd_dev = max(abs(p["head_dim"] - self.target_hd) for p in per.values())
+        c.per_mixer = per if self.hybrid else None
         return c
 
     # -- one family
@@ -240,7 +274,8 @@ class _Search:
     # -- all families
 
     def families(self) -> list[_Family]:
-        searched = _searched_fields(self.cls, self.fixed)
+        searched = {self.knob(n, a): vals for n, cls, _ in self.parts
+                    for a, vals in _searched_fields(cls, self.fixed[n]).items()}
         names = list(searched)
         fams = []
         for h in range(1, MAX_N_HEAD + 1):
@@ -251,18 +286,20 @@ class _Search:
     def head_dim_bound(self, fam: _Family) -> float:
         """A lower bound of |head dim - target| for the family, before building anything: the
         head_dim arg where set, else n_embd / n_head for widths in [d_ref / 2, 2 d_ref]."""
-        hd = dict(fam.knobs).get("head_dim", self.fixed.get("head_dim"))
-        if hd is not None:
-            return abs(hd - self.target_hd)
         lo, hi = self.d_ref / 2 / fam.n_head, 2 * self.d_ref / fam.n_head
-        return 0.0 if lo <= self.target_hd <= hi else min(abs(lo - self.target_hd), abs(hi - self.target_hd))
+        free = 0.0 if lo <= self.target_hd <= hi else min(abs(lo - self.target_hd), abs(hi - self.target_hd))
+        knobs, bounds = dict(fam.knobs), []
+        for n, _, _ in self.parts:  # a hybrid: the bound of its mixer furthest from the target
+            hd = knobs.get(self.knob(n, "head_dim"), self.fixed[n].get("head_dim"))
+            bounds.append(abs(hd - self.target_hd) if hd is not None else free)
+        return max(bounds)
 
     def rank_key(self, c: _Cand) -> tuple:
         dev = abs(c.count / self.budget - 1)
         tiebreak = (c.fam.n_head, repr(c.fam.knobs), c.d)
         if dev > self.tol:
-            return (1, dev, not c.kernel_ok, abs(c.head_dim - self.target_hd), abs(c.d - self.d_ref), tiebreak)
-        return (0, not c.kernel_ok, abs(c.head_dim - self.target_hd), abs(c.d - self.d_ref), dev, tiebreak)
+            return (1, dev, not c.kernel_ok, c.hd_dev, abs(c.d - self.d_ref), tiebreak)
+        return (0, not c.kernel_ok, c.hd_dev, abs(c.d - self.d_ref), dev, tiebreak)
 
     def run(self) -> list[_Cand]:
         """Candidates ranked best first. Families are visited in order of their head-dim bound and the

@@ -1,4 +1,6 @@
-"""One colour and one place per mixer, the same in every figure and table of every report."""
+"""One colour and one place per mixer, the same in every figure and table of every report. Hybrids (layer
+patterns such as "gated_deltanet*3+softmax") take a colour by the hash of their name and come after the
+plain mixers; `mixer_label` writes a name for a markdown cell."""
 from __future__ import annotations
 
 import zlib
@@ -22,6 +24,11 @@ def mixer_color(mixer: str) -> str:
 
 
 def mixer_key(m: str) -> tuple:
-    """Sort key for mixer names (MIXER_ORDER)."""
-    return (MIXER_ORDER.index(m) if m in MIXER_ORDER else len(MIXER_ORDER), m)
+    """Sort key for mixer names (MIXER_ORDER, then the other plain mixers, then hybrids; each by name)."""
+    return (MIXER_ORDER.index(m) if m in MIXER_ORDER else len(MIXER_ORDER), "+" in m or "*" in m, m)
+
+
+def mixer_label(m: str) -> str:
+    """A mixer or pattern name for markdown: `*` escaped, so "a*3+b*1" is not read as emphasis."""
+    return m.replace("*", "\\*")
 

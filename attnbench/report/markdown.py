@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ..files import atomic_write_text
-from .colors import mixer_color
+from .colors import mixer_color, mixer_label
 from .figures import fig_decode, fig_flops, fig_generalisation, fig_loss, fig_lr, fig_memory, fig_throughput
 from .lengthgen import lengthgen_section
 from .load import load_results
@@ -27,7 +27,8 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Path:
         old.unlink()
     md: list[str] = [f"# attnbench report: {res.name}", ""]
     mixers = list(by_mixer(res.runs + recall_runs))
-    md.append(f"{len(res.runs) + len(recall_runs)} finished runs of {', '.join(mixers) or 'no mixer'}; built "
+    labels = [mixer_label(m) for m in mixers]
+    md.append(f"{len(res.runs) + len(recall_runs)} finished runs of {', '.join(labels) or 'no mixer'}; built "
               f"{time.strftime('%Y-%m-%d %H:%M')} from `{res.root}` (files on disk only).")
     md.append("")
     md += [f"- {s}" for s in settings_lines(res)]
@@ -86,7 +87,7 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Path:
         md += ["## Skipped runs", ""] + [f"- skipped: {n} ({why})" for n, why in res.skipped] + [""]
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    md += ["Colours: " + ", ".join(f"{m} {mixer_color(m)}" for m in mixers) + " (the same in every figure).", ""]
+    md += ["Colours: " + ", ".join(f"{mixer_label(m)} {mixer_color(m)}" for m in mixers) + " (the same in every figure).", ""]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(md))
     log_bakeoff_to_wandb(res)

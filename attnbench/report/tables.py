@@ -8,7 +8,7 @@ import statistics
 from dataclasses import dataclass
 
 from ..bench.throughput import crossover
-from .colors import mixer_key
+from .colors import mixer_key, mixer_label
 from .load import Results, RunResult, select_rows, throughput_rows
 
 DECODE_CONTEXT = 1024  # the bake-off's decode latency column: ms/token at this prompt length
@@ -160,7 +160,7 @@ def bakeoff_markdown(rows: list[BakeoffRow]) -> tuple[str, list[str]]:
     shared = any(r.speed_source == "train-shared" for r in rows)
     for r in rows:
         mark = {"bench": "", "train": "", "train-shared": " †"}[r.speed_source]
-        cells = [r.mixer, f"{r.lr:g}", str(r.n), _fmt(*r.val_loss), _fmt(*r.final_val_loss),
+        cells = [mixer_label(r.mixer), f"{r.lr:g}", str(r.n), _fmt(*r.val_loss), _fmt(*r.final_val_loss),
                  _fmt(*r.ppl, digits=3),
                  _fmt(*r.bpc, digits=4) if r.bpc else "-", _fmt_num(r.tokens_per_s) + mark,
                  _fmt_num(r.ms_per_iter) + mark, _fmt_num(r.peak_mem_mb)]
@@ -240,12 +240,25 @@ def param_table(res: Results) -> str:
         heads = match.get("heads") or m.get("n_head")
         if match.get("kv_heads"):
             heads = f"{heads} (kv {match['kv_heads']})"
-        args = ", ".join(f"{k}={v}" for k, v in sorted((m.get("mixer_args") or {}).items())) or "-"
+        if match.get("per_mixer"):  # a hybrid: each mixer's, in pattern order
+            per = match["per_mixer"].values()
+            hd = "/".join(str(p["head_dim"]) for p in per)
+            heads = "/".join(f"{p['heads']}" + (f" (kv {p['kv_heads']})" if p.get("kv_heads") else "") for p in per)
+        args = ", ".join(f"{k}={v}" for k, v in sorted(_flat_args(m.get("mixer_args") or {}))) or "-"
+        mixer = mixer_label(mixer)
         n = r.summary.get("n_params")
         lines.append(f"| {mixer} | {m['n_layer']} | {m['n_embd']} | {heads} | {hd} | {args} | "
                      f"{n:,} ({n / 1e6:.2f}M) | {dev} |" if n else f"| {mixer} | {m['n_layer']} | {m['n_embd']} | "
                      f"{heads} | {hd} | {args} | - | {dev} |")
     return "\n".join(lines)
+
+
+def _flat_args(args: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """A hybrid's per-mixer sub-tables as "mixer.arg" keys; a plain mixer's args as they are."""
+    out = []
+    for k, v in args.items():
+        out += _flat_args(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+    return out
 
 
 def settings_lines(res: Results) -> list[str]:

@@ -2,7 +2,7 @@
 mixer's trained shape, alone on its device.
 
 Each child is `attnbench bench all --mixers M --no_match --set <trained shape> ...`, writing
-`<out>/bench/<mixer>.jsonl` (skipped when present; after all training; on the CPU with the training
+`<out>/bench/<mixer>.jsonl` (a pattern's name made file-safe; skipped when present; after all training; on the CPU with the training
 runs' thread count, because two OpenMP threads on a busy 2-core machine measure the neighbours, not
 the model; on a GPU each child starts before its turn, the first while the runs train and each next
 one while the previous one measures, and waits with `--wait_for` until the device is free, so its
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import mixers as registry
 from ..bench import check_options, options_to_argv
 from ..files import read_jsonl
 from .manifest import _log_tail, _Manifest
@@ -45,8 +46,9 @@ def _shape_sets(model: dict[str, Any]) -> list[str]:
     for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "pos_emb", "backend"):
         out += ["--set", f"{k}={model[k]}"]
     for k, v in sorted((model.get("mixer_args") or {}).items()):
-        if v is not None:
-            out += ["--set", f"{model['mixer']}.{k}={v}"]
+        for sub, val in sorted(v.items()) if isinstance(v, dict) else [(None, v)]:  # a hybrid's sub-tables
+            if val is not None:
+                out += ["--set", f"{model['mixer']}.{k}{'' if sub is None else '.' + sub}={val}"]
     return out
 
 
@@ -95,7 +97,8 @@ class _BenchPhase:
         for mixer in dict.fromkeys(sweep.mixer_of(m) for m in sweep.mixers):  # a variant's mixer is benchmarked once
             model = next(r.config["model"] for r in runs if r.mixer == mixer)
             for task in bench_tasks(sweep.bench):
-                final = out / "bench" / (f"{mixer}.jsonl" if task == "all" else f"{mixer}-{task}.jsonl")
+                stem = registry.file_safe(mixer)
+                final = out / "bench" / (f"{stem}.jsonl" if task == "all" else f"{stem}-{task}.jsonl")
                 if not final.is_file():
                     self.queue.append((f"{mixer}" + ("" if task == "all" else f" {task}"), model, task, final))
         self.running: list[_BenchJob] = []

@@ -3,16 +3,19 @@
 Shapes: with `param_budget` every mixer gets the shape `params.match_all` finds for it (starting
 from the base model section, plus `<base dir>/<mixer>.toml`'s model section when that file exists,
 minus the mixer args the matcher searches, e.g. head_dim, unless [overrides] fix them); without it,
-that model section (or the base) is used as is. Precedence, last wins: base config -> mixer config's
-model section -> [overrides] -> `--set KEY=VALUE` -> [mixer_overrides.<mixer>] -> the sweep axes
-(mixer, learning rate, seed) -> matched shape. Every resolved config is validated before anything
-runs (unknown keys name the nearest valid one).
+that model section (or the base) is used as is. A hybrid (a layer pattern, "gated_deltanet*3+softmax")
+takes each of its mixers' arguments from `<base dir>/<mixer>.toml`'s [model.mixer_args] into its
+sub-table `model.mixer_args.<mixer>` (the rest of the model section comes from the base). Precedence,
+last wins: base config -> mixer config's model section -> [overrides] -> `--set KEY=VALUE` ->
+[mixer_overrides.<mixer>] -> the sweep axes (mixer, learning rate, seed) -> matched shape. Every
+resolved config is validated before anything runs (unknown keys name the nearest valid one).
 
 [grid] and [[points]] (attnbench/sweep/grid.py) add points: each point's settings come after
 [mixer_overrides], then the head_dim rule sets model.n_head from the width. MQAR runs (task.kind) need
 no corpus: their examples are prepared once here, before any run starts.
 
-The run id is `<mixer>[-<point>]-lr<lr>-s<seed>-<hash>` (the point's values, e.g. n_embd64-seq_len256), the hash being 8 hex digits of the resolved config
+The run id is `<mixer>[-<point>]-lr<lr>-s<seed>-<hash>` (the point's values, e.g. n_embd64-seq_len256;
+a pattern's name made file-safe by mixers.file_safe), the hash being 8 hex digits of the resolved config
 without the settings that do not change what is computed (out_dir, progress, resume, logging,
 data_dir, checkpoint retention, eval batch size, torch.compile, CUDA graphs). So re-running a sweep
 recognises its runs (attnbench/sweep/manifest.py: done, resumed or started).
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import mixers as registry
 from .. import params
 from ..config import RunConfig, TaskConfig, read_toml
 from ..data import Corpus
@@ -74,7 +78,8 @@ def run_id_for(config: RunConfig | dict[str, Any], label: str | None = None, poi
         kept.pop("task", None)  # a language-modelling run's task settings are unused
     h = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
     mid = f"-{point}" if point else ""
-    return f"{label or d['model']['mixer']}{mid}-lr{d['optim']['learning_rate']:g}-s{d['train']['seed']}-{h}"
+    name = label or registry.file_safe(d["model"]["mixer"])  # "gated_deltanet*3+softmax" -> "gated_deltanet_x3-softmax"
+    return f"{name}{mid}-lr{d['optim']['learning_rate']:g}-s{d['train']['seed']}-{h}"
 
 
 def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: bool = True) -> list[PlannedRun]:
@@ -91,15 +96,20 @@ def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: 
         if model.get("mixer", "softmax") != mixer:
             model.pop("mixer_args", None)  # the base mixer's own settings do not apply to another mixer
         # the mixer's own config next to the base (attnbench/configs/<mixer>.toml): its model section
-        mixer_cfg = sweep.base_config.parent / f"{mixer}.toml"
-        if mixer_cfg.is_file() and mixer_cfg != sweep.base_config:
-            mt = read_toml(mixer_cfg, "mixer config")[1].get("model", {})
-            if mt.get("mixer", mixer) == mixer:
-                model.update(mt)
+        if registry.is_hybrid(mixer):
+            _hybrid_args(sweep, model, mixer)
+        else:
+            mixer_cfg = sweep.base_config.parent / f"{mixer}.toml"
+            if mixer_cfg.is_file() and mixer_cfg != sweep.base_config:
+                mt = read_toml(mixer_cfg, "mixer config")[1].get("model", {})
+                if mt.get("mixer", mixer) == mixer:
+                    model.update(mt)
         model["mixer"] = mixer
         if sweep.param_budget is not None:  # the matcher searches these; the sweep's overrides may still fix them
-            for k in params.SEARCHED_ARGS:
-                model.get("mixer_args", {}).pop(k, None)
+            args = model.get("mixer_args", {})
+            for table in [t for t in args.values() if isinstance(t, dict)] if registry.is_hybrid(mixer) else [args]:
+                for k in params.SEARCHED_ARGS:
+                    table.pop(k, None)
         ov = list(sweep.overrides) + list(sweep.mixer_overrides.get(label, [])) + list(point)
         try:
             ov = apply_head_rule(tree, ov, sweep.head_dim)
@@ -152,6 +162,19 @@ def _prepare_once(task: TaskConfig, data_dir: str, done: set[str]) -> None:
     if key not in done:
         prepare_task(task, data_dir)
         done.add(key)
+
+
+def _hybrid_args(sweep: Sweep, model: dict[str, Any], pattern: str) -> None:
+    """Each mixer of the pattern gets the [model.mixer_args] of its config file next to the base
+    (`<base dir>/<mixer>.toml`) as its sub-table, below any the base itself gives."""
+    given = model.get("mixer_args", {}) if model.get("mixer") == pattern else {}
+    args = {}
+    for name in registry.components(pattern):
+        f = sweep.base_config.parent / f"{name}.toml"
+        mt = read_toml(f, "mixer config")[1].get("model", {}) if f.is_file() else {}
+        own = dict(mt.get("mixer_args", {})) if mt.get("mixer", name) == name else {}
+        args[name] = {**own, **dict(given.get(name, {}))}
+    model["mixer_args"] = args
 
 
 def _match_shape(sweep: Sweep, cfg: RunConfig, mixer: str) -> tuple[Any, dict[str, Any]]:

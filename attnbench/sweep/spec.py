@@ -10,7 +10,7 @@ process, benchmarks the mixers and writes the report. Example (attnbench/configs
                                                     # the cwd) or a bundled config's name
     dataset = "shakespeare_char"                    # data.dataset (optional)
     param_budget = "10.7M"                          # shapes from attnbench.params.match_all (optional)
-    mixers = ["softmax", "deltanet"]
+    mixers = ["softmax", "deltanet", "gated_deltanet*3+softmax"]   # registered names or layer patterns (hybrids)
     learning_rates = [1e-3]                         # optional: default the base config's
     seeds = [1337]                                  # optional: default the base config's train.seed
     min_lr_ratio = 0.1                              # optional: optim.min_lr = ratio * learning rate
@@ -28,6 +28,8 @@ process, benchmarks the mixers and writes the report. Example (attnbench/configs
     [[points]]                                    # optional: coupled settings, one point each (grid.py)
     "task.seq_len" = 256
     "task.num_kv_pairs" = 16
+    [mixer_overrides."gated_deltanet*3+softmax"]     # (a pattern's name is a quoted TOML key)
+    "model.n_layer" = 8
     [bench]                                         # benchmarks after training (`attnbench bench all`)
     enabled = true
     benches = ["latency", "memory", "throughput"]
@@ -67,7 +69,7 @@ SWEEP_KEYS = {
     "base_config": "run TOML every run starts from",
     "dataset": "data.dataset of every run",
     "param_budget": "parameter budget, e.g. '10.7M': shapes from attnbench.params.match_all",
-    "mixers": "list of registered mixer names, or labels of [variants]",
+    "mixers": "list of registered mixer names, layer patterns such as 'gated_deltanet*3+softmax' (hybrids), or labels of [variants]",
     "learning_rates": "list of optim.learning_rate values",
     "seeds": "list of train.seed values",
     "min_lr_ratio": "optim.min_lr = ratio * learning rate (else the config's min_lr)",
@@ -217,7 +219,7 @@ def load_sweep(path: str | Path) -> Sweep:
                           f"(available: {', '.join(mixer_registry.available())})")
     variants = _parse_variants(tree.get("variants", {}), mixers, path)
     for m in mixers:
-        mixer_registry.get(variants.get(m, m))  # ConfigError with the nearest registered name
+        mixer_registry.parse_pattern(variants.get(m, m))  # ConfigError with the nearest registered name
     sw = Sweep(name=str(tree.get("name", path.stem)), path=path, base_config=base, mixers=mixers, text=text,
                learning_rates=_list_of(tree, "learning_rates", float, path), seeds=_list_of(tree, "seeds", int, path),
                variants=variants)
