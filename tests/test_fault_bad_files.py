@@ -4,7 +4,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import tomli_w
+
+tomli_w = pytest.importorskip("tomli_w")  # dev extra; GPU hosts may lack it
 
 import attnbench
 from attnbench.cli import main

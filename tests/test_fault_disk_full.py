@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-import tomli_w
+
+tomli_w = pytest.importorskip("tomli_w")  # dev extra; GPU hosts may lack it
 
 import attnbench
 from attnbench import checkpoint as ck

@@ -1,7 +1,8 @@
 """Out of GPU memory in a training step (simulated on the CPU): the message names the mixer, batch and context
 and settings with the same tokens per step that need less memory; the last checkpoint is kept."""
 import pytest
-import tomli_w
+
+tomli_w = pytest.importorskip("tomli_w")  # dev extra; GPU hosts may lack it
 import torch
 
 from attnbench import checkpoint as ck

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-import tomli_w
+
+tomli_w = pytest.importorskip("tomli_w")  # dev extra; GPU hosts may lack it
 
 import attnbench
 from attnbench import checkpoint as ck

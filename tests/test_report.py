@@ -7,7 +7,8 @@ import statistics
 from pathlib import Path
 
 import pytest
-import tomli_w
+
+tomli_w = pytest.importorskip("tomli_w")  # dev extra; GPU hosts may lack it
 
 from attnbench import report as rp
 from attnbench import sweep as sw

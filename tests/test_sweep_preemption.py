@@ -4,7 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-import tomli_w
+
+tomli_w = pytest.importorskip("tomli_w")  # dev extra; GPU hosts may lack it
 
 from attnbench.files import read_jsonl
 from attnbench.sweep import load_sweep, run_sweep

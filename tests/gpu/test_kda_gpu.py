@@ -157,7 +157,7 @@ def test_mixer_fla_bf16_vs_torch_float64(T):
         y, gx = fwd_bwd(fla, x, dy, autocast=True)
     err_y, err_gx = rel_err(y, y_ref), rel_err(gx, gx_ref)
     print(f"kda mixer T={T} ({seen}): y={err_y:.2e} (floor {floor_y:.2e}), dx={err_gx:.2e} (floor {floor_gx:.2e})")
-    assert seen == {"kda": "fla"}
+    assert seen["kda"] == "fla"  # the short convolutions report their own backend beside it
     assert err_y <= max(TOL, 1.5 * floor_y) and err_gx <= max(TOL, 1.5 * floor_gx)
 
 
