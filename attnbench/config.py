@@ -5,6 +5,9 @@ is unique across sections (`--max_iters=2`) or dotted (`--model.n_layer=4`); a m
 live under `model.mixer_args` (`--model.mixer_args.chunk_size=32`). Every problem is a ConfigError
 naming the key and the nearest valid one, raised before any file is written. A config file is a path
 or the name of one bundled in attnbench/configs/ (`find_config_file`).
+
+Over 400 lines because every section's dataclass, its coercion and its cross-field checks sit together:
+the key table users read (`all_keys`, README) and the checks that name those keys are one place.
 """
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """The training loop: one run from a RunConfig to a run folder (config.json, metrics.jsonl,
-checkpoints, summary.json written last). Resumable, DDP-aware, no host sync inside a step."""
+checkpoints, summary.json written last). Resumable, DDP-aware, no host sync inside a step.
+
+Over 400 lines because the loop's state (model, optimiser, sampler position, best loss, preemption
+flag, early stop) is shared by its evaluation, checkpoint and resume steps; each step is its own
+function, and the loop passes that state explicitly rather than through an object."""
 from __future__ import annotations
 
 import contextlib

@@ -72,3 +72,14 @@ def test_results_are_small_and_every_report_is_indexed():
     for folder in sorted(p for p in results.iterdir() if p.is_dir()):
         assert (folder / "README.md").is_file(), f"{folder.name} has no README"
         assert f"({folder.name}/README.md)" in index, f"{folder.name} is not in results/README.md"
+
+
+def test_long_modules_say_why_at_their_top():
+    """No module above ~400 lines without a reason stated in its docstring."""
+    import ast
+
+    for path in sorted((ROOT / "attnbench").rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > 420:
+            doc = ast.get_docstring(ast.parse(text)) or ""
+            assert "Over 400 lines because" in doc, f"{path.relative_to(ROOT)} is long and does not say why"

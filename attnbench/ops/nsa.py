@@ -14,6 +14,10 @@ and a decode step. With BS = block_size, S = block_counts, W = window_size, for 
 4. sliding window: softmax over j in [t-W+1, t] (W = 0 disables it).
 5. o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa.
 
+Over 400 lines because the three branches, the block selection they share and the decode step from a
+cache are one algorithm; the float64 reference and the vectorised path are kept side by side so each
+line of one can be checked against the other.
+
 Selections are `block_indices` `[B, TQ, H, S]` (block ids, -1 for unused slots), FLA's format; every
 function takes an optional `block_indices` that overrides the selection (tests use it to compare
 backends on the same selection when bf16 rounding flips near-ties).
