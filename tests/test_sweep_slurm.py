@@ -149,13 +149,13 @@ def test_slurm_sweep_resumes_cancelled_watches_running_reports_failed(slurm_clus
         pytest.skip(f"the test cluster's node has {cpus[0]} CPU; two jobs must run at once")
     a = sweep_cli(cfg, out, "--launcher", "slurm")
     try:
-        wait_until(lambda: len(job_ids(out)) == 4 and ckpt_step(out / "runs" / good[0]) >= EVAL, 120,
-                   "four jobs and run 1's first checkpoint", a)
+        wait_until(lambda: len(job_ids(out)) == 4, 120, "four jobs", a)
         jobs = job_ids(out)
-        wait_until(lambda: state_of(jobs[good[1]]) == "RUNNING", 60,
-                   "run 2's job to run", a)
-        subprocess.run(["scancel", jobs[good[0]]], check=True, timeout=10)
+        # run 2 is suspended as soon as it runs: a tiny run could otherwise finish before run 1's checkpoint
+        wait_until(lambda: state_of(jobs[good[1]]) == "RUNNING", 60, "run 2's job to run", a)
         subprocess.run(["scontrol", "suspend", jobs[good[1]]], check=True, timeout=10)
+        wait_until(lambda: ckpt_step(out / "runs" / good[0]) >= EVAL, 120, "run 1's first checkpoint", a)
+        subprocess.run(["scancel", jobs[good[0]]], check=True, timeout=10)
         os.killpg(a.pid, signal.SIGINT)
         log_a, _ = a.communicate(timeout=60)
     finally:
@@ -165,6 +165,7 @@ def test_slurm_sweep_resumes_cancelled_watches_running_reports_failed(slurm_clus
     assert "warning: the sweep folder" in log_a and "private to this machine" in log_a  # tmp_path is in /tmp
     assert "stopped watching" in log_a and "scancel" in log_a
     assert not (out / "runs" / good[0] / "summary.json").exists(), "run 1 finished before its cancel"
+    assert not (out / "runs" / good[1] / "summary.json").exists(), "run 2 finished before its suspension"
     wait_until(lambda: state_of(jobs[good[0]]) not in (None, *sw.launchers.slurm.ACTIVE), 30,
                "the cancelled job to end")
 
