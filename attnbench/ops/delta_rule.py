@@ -34,12 +34,12 @@ chunk, the decays become the factors exp(gamma_i - gamma_j) on the intra-chunk p
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import AttnbenchError
 from ._l2norm import compute_dtype, l2norm, needs_backward
 from .backend import resolve
+from .chunking import to_chunks
 
 FLA_CHUNK_SIZES = (16, 32, 64)
 RECOMPUTE_FROM = 2048  # tokens (per sequence, interleaved for DeltaProduct): see lean_chunked_core
@@ -92,18 +92,6 @@ def recurrent_core(q, k, v, beta, g, scale, initial_state, output_final_state):
     return o, (S if output_final_state else None)
 
 
-def _to_chunks(x: torch.Tensor, dt: torch.dtype, n_chunks: int, C: int) -> torch.Tensor:
-    """[B, T, H, ...] -> [B, H, N, C, ...], zero-padding T up to N*C.
-
-    Zero padding is exact here: a padded token has k = 0 and beta = 0 (no write) and g = 0 (no decay).
-    """
-    x = x.to(dt).transpose(1, 2)
-    pad = n_chunks * C - x.shape[2]
-    if pad:
-        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
-    return x.reshape(*x.shape[:2], n_chunks, C, *x.shape[3:])
-
-
 def chunked_core(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size):
     """Chunkwise WY form (module docstring), all chunks' local terms at once, a short loop for S.
 
@@ -118,7 +106,7 @@ def chunked_core(q, k, v, beta, g, scale, initial_state, output_final_state, chu
     dt = compute_dtype(q, k, v, beta, g, initial_state)
     C = max(1, min(chunk_size, T))
     N = -(-T // C)
-    q, k, v, beta = (_to_chunks(x, dt, N, C) for x in (q, k, v, beta))
+    q, k, v, beta = (to_chunks(x, dt, N, C) for x in (q, k, v, beta))
     q = q * scale
 
     incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
@@ -131,7 +119,7 @@ def chunked_core(q, k, v, beta, g, scale, initial_state, output_final_state, chu
         P = qk.masked_fill(~incl, 0)
         q_in, k_out, decay = q, k, None
     else:
-        gam = _to_chunks(g, dt, N, C).cumsum(-1)                     # [B, H, N, C]
+        gam = to_chunks(g, dt, N, C).cumsum(-1)                     # [B, H, N, C]
         # mask before exp: above the diagonal gamma_i - gamma_j > 0 could overflow
         Gam = (gam[..., :, None] - gam[..., None, :]).masked_fill(~incl, float("-inf")).exp()
         L = (beta[..., None] * kk * Gam).masked_fill(~strict, 0)

@@ -41,12 +41,12 @@ float32; chunk_gla picks its own chunk size (64, or the next power of two >= 16 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import AttnbenchError
 from ._l2norm import compute_dtype, needs_backward
 from .backend import resolve
+from .chunking import to_chunks
 from .delta_rule import FLA_MAX_K, RECOMPUTE_FROM, check_state
 
 SUB_CHUNK = 16  # rows per sub-chunk of the intra-chunk weights (FLA's BC)
@@ -89,16 +89,6 @@ def chunk_len(T: int, chunk_size: int) -> int:
     return min(chunk_size, SUB_CHUNK * -(-T // SUB_CHUNK))
 
 
-def _to_chunks(x: torch.Tensor, dt: torch.dtype, n_chunks: int, C: int) -> torch.Tensor:
-    """[B, T, H, D] -> [B, H, N, C, D], zero-padding T up to N*C. Exact: a padded token has k = v = 0
-    (no write) and gk = 0 (no decay), and its outputs are cut off."""
-    x = x.to(dt).transpose(1, 2)
-    pad = n_chunks * C - x.shape[2]
-    if pad:
-        x = F.pad(x, (0, 0, 0, pad))
-    return x.reshape(x.shape[0], x.shape[1], n_chunks, C, x.shape[-1])
-
-
 def chunked_core(q, k, v, gk, scale, initial_state, output_final_state, chunk_size):
     """The chunked form of the module docstring: all chunks' local terms at once, a loop over chunks for S."""
     B, T, H, K = q.shape
@@ -107,7 +97,7 @@ def chunked_core(q, k, v, gk, scale, initial_state, output_final_state, chunk_si
     C = chunk_len(T, chunk_size)
     c, N = SUB_CHUNK, -(-T // C)
     n = C // c
-    q, k, v, gk = (_to_chunks(x, dt, N, C) for x in (q, k, v, gk))
+    q, k, v, gk = (to_chunks(x, dt, N, C) for x in (q, k, v, gk))
     q = q * scale
     b = gk.cumsum(-2)                                                # [B, H, N, C, K]
 

@@ -39,12 +39,12 @@ GPU run has to confirm.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import AttnbenchError
 from ._l2norm import compute_dtype, l2norm, needs_backward
 from .backend import resolve
+from .chunking import to_chunks
 from .delta_rule import RECOMPUTE_FROM, check_state, fla_unsupported
 
 KDA_CHUNK_SIZES = (32, 64)  # chunk_kda raises for any other chunk size
@@ -92,16 +92,6 @@ def recurrent_core(q, k, v, g, beta, scale, initial_state, output_final_state):
     return o, (S if output_final_state else None)
 
 
-def _chunks(x: torch.Tensor, dt: torch.dtype, N: int, C: int) -> torch.Tensor:
-    """[B, T, H, ...] -> [B, H, N, C, ...] in dt, zero-padded to N*C rows. Exact: a padded row has
-    k = 0 and beta = 0 (no write) and g = 0 (no decay)."""
-    x = x.to(dt).transpose(1, 2)
-    pad = N * C - x.shape[2]
-    if pad:
-        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
-    return x.reshape(*x.shape[:2], N, C, *x.shape[3:])
-
-
 def decayed_products(rows: tuple[torch.Tensor, ...], k: torch.Tensor, gam: torch.Tensor,
                      sub: int) -> list[torch.Tensor]:
     """For each a in rows: M_ij = sum_d a_id k_jd e^{gam_id - gam_jd} for j <= i, 0 above: [..., C, C].
@@ -143,8 +133,8 @@ def chunked_core(q, k, v, g, beta, scale, initial_state, output_final_state, chu
     C = min(chunk_size, T_sub)
     sub = SUB if C % SUB == 0 else C
     N = -(-T // C)
-    q, k, v, g = (_chunks(x, dt, N, C) for x in (q, k, v, g))
-    beta = _chunks(beta, dt, N, C)
+    q, k, v, g = (to_chunks(x, dt, N, C) for x in (q, k, v, g))
+    beta = to_chunks(beta, dt, N, C)
     q = q * scale
     gam = g.cumsum(-2)                                                    # [B, H, N, C, K]
 
