@@ -45,7 +45,8 @@ from ..errors import AttnbenchError
 from ._l2norm import compute_dtype, l2norm, needs_backward
 from .backend import resolve
 from .chunking import to_chunks
-from .delta_rule import RECOMPUTE_FROM, check_state, fla_unsupported
+from .delta_rule import RECOMPUTE_FROM, fla_unsupported
+from .delta_rule import check_inputs as delta_check_inputs
 
 KDA_CHUNK_SIZES = (32, 64)  # chunk_kda raises for any other chunk size
 SUB = 8  # rows per sub-block of the PyTorch chunked form (module docstring)
@@ -53,20 +54,11 @@ SUB = 8  # rows per sub-block of the PyTorch chunked form (module docstring)
 
 def check_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                  beta: torch.Tensor, initial_state: torch.Tensor | None = None) -> None:
-    """Shape checks; AttnbenchError naming the tensor."""
-    if q.dim() != 4:
-        raise AttnbenchError(f"{op}: q must be [B, T, H, K], got shape {tuple(q.shape)}")
-    B, T, H, K = q.shape
-    if k.shape != q.shape:
-        raise AttnbenchError(f"{op}: k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise AttnbenchError(f"{op}: v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
+    """The delta family's shape checks (delta_rule.check_inputs), with a log-decay per key channel."""
+    delta_check_inputs(op, q, k, v, beta, None, initial_state)
     if g.shape != q.shape:
         raise AttnbenchError(f"{op}: g must be [B, T, H, K] = {tuple(q.shape)} (a log-decay per key channel), "
                              f"got {tuple(g.shape)}")
-    if beta.shape != q.shape[:3]:
-        raise AttnbenchError(f"{op}: beta must be [B, T, H] = {tuple(q.shape[:3])}, got {tuple(beta.shape)}")
-    check_state(op, initial_state, B, H, K, v.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------------
