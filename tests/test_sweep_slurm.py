@@ -151,8 +151,10 @@ def test_slurm_sweep_resumes_cancelled_watches_running_reports_failed(slurm_clus
     try:
         wait_until(lambda: len(job_ids(out)) == 4, 120, "four jobs", a)
         jobs = job_ids(out)
-        # run 2 is suspended as soon as it runs: a tiny run could otherwise finish before run 1's checkpoint
-        wait_until(lambda: state_of(jobs[good[1]]) == "RUNNING", 60, "run 2's job to run", a)
+        # run 2 is suspended as soon as it trains (its first metrics row): a tiny run could otherwise finish
+        # before run 1's checkpoint, and a job suspended before its step starts loses srun's handshake
+        wait_until(lambda: state_of(jobs[good[1]]) == "RUNNING" and losses(out / "runs" / good[1]), 120,
+                   "run 2 to train", a)
         subprocess.run(["scontrol", "suspend", jobs[good[1]]], check=True, timeout=10)
         wait_until(lambda: ckpt_step(out / "runs" / good[0]) >= EVAL, 120, "run 1's first checkpoint", a)
         subprocess.run(["scancel", jobs[good[0]]], check=True, timeout=10)
