@@ -83,3 +83,13 @@ def test_long_modules_say_why_at_their_top():
         if len(text.splitlines()) > 420:
             doc = ast.get_docstring(ast.parse(text)) or ""
             assert "Over 400 lines because" in doc, f"{path.relative_to(ROOT)} is long and does not say why"
+
+
+def test_every_cited_results_report_exists():
+    """A comment or doc that justifies a choice with a figure names a report that the repository holds."""
+    missing = []
+    for f in tracked_text_files():
+        for m in re.finditer(r"results/([\w.-]+)/", f.read_text(errors="replace")):
+            if not (ROOT / "results" / m.group(1)).is_dir() and "<" not in m.group(1):
+                missing.append(f"{f.relative_to(ROOT)}: results/{m.group(1)}/")
+    assert missing == []
