@@ -171,3 +171,12 @@ def counted_forward_flops(model, idx: torch.Tensor) -> int:
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(idx)
     return counter.get_total_flops()
+
+
+def fwd_bwd(m, x: torch.Tensor, dy: torch.Tensor, autocast: bool):
+    """A mixer's output and its input gradient for the upstream gradient dy (CUDA; bf16 autocast or not)."""
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        y = m(x)[0]
+    (gx,) = torch.autograd.grad((y.double() * dy).sum(), [x])
+    return y.detach(), gx

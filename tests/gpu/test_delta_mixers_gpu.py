@@ -18,7 +18,7 @@ import torch
 from attnbench import GPTConfig, mixers
 from attnbench.errors import AttnbenchError
 from attnbench.ops.backend import fla_available, hopper_gated_backward_broken
-from helpers import rel_err
+from helpers import fwd_bwd, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -53,14 +53,6 @@ def inputs(T: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator(device="cuda").manual_seed(seed)
     return (torch.randn(B, T, D, device="cuda", generator=g),
             torch.randn(B, T, D, device="cuda", generator=g, dtype=torch.float64))
-
-
-def fwd_bwd(m, x: torch.Tensor, dy: torch.Tensor, autocast: bool):
-    x = x.detach().clone().requires_grad_()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        y = m(x)[0]
-    (gx,) = torch.autograd.grad((y.double() * dy).sum(), [x])
-    return y.detach(), gx
 
 
 def tolerance(floor: float) -> float:

@@ -18,7 +18,7 @@ from attnbench import GPTConfig, mixers
 from attnbench.ops._l2norm import l2norm
 from attnbench.ops.backend import fla_available, record_backends
 from attnbench.ops.kda import kda, kda_recurrent
-from helpers import rel_err
+from helpers import fwd_bwd, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -134,14 +134,6 @@ def same_weights(src, backend: str, dtype):
     m = build(backend, dtype)
     m.load_state_dict(src.state_dict())
     return m
-
-
-def fwd_bwd(m, x: torch.Tensor, dy: torch.Tensor, autocast: bool):
-    x = x.detach().clone().requires_grad_()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        y = m(x)[0]
-    (gx,) = torch.autograd.grad((y.double() * dy).sum(), [x])
-    return y.detach(), gx
 
 
 @pytest.mark.parametrize("T", [63, 256, 1000])

@@ -18,7 +18,7 @@ from attnbench import GPTConfig, mixers
 from attnbench.errors import AttnbenchError
 from attnbench.ops.backend import fla_available, gated_backward_route, hopper_gated_backward_broken, record_backends
 from attnbench.ops.ssd import ssd, ssd_recurrent
-from helpers import rel_err
+from helpers import fwd_bwd, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -150,14 +150,6 @@ def inputs(T: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator(device="cuda").manual_seed(seed)
     return (torch.randn(B, T, D, device="cuda", generator=g),
             torch.randn(B, T, D, device="cuda", generator=g, dtype=torch.float64))
-
-
-def fwd_bwd(m, x: torch.Tensor, dy: torch.Tensor, autocast: bool):
-    x = x.detach().clone().requires_grad_()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        y = m(x)[0]
-    (gx,) = torch.autograd.grad((y.double() * dy).sum(), [x])
-    return y.detach(), gx
 
 
 def tolerance(floor: float) -> float:
