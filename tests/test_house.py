@@ -25,13 +25,13 @@ def tracked_text_files() -> list[Path]:
 HISTORY = [
     (r"\b[Ss]ession \d", "a numbered session"),
     (r"\b[Cc]all [A-Z]\b|\b(?:device|results|GPU) call \d", "a numbered call"),
-    (r"[Tt]ried and dropped", "'tried and dropped'"),
+    (r"[Tt]ried an[d] dropped", "an abandoned attempt"),
     (r"\b(?:before|after) the fix\b", "'before/after the fix'"),
     (r"(?<![\w/-])20\d\d-\d\d-\d\d(?![\w-]*/)", "a date outside a results report's path"),
 ]
 OUTSIDE = [
-    (r"\.\./shared", "../shared"),
-    (r"FLA_NOTES", "a document the repository does not hold"),
+    (r"\.\./shar[e]d", "a folder beside the checkout"),
+    (r"FLA_NOTE[S]", "a document the repository does not hold"),
     (r"(?<![\w.])/(?:work|root|home)/", "an absolute path"),
 ]
 
@@ -57,7 +57,7 @@ def test_nothing_refers_outside_the_repository():
     assert _hits(OUTSIDE) == []
 
 
-@pytest.mark.parametrize("line, bad", [("# session 4 measured it", True), ("call A on the H200", True), ("mixer tokens per call 1", False),
+@pytest.mark.parametrize("line, bad", [("# sess" "ion 4 measured it", True), ("call A on the H200", True), ("mixer tokens per call 1", False),
                                        ("see results/bakeoff-h200-2026-12-03/README.md", False),
                                        ("measured 2026-12-02 on the GPU", True), ("S0 = init state", False)])
 def test_the_history_patterns_catch_what_they_should(line, bad):
