@@ -40,6 +40,9 @@ def pytest_sessionfinish(session, exitstatus):
     later run with the file installed (attnbench/ops/fla_configs.py) compiles one configuration per kernel
     instead of timing them all (seconds to a minute per test on a fresh GPU)."""
     path = os.environ.get("ATTNBENCH_SAVE_FLA_CONFIGS")
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if path and worker:  # each pytest-xdist worker tuned its own files' kernels: one file per worker
+        path = str(Path(path).with_name(f"{Path(path).stem}-{worker}{Path(path).suffix}"))
     if path:
         print(f"\nFLA autotuner choices saved to {path}: {fla_configs.save_live(Path(path))}")
 

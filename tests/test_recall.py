@@ -20,6 +20,7 @@ from attnbench.resolve import load_config
 from attnbench.sweep.plan import ID_EXCLUDE, plan, run_id_for
 from attnbench.sweep.spec import load_sweep
 from attnbench.tasks import IGNORE_INDEX, ExampleSampler, evaluate_task
+from attnbench.tasks.feed import task_config
 
 TINY_TASK = {"kind": "mqar", "seq_len": 16, "num_kv_pairs": 2, "vocab_size": 32, "num_train": 64, "num_test": 16}
 
@@ -172,6 +173,20 @@ def test_grid_errors_name_the_key(tmp_path):
 def test_recall_presets_plan():
     assert len(plan(load_sweep("sweeps/recall"), "/tmp/unused", load_data=False)) == 60
     assert len(plan(load_sweep("sweeps/recall-full"), "/tmp/unused", load_data=False)) == 320
+
+
+def test_the_recall_preset_shows_each_training_example_once():
+    """With fewer examples than its steps draw, the wider models memorise the training set (train loss near 0,
+    test accuracy near 0.25) instead of learning recall: results/recall-h200-2026-12-03/README.md."""
+    for run in plan(load_sweep("sweeps/recall"), "/tmp/unused", load_data=False):
+        c = run.config
+        assert c["task"]["num_train"] >= c["train"]["max_iters"] * c["train"]["batch_size"], run.run_id
+
+
+@pytest.mark.parametrize("vocab, dtype", [(8192, np.int16), (32768, np.int16), (32769, np.int32)])
+def test_task_examples_use_the_narrowest_dtype_that_holds_the_vocabulary(tmp_path, vocab, dtype):
+    cfg = load_config(tiny(tmp_path) | {"task": dict(TINY_TASK, vocab_size=vocab)})
+    assert np.dtype(task_config(cfg.task).dtype) == dtype
 
 
 def test_language_model_run_ids_do_not_depend_on_the_task_keys():

@@ -23,10 +23,13 @@ from .mqar import IGNORE_INDEX, MQARConfig, load_mqar, prepare_mqar
 def task_config(task: TaskConfig) -> MQARConfig:
     """The MQAR dataset a run's [task] section names; ConfigError naming the task key when a setting is
     impossible (L too short for K pairs and their queries, K too large for half the vocabulary, ...)."""
+    # the narrowest token dtype that holds the vocabulary: one-pass training sets are hundreds of thousands
+    # of examples, read by every run of a sweep
+    dtype = "int16" if 0 < task.vocab_size <= np.iinfo(np.int16).max + 1 else "int32"
     try:
         return MQARConfig(seq_len=task.seq_len, num_kv_pairs=task.num_kv_pairs, vocab_size=task.vocab_size,
                           power_a=task.power_a, num_train=task.num_train, num_test=task.num_test,
-                          seed=task.data_seed, random_non_queries=task.random_non_queries)
+                          seed=task.data_seed, random_non_queries=task.random_non_queries, dtype=dtype)
     except ConfigError as e:
         msg = str(e).replace("mqar seed", "mqar data_seed")
         raise ConfigError(f"task (kind 'mqar'): {msg} [keys task.seq_len, task.num_kv_pairs, task.vocab_size, "
