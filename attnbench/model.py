@@ -97,13 +97,18 @@ class GPT(nn.Module):
             n -= self.wpe.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None,
+                labels_per_row: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position [B, T, vocab]; loss (mean cross-entropy) when targets are given,
         over the positions whose target is not -100 (a task's unlabelled positions).
 
         With a `cache`, `idx` continues the sequences the cache holds (prefill or decode) and the cache
         is updated in place.
+
+        labels_per_row: for targets that label exactly this many positions in every row (MQAR labels its K
+        queries), the head and the loss run at those positions only and the logits are [B, labels_per_row,
+        vocab], in position order. The loss is the same; the head's matmul and the cross-entropy over the
+        vocabulary, most of a small model's step, shrink by T / labels_per_row.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -120,7 +125,14 @@ class GPT(nn.Module):
                 cache.states[i] = st
         if cache is not None:
             cache.pos = start + T
-        logits = self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
+        if targets is not None and labels_per_row is not None:
+            # the labelled positions of each row, as a fixed-shape index (topk of the 0/1 mask: a CUDA graph
+            # can capture it, where boolean indexing would need the count on the host)
+            pos = (targets != -100).float().topk(labels_per_row, dim=1, sorted=False).indices.sort(dim=1).values
+            x = x.gather(1, pos.unsqueeze(-1).expand(-1, -1, x.size(-1)))
+            targets = targets.gather(1, pos)
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)

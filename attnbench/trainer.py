@@ -359,6 +359,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
     model = GPT(cfg.model).to(dev)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
+    labels_per_row = task.labels_per_row if task is not None else None  # the head runs at labelled positions only
     sampler = task.sampler if task is not None else BatchSampler(corpus.train, cfg.model.block_size, tc.batch_size, tc.seed)
     start_iter, best_val, tokens_seen, train_time = 0, float("inf"), 0, 0.0
     last_val: float | None = None
@@ -456,7 +457,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
             sync = m == micro_steps - 1
             ctx = model.no_sync() if dinfo.enabled and not sync else contextlib.nullcontext()
             with ctx, autocast:
-                _, loss = model(xs[m], ys[m])
+                _, loss = model(xs[m], ys[m], labels_per_row=labels_per_row)
                 loss = loss / micro_steps
             scaler.scale(loss).backward()
             loss_acc.add_(loss.detach())

@@ -66,6 +66,41 @@ def test_model_loss_ignores_unlabelled_positions():
     assert model.blocks[0].mlp is None and cfg.model.block_size == 16 and cfg.model.vocab_size == 32
 
 
+@pytest.mark.parametrize("mixer", ["softmax", "deltanet"])
+def test_head_at_labelled_positions_gives_the_same_loss_and_gradients(mixer):
+    """labels_per_row runs the head and the loss at the K labelled positions only: same loss, same gradients."""
+    torch.manual_seed(0)
+    cfg = load_config({"model": {"mixer": mixer, "n_layer": 2, "n_head": 1, "n_embd": 16, "mlp": False,
+                                 "pos_emb": "none"}, "task": TINY_TASK})
+    model = GPT(cfg.model).double()
+    x = torch.randint(1, 32, (3, 16))
+    y = torch.full((3, 16), IGNORE_INDEX)
+    for row, cols in enumerate([(3, 8), (5, 15), (0, 1)]):  # exactly two labels per row, anywhere
+        y[row, list(cols)] = torch.randint(16, 32, (2,))
+    full_logits, full = model(x, y)
+    grads = torch.autograd.grad(full, list(model.parameters()))
+    logits, part = model(x, y, labels_per_row=2)
+    mask = y != IGNORE_INDEX
+    assert logits.shape == (3, 2, 32) and torch.allclose(logits.reshape(6, 32), full_logits[mask], rtol=1e-12)
+    assert torch.allclose(part, full, rtol=1e-6)  # the loss is taken in float32 either way
+    for g, h in zip(grads, torch.autograd.grad(part, list(model.parameters()))):
+        assert torch.allclose(g, h, rtol=1e-5, atol=1e-9)
+
+
+def test_task_training_steps_run_the_head_at_labelled_positions_only(tmp_path, monkeypatch):
+    seen = []
+    forward = GPT.forward
+
+    def spy(self, idx, targets=None, cache=None, labels_per_row=None):
+        if targets is not None:
+            seen.append(labels_per_row)
+        return forward(self, idx, targets, cache, labels_per_row)
+
+    monkeypatch.setattr(GPT, "forward", spy)
+    trainer.train(tiny(tmp_path, max_iters=2))
+    assert seen and set(seen) == {TINY_TASK["num_kv_pairs"]}
+
+
 def test_example_sampler_is_seeded_and_covers_each_epoch():
     xs = np.arange(10)[:, None].repeat(3, 1)
     a, b = ExampleSampler(xs, xs, 5, seed=1), ExampleSampler(xs, xs, 5, seed=1)

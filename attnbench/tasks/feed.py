@@ -102,6 +102,7 @@ class TaskData:
         self.sampler = ExampleSampler(data.train_inputs, data.train_labels, batch_size, seed)
         self.test_x = torch.from_numpy(np.asarray(data.test_inputs, dtype=np.int64))
         self.test_y = torch.from_numpy(np.asarray(data.test_labels, dtype=np.int64))
+        self.labels_per_row = task.num_kv_pairs  # every example labels its K queries (GPT.forward's labels_per_row)
 
 
 @torch.no_grad()

@@ -72,3 +72,24 @@ def test_cuda_graph_step_trains_like_eager(mixer, compiled, tiny_data, tmp_path)
           f"vs {summaries[False]['final_val_loss']:.4f}")
     assert diff < 2e-2, (losses[True], losses[False])
     assert abs(summaries[True]["final_val_loss"] - summaries[False]["final_val_loss"]) < 2e-2
+
+
+@pytest.mark.parametrize("mixer", ["softmax", "deltanet"])
+def test_cuda_graph_captures_a_task_step_with_the_head_at_labelled_positions(mixer, tmp_path):
+    """MQAR steps (GPT.forward's labels_per_row: topk of the label mask, gathers) capture in the whole-step
+    CUDA graph and follow the eager run's losses."""
+    losses, summaries = {}, {}
+    for graphed in (False, True):
+        cfg = {"model": {"mixer": mixer, "n_layer": 2, "n_head": 1, "n_embd": 64, "dropout": 0.0, "mlp": False,
+                         "pos_emb": "rope" if mixer == "softmax" else "none"},
+               "task": {"kind": "mqar", "seq_len": 64, "num_kv_pairs": 4, "vocab_size": 512, "num_train": 2048,
+                        "num_test": 64},
+               "data": {"data_dir": str(tmp_path / "data")},
+               "train": {"out_dir": str(tmp_path / f"{graphed}"), "device": "cuda", "batch_size": 64,
+                         "max_iters": 12, "eval_interval": 6, "eval_batch_size": 64, "log_interval": 1,
+                         "compile": False, "cuda_graph": graphed, "progress": False}}
+        summaries[graphed] = attnbench.train(cfg)
+        losses[graphed] = [r["loss"] for r in read_jsonl(tmp_path / f"{graphed}" / "metrics.jsonl") if "loss" in r]
+    assert summaries[True]["cuda_graph"] is True, summaries[True]["cuda_graph_reason"]
+    assert len(losses[True]) == len(losses[False]) == 12
+    assert max(abs(a - b) for a, b in zip(losses[True], losses[False])) < 2e-2, (losses[True], losses[False])
