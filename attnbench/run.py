@@ -101,7 +101,8 @@ def register_cli(subparsers: Any) -> None:
         report, failed = run_main(a.preset, a.out, a.data_dir or "data", a.input, preset_given=a.preset is not None,
                           devices=a.devices, jobs_per_device=a.jobs_per_device, nproc_per_node=a.nproc_per_node,
                           bench=not a.no_bench, status_interval=a.status_interval, overrides=a.overrides_set,
-                          cuda_mps=a.cuda_mps, launcher=a.launcher, launcher_options=launcher_options(a))
+                          cuda_mps=a.cuda_mps, launcher=a.launcher, launcher_options=launcher_options(a),
+                          mixers=a.mixers)
         return 0 if report.is_file() and not failed else 1
 
     p.set_defaults(func=run)

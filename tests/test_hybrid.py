@@ -265,7 +265,7 @@ def test_benchmarks_build_a_hybrid_by_name(tmp_path):
 # ---------------------------------------------------------------- the all-mixer preset
 
 PRESET = CONFIGS_DIR / "sweeps" / "bakeoff-all.toml"
-PRESET_MIXERS = tomllib.loads(PRESET.read_text())["mixers"]
+PRESET_MIXERS = sw.expand_mixers(tomllib.loads(PRESET.read_text())["mixers"])
 
 
 def test_preset_lists_every_mixer_and_two_hybrids():
@@ -298,3 +298,25 @@ def test_preset_plans_each_mixer_within_1pct(mixer, tmp_path):
     else:
         assert runs[0].config["model"]["n_layer"] == 6
     load_config(runs[0].config)  # a valid, resolved config
+
+
+@pytest.mark.parametrize("preset, depth", [("recall", 2), ("lengthgen", 6)])
+def test_recall_and_lengthgen_presets_take_every_mixer_and_hybrid(preset, depth, tmp_path):
+    """`attnbench run --preset recall|lengthgen --mixers all`: every registered mixer and both hybrids plan
+    without an edit to the preset; a hybrid whose pattern does not fit the preset's depth trains at the next
+    multiple of its length."""
+    s = sw.load_sweep(f"sweeps/{preset}")
+    sw.set_mixers(s, ["all", *s.variants])  # lengthgen's softmax_nope variant stays
+    runs = sw.plan(s, tmp_path, load_data=False)
+    assert {r.mixer for r in runs} == set(mixers.everything())
+    n_layer = {r.mixer: r.config["model"]["n_layer"] for r in runs}
+    assert n_layer["gated_deltanet*3+softmax"] == -(-depth // 4) * 4
+    assert all(n == depth for m, n in n_layer.items() if m != "gated_deltanet*3+softmax")
+
+
+def test_mixers_option_replaces_the_list_and_names_a_bad_mixer(tmp_path, capsys):
+    s = sw.load_sweep("sweeps/lengthgen")
+    sw.set_mixers(s, ["deltanet,softmax_nope"])
+    assert s.mixers == ["deltanet", "softmax_nope"] and set(s.mixer_overrides) <= {"deltanet", "softmax_nope"}
+    with pytest.raises(ConfigError, match="gated_deltanet"):
+        sw.set_mixers(s, ["gated_deltanett"])

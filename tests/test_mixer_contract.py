@@ -22,6 +22,7 @@ from attnbench.errors import ConfigError
 from attnbench.mixers import Mixer, MixerArgs, register
 from attnbench.model import GPT
 from attnbench.params import REQUIRED_TOL, SEARCHED_ARGS, match_shape
+from attnbench.sweep import expand_mixers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -144,6 +145,12 @@ def test_registered_only_while_the_fixture_holds_it(toy):
         toy_model(mixer_args={"head_dimm": 16})
     with pytest.raises(ConfigError, match="rope"):
         toy_model(pos_emb="rope")
+
+
+def test_a_registered_mixer_joins_every_sweep_that_says_all(toy):
+    """`mixers = ["all"]` (bakeoff-all) and `--mixers all` (any preset) take a new mixer without an edit."""
+    assert expand_mixers(["softmax", "all"]) == ["softmax"] + [m for m in mixers.everything() if m != "softmax"]
+    assert toy in expand_mixers(["all"]) and set(mixers.PATTERNS) <= set(expand_mixers(["all"]))
 
 
 def test_model_level_contract(toy):

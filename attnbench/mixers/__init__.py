@@ -21,6 +21,10 @@ from .base import Mixer, MixerArgs
 
 _REGISTRY: dict[str, type[Mixer]] = {}
 _loaded = False
+# The hybrids that `mixers = ["all"]` in a sweep compares beside every registered mixer: Gated DeltaNet and
+# softmax 3:1 (the interleave of Qwen3-Next, Kimi Linear, MiniMax-01) and Mamba-2 with sliding-window
+# attention 1:1 (as Samba). docs/hybrids.md.
+PATTERNS = ("gated_deltanet*3+softmax", "mamba2+swa")
 
 
 def register(name: str):
@@ -47,6 +51,11 @@ def _load_all() -> None:
 def available() -> list[str]:
     _load_all()
     return sorted(_REGISTRY)
+
+
+def everything() -> list[str]:
+    """Every registered mixer, then the PATTERNS hybrids: what a sweep's `all` stands for."""
+    return available() + [p for p in PATTERNS if p not in _REGISTRY]
 
 
 def get(name: str) -> type[Mixer]:

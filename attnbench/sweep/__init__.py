@@ -24,10 +24,10 @@ from .launchers import LAUNCHERS, make_launcher
 from .manifest import read_summary, run_state
 from .plan import ID_EXCLUDE, PlannedRun, plan, run_id_for
 from .processes import Slot, child_command, make_slots, resolve_devices, wants_mps
-from .spec import BENCHES, SWEEP_KEYS, BenchSpec, EvalSpec, Sweep, add_overrides, load_sweep
+from .spec import BENCHES, SWEEP_KEYS, BenchSpec, EvalSpec, Sweep, add_overrides, expand_mixers, load_sweep, set_mixers
 
 __all__ = ["BENCHES", "ID_EXCLUDE", "LAUNCHERS", "SWEEP_KEYS", "BenchSpec", "EvalSpec", "PlannedRun", "Slot",
            "Sweep", "add_launch_options", "add_overrides", "bench_command", "bench_tasks", "check_bench_options",
-           "child_command", "launcher_options", "load_sweep", "make_launcher", "make_slots", "plan",
+           "child_command", "expand_mixers", "launcher_options", "load_sweep", "make_launcher", "make_slots", "plan",
            "prestarts_bench", "read_summary", "register_cli", "resolve_devices", "run_id_for", "run_state",
-           "run_sweep", "wants_mps"]
+           "run_sweep", "set_mixers", "wants_mps"]

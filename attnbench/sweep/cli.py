@@ -13,6 +13,9 @@ SLURM_OPTIONS = ("partition", "time", "gpus_per_job", "cpus_per_job", "mem", "sb
 
 
 def add_launch_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mixers", action="append", default=[], metavar="NAMES",
+                   help="mixers to train instead of the sweep's, comma-separated: registered names, layer patterns, "
+                        "or 'all' (every registered mixer and the hybrids of attnbench.mixers.PATTERNS)")
     p.add_argument("--devices", default=None, help="'auto' (every visible GPU, else the CPU), 'cpu', or GPU indices "
                                                     "such as 0,1: one run per GPU at a time (default: the sweep file's, else auto)")
     p.add_argument("--jobs_per_device", type=int, default=None,
@@ -65,7 +68,7 @@ def register_cli(subparsers: Any) -> None:
                         nproc_per_node=a.nproc_per_node, data_dir=a.data_dir, bench=not a.no_bench,
                         report=not a.no_report, dry_run=a.dry_run, status_interval=a.status_interval,
                         overrides=a.overrides_set, cuda_mps=a.cuda_mps, launcher=a.launcher,
-                        launcher_options=launcher_options(a))
+                        launcher_options=launcher_options(a), mixers=a.mixers)
         bad = [k for k, v in man["runs"].items() if v["status"] in ("failed", "interrupted")]
         return 1 if bad else 0
 

@@ -12,16 +12,17 @@ from .eval_phase import check_eval, run_eval_phase
 from .manifest import _clear_stale, _folder_lock, _Manifest, _write_run_file, run_state
 from .plan import PlannedRun, plan
 from .processes import Slot, _interruptible, _say
-from .spec import Sweep, add_overrides, load_sweep
+from .spec import Sweep, add_overrides, load_sweep, set_mixers
 
 
 def run_sweep(sweep: Sweep | str | Path, out: str | Path | None = None, devices: str | None = None,
               jobs_per_device: int | None = None, nproc_per_node: int | None = None, data_dir: str | None = None,
               bench: bool = True, report: bool = True, dry_run: bool = False, status_interval: float = 30.0,
               overrides: list[str] | None = None, cuda_mps: bool | None = None, launcher: str | None = None,
-              launcher_options: dict | None = None) -> dict:
+              launcher_options: dict | None = None, mixers: list[str] | None = None) -> dict:
     """Plan, train (resumably), benchmark, evaluate at the [eval] lengths (when the sweep file asks) and report. Returns the manifest (sweep.json's content).
 
+    `mixers`: the command line's --mixers (names, comma lists or `all`) instead of the sweep file's list.
     `launcher`: 'local' (child processes here) or 'slurm' (a Slurm job per run; `launcher_options` are
     the command line's --partition, --time, ... over the sweep file's [launcher] table).
 
@@ -30,6 +31,8 @@ def run_sweep(sweep: Sweep | str | Path, out: str | Path | None = None, devices:
     """
     if not isinstance(sweep, Sweep):
         sweep = load_sweep(sweep)
+    if mixers:
+        set_mixers(sweep, mixers)
     if overrides:
         add_overrides(sweep, overrides)
     out = Path(out or Path("out") / sweep.name)

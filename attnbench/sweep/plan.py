@@ -88,6 +88,7 @@ def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: 
     runs: list[PlannedRun] = []
     vocab: dict[tuple[str, str], int | None] = {}
     prepared: set[str] = set()
+    noted: set[tuple[str, int, int]] = set()
     base_tree = read_toml(sweep.base_config, "base config")[1]
     for label, point in ((m, p) for m in sweep.mixers for p in expand(sweep.grid, sweep.points)):
         mixer = sweep.mixer_of(label)
@@ -121,6 +122,8 @@ def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: 
             ov.append(("data.data_dir", str(data_dir)))
         plabel = point_label(point)
         src = f"{sweep.path} (mixer {label}{', ' + plabel if plabel else ''})"
+        if registry.is_hybrid(mixer) and not any(k == "model.n_layer" for k, _ in sweep.mixer_overrides.get(label, [])):
+            ov = _fit_depth(tree, ov, mixer, noted)
         try:
             mcfg = load_config(tree, dict(ov))
         except ConfigError as e:
@@ -154,6 +157,22 @@ def plan(sweep: Sweep, out: str | Path, data_dir: str | None = None, load_data: 
                 cfg.train.out_dir = str(out / "runs" / rid)
                 runs.append(PlannedRun(rid, mixer, float(lr), int(seed), cfg.to_dict(), match, label, plabel))
     return runs
+
+
+def _fit_depth(tree: dict[str, Any], ov: list[tuple[str, Any]], pattern: str, noted: set) -> list[tuple[str, Any]]:
+    """A layer pattern trains at the sweep's depth rounded up to a multiple of its length (the 3:1 hybrid
+    at a depth of 6: 8 layers, the pattern twice), so `all` and `--mixers` can add hybrids to any sweep
+    without an error; [mixer_overrides.<pattern>] "model.n_layer" sets another depth. Printed once."""
+    n = int(dict(ov).get("model.n_layer", tree.get("model", {}).get("n_layer", RunConfig().model.n_layer)))
+    length = sum(count for _, count in registry.parse_pattern(pattern))
+    if n % length == 0:
+        return ov
+    fitted = -(-n // length) * length
+    if (pattern, n, fitted) not in noted:
+        noted.add((pattern, n, fitted))
+        print(f"attnbench sweep: {pattern} is {length} layers long: it trains with model.n_layer = {fitted} "
+              f"(the sweep's {n} rounded up to a multiple)", flush=True)
+    return [*ov, ("model.n_layer", fitted)]
 
 
 def _prepare_once(task: TaskConfig, data_dir: str, done: set[str]) -> None:

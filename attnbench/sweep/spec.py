@@ -69,7 +69,8 @@ SWEEP_KEYS = {
     "base_config": "run TOML every run starts from",
     "dataset": "data.dataset of every run",
     "param_budget": "parameter budget, e.g. '10.7M': shapes from attnbench.params.match_all",
-    "mixers": "list of registered mixer names, layer patterns such as 'gated_deltanet*3+softmax' (hybrids), or labels of [variants]",
+    "mixers": "list of registered mixer names, layer patterns such as 'gated_deltanet*3+softmax' (hybrids), labels of "
+              "[variants], or 'all' (every registered mixer and the hybrids of attnbench.mixers.PATTERNS)",
     "learning_rates": "list of optim.learning_rate values",
     "seeds": "list of train.seed values",
     "min_lr_ratio": "optim.min_lr = ratio * learning rate (else the config's min_lr)",
@@ -213,7 +214,7 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: base_config {tree['base_config']!r} not found (looked next to the sweep file, "
                           f"in {Path.cwd()} and among the bundled configs in {CONFIGS_DIR})")
     base = base.resolve()
-    mixers = _list_of(tree, "mixers", str, path)
+    mixers = expand_mixers(_list_of(tree, "mixers", str, path) or [])
     if not mixers:
         raise ConfigError(f"{path}: mixers is missing: list the mixers to compare, e.g. mixers = [\"softmax\"] "
                           f"(available: {', '.join(mixer_registry.available())})")
@@ -311,6 +312,32 @@ def _parse_eval(tree: Any, path: Path) -> EvalSpec:
         raise ConfigError(f"{path}: eval.batch_tokens must be a positive integer, got {bt!r}")
     spec.batch_tokens = bt
     return spec
+
+
+def expand_mixers(names: list[str]) -> list[str]:
+    """A sweep's mixer list with `all` replaced by every registered mixer and the PATTERNS hybrids (a mixer
+    added to attnbench/mixers/ joins every sweep that says `all` without an edit); each name once."""
+    out: list[str] = []
+    for name in names:
+        for m in (mixer_registry.everything() if name == "all" else [name]):
+            if m not in out:
+                out.append(m)
+    return out
+
+
+def set_mixers(sweep: Sweep, items: list[str]) -> None:
+    """`--mixers deltanet,softmax` (or `all`) on the command line: these mixers instead of the sweep file's;
+    its [variants] and [mixer_overrides] apply to the labels still listed."""
+    names = expand_mixers([m.strip() for item in items for m in item.split(",") if m.strip()])
+    if not names:
+        raise ConfigError("--mixers: give mixer names separated by commas, e.g. --mixers softmax,deltanet, or all")
+    for m in names:
+        try:
+            mixer_registry.parse_pattern(sweep.variants.get(m, m))
+        except ConfigError as e:  # names the nearest registered mixer
+            raise ConfigError(f"--mixers {m}: {e}") from None
+    sweep.mixers = names
+    sweep.mixer_overrides = {k: v for k, v in sweep.mixer_overrides.items() if k in names}
 
 
 def add_overrides(sweep: Sweep, items: list[str]) -> None:
