@@ -376,3 +376,23 @@ def test_bench_command_passes_only_the_options_of_its_benchmark(tiny_data, tmp_p
     assert lat[lat.index("--prompt_lens") + 1] == "64,256" and "--contexts" not in lat
     thr = sw.bench_command(model, "throughput", "cpu", tmp_path / "x.jsonl", s.bench)
     assert thr[thr.index("--contexts") + 1] == "32" and "--prompt_lens" not in thr
+
+
+def test_runs_start_in_turn_from_each_mixer(monkeypatch, tmp_path):
+    """The local launcher takes the runs round-robin over the mixers (each mixer's in plan order), so waves
+    of a sweep with more runs than slots mix mixers rather than leaving one mixer's runs to the end."""
+    runs = [sw.PlannedRun(f"{m}{i}", m, 1e-3, 0, {}) for m in ("a", "b", "c") for i in range(3 if m != "b" else 1)]
+    assert [r.run_id for r in processes.launch_order(runs)] == ["a0", "b0", "c0", "a1", "c1", "a2", "c2"]
+    started = []
+
+    def fake_launch(sweep, out, run, slot, man):
+        started.append(run.run_id)
+        slot.busy = True
+        if len(started) == 3:
+            raise RuntimeError("started")  # stop the loop once the three free slots are taken
+        return object()
+
+    monkeypatch.setattr(processes, "_launch", fake_launch)
+    with pytest.raises(RuntimeError, match="started"):
+        processes._train_all(None, tmp_path, runs, sw.make_slots(["cpu"], jobs_per_device=3, nproc=1), None, 30.0, 0, len(runs))
+    assert started == ["a0", "b0", "c0"]

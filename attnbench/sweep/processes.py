@@ -263,9 +263,20 @@ def _stop(running: list[_Running], man: _Manifest, grace_s: float = 60.0) -> Non
         man.set(job.run.run_id, status=st, returncode=job.proc.returncode)
 
 
+def launch_order(todo: list[PlannedRun]) -> list[PlannedRun]:
+    """The runs taken in turn from each mixer (label), each mixer's runs in plan order: with fewer slots than
+    runs, every wave then mixes mixers, and a slow mixer's runs (NSA's PyTorch path in the recall preset)
+    do not all start last and leave the GPU to them alone at the end."""
+    by_label: dict[str, list[PlannedRun]] = {}
+    for r in todo:
+        by_label.setdefault(r.label, []).append(r)
+    lanes = list(by_label.values())
+    return [lane[i] for i in range(max(map(len, lanes), default=0)) for lane in lanes if i < len(lane)]
+
+
 def _train_all(sweep: Sweep, out: Path, todo: list[PlannedRun], slots: list[Slot], man: _Manifest,
                status_interval: float, n_done: int, n_total: int) -> list[str]:
-    queue = list(todo)
+    queue = launch_order(todo)
     running: list[_Running] = []
     failed: list[str] = []
     last_status = time.monotonic()
