@@ -173,6 +173,19 @@ def counted_forward_flops(model, idx: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
+def cuda_inputs(B: int, D: int, T: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mixer GPU test's input x [B, T, D] (float32) and output gradient dy (float64), seeded."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return (torch.randn(B, T, D, device="cuda", generator=g),
+            torch.randn(B, T, D, device="cuda", generator=g, dtype=torch.float64))
+
+
+def bf16_tolerance(tol: float, floor: float) -> float:
+    """A bf16 kernel's error bound: the family's tolerance, or 1.5 x the error of the same computation in
+    PyTorch under bf16 autocast (the floor bf16 itself sets), whichever is larger."""
+    return max(tol, 1.5 * floor)
+
+
 def fwd_bwd(m, x: torch.Tensor, dy: torch.Tensor, autocast: bool):
     """A mixer's output and its input gradient for the upstream gradient dy (CUDA; bf16 autocast or not)."""
     x = x.detach().clone().requires_grad_()
@@ -180,3 +193,31 @@ def fwd_bwd(m, x: torch.Tensor, dy: torch.Tensor, autocast: bool):
         y = m(x)[0]
     (gx,) = torch.autograd.grad((y.double() * dy).sum(), [x])
     return y.detach(), gx
+
+
+def check_state_continuation_and_decode(run, x: dict, split: int = 37, prefill: int = 5) -> None:
+    """A recurrent op family's state is all it carries: for its `recurrent` and `chunked` forms, two calls
+    split at `split` (the second starting from the first's final state) equal one call; through its
+    `dispatch` entry, a prefill then one-token decode steps equal one full forward at every position.
+    `run(form, inputs, chunk_size=..., backend=...)` -> (outputs [B, T, ...], final state); inputs hold
+    [B, T, ...] tensors and `initial_state`."""
+    T = next(t for n, t in x.items() if n != "initial_state").shape[1]
+
+    def part(lo, hi, h0):
+        return {n: (h0 if n == "initial_state" else t[:, lo:hi]) for n, t in x.items()}
+
+    for form in ("recurrent", "chunked"):
+        o_full, S_full = run(form, x, chunk_size=16)
+        o_a, S_a = run(form, part(0, split, x["initial_state"]), chunk_size=16)
+        o_b, S_b = run(form, part(split, T, S_a), chunk_size=16)
+        assert rel_err(torch.cat([o_a, o_b], 1), o_full) < 1e-10, form
+        assert rel_err(S_b, S_full) < 1e-10, form
+    o_full, S_full = run("dispatch", x, backend="torch")
+    o_pre, S = run("dispatch", part(0, prefill, x["initial_state"]), backend="torch")
+    outs = [o_pre]
+    for t in range(prefill, T):
+        o_t, S = run("dispatch", part(t, t + 1, S), backend="torch")
+        outs.append(o_t)
+    o_steps = torch.cat(outs, 1)
+    assert max(rel_err(o_steps[:, t], o_full[:, t]) for t in range(T)) < 1e-10
+    assert rel_err(S, S_full) < 1e-10

@@ -17,7 +17,7 @@ from attnbench.ops._l2norm import l2norm
 from attnbench.ops.backend import record_backends
 from attnbench.ops.gated_delta_rule import gated_delta_rule_chunked
 from attnbench.ops.kda import kda, kda_chunked, kda_recurrent
-from helpers import rel_err
+from helpers import check_state_continuation_and_decode, rel_err
 
 B, H, K, V = 2, 2, 16, 12
 TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
@@ -122,28 +122,7 @@ def test_strong_decays_stay_finite_in_float32():
 
 
 def test_state_continuation_and_decode():
-    T, t1 = 100, 37
-    x = make_inputs(T)
-
-    def part(lo, hi, h0):
-        return {n: (h0 if n == "initial_state" else t[:, lo:hi]) for n, t in x.items()}
-
-    for form in ("recurrent", "chunked"):
-        o_full, S_full = run(form, x, chunk_size=16)
-        o_a, S_a = run(form, part(0, t1, x["initial_state"]), chunk_size=16)
-        o_b, S_b = run(form, part(t1, T, S_a), chunk_size=16)
-        assert rel_err(torch.cat([o_a, o_b], 1), o_full) < 1e-10
-        assert rel_err(S_b, S_full) < 1e-10
-    # dispatcher: a prefill, then T == 1 decode steps, equals one full forward at every position
-    o_full, S_full = run("dispatch", x, backend="torch")
-    o_pre, S = run("dispatch", part(0, 5, x["initial_state"]), backend="torch")
-    outs = [o_pre]
-    for t in range(5, T):
-        o_t, S = run("dispatch", part(t, t + 1, S), backend="torch")
-        outs.append(o_t)
-    o_steps = torch.cat(outs, 1)
-    assert max(rel_err(o_steps[:, t], o_full[:, t]) for t in range(T)) < 1e-10
-    assert rel_err(S, S_full) < 1e-10
+    check_state_continuation_and_decode(run, make_inputs(100))
 
 
 @pytest.mark.parametrize("form", ["dispatch", "recurrent"])
