@@ -76,6 +76,12 @@ FAULTS: tuple[Fault, ...] = (
     Fault("sweep-run-preempted", "one run of a sweep preempted", "SIGTERM to the run's process after step 3",
           "the sweep records it interrupted (not failed) and resumes it from its checkpoint",
           "the run's checkpoint and metrics"),
+    Fault("sweep-ctrl-c", "Ctrl-C to a local sweep while its runs train", "SIGINT to `attnbench sweep` once "
+          "each run has a checkpoint", "the runs stop at a step boundary, recorded interrupted; exit 130 with "
+          "the command that continues", "every run's checkpoints and metrics"),
+    Fault("sweep-usr1", "SIGUSR1 to a local sweep (Slurm's warning when the sweep itself runs in a job)",
+          "SIGUSR1 to `attnbench sweep` once each run has a checkpoint", "as Ctrl-C (the default action would "
+          "end the sweep and its children at once)", "every run's checkpoints and metrics"),
     # ------------------------------------------------------------------ Slurm jobs (tests/test_sweep_slurm.py)
     Fault("slurm-job-cancelled", "a sweep's Slurm job cancelled mid-run", "`scancel` after the run's first "
           "checkpoint", "the run recorded interrupted; the next `attnbench sweep` submits it again and it resumes "

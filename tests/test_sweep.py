@@ -240,7 +240,9 @@ def test_cuda_graph_sweep_on_the_cpu_fails_before_any_file(tmp_path):
     assert not out.exists()
 
 
-def test_ctrl_c_stops_children_cleanly_and_keeps_checkpoints(tiny_data, tmp_path):
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, marks=pytest.mark.fault("sweep-ctrl-c")),
+                                 pytest.param(signal.SIGUSR1, marks=pytest.mark.fault("sweep-usr1"))])
+def test_ctrl_c_stops_children_cleanly_and_keeps_checkpoints(sig, tiny_data, tmp_path):
     cfg = write_sweep(tmp_path, tiny_data, f"""
 base_config = "base.toml"
 mixers = ["softmax"]
@@ -260,7 +262,7 @@ enabled = false
         while not all((out / "runs" / r / "ckpt" / "latest.json").exists() for r in runs):
             assert p.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
-        os.kill(p.pid, signal.SIGINT)
+        os.kill(p.pid, sig)
         log, _ = p.communicate(timeout=60)
     finally:
         if p.poll() is None:

@@ -11,7 +11,7 @@ train.gradient_accumulation_steps must be a multiple of N). A run across nodes: 
 (`torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT -m
 attnbench.sweep OUT/runs/<id>`, shared filesystem), and the next `attnbench sweep` finds it done.
 
-Stopping: Ctrl-C (SIGINT) or SIGTERM is forwarded to the children, which stop at a step boundary
+Stopping: Ctrl-C (SIGINT), SIGTERM or SIGUSR1 is forwarded to the children, which stop at a step boundary
 (their checkpoints stay); the sweep records them as interrupted and exits 130; run the same command
 again to continue. A run that exits with status 75 (attnbench.preemption.EXIT_PREEMPTED: SIGTERM or
 SIGUSR1 reached it alone, and it wrote a checkpoint first) is recorded as interrupted, not failed, and
@@ -182,14 +182,17 @@ def _training_env(sweep: Sweep, out: Path, slots: list[Slot], man: _Manifest, tr
 
 @contextlib.contextmanager
 def _interruptible() -> Iterator[None]:
-    """SIGTERM behaves like Ctrl-C, and Ctrl-C works even when a shell started us with SIGINT ignored."""
-    prev = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    """SIGTERM and SIGUSR1 (a scheduler's stop, Slurm's warning before a time limit) behave like Ctrl-C, and
+    Ctrl-C works even when a shell started us with SIGINT ignored. SIGUSR1's default action would end this
+    process at once, and its children with it (PR_SET_PDEATHSIG) before they write a checkpoint."""
+    prev = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
 
     try:
         signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGUSR1, on_term)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     except ValueError:  # not the main thread: leave the handlers alone
         prev = {}
