@@ -76,6 +76,10 @@ FAULTS: tuple[Fault, ...] = (
     Fault("sweep-run-preempted", "one run of a sweep preempted", "SIGTERM to the run's process after step 3",
           "the sweep records it interrupted (not failed) and resumes it from its checkpoint",
           "the run's checkpoint and metrics"),
+    Fault("sweep-sigkill", "a local sweep killed (`kill -9`) during its second run", "SIGKILL to `attnbench sweep` "
+          "after the second run's first checkpoint", "its training child dies with it; the same command again "
+          "keeps the finished run, resumes the second and ends equal to an uninterrupted sweep",
+          "the finished run, the second run's checkpoint"),
     Fault("sweep-ctrl-c", "Ctrl-C to a local sweep while its runs train", "SIGINT to `attnbench sweep` once "
           "each run has a checkpoint", "the runs stop at a step boundary, recorded interrupted; exit 130 with "
           "the command that continues", "every run's checkpoints and metrics"),

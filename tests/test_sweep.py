@@ -69,6 +69,7 @@ def reference(tiny_data, tmp_path_factory):
     return cfg, d / "out"
 
 
+@pytest.mark.fault("sweep-sigkill")
 def test_sigkill_during_second_run_then_restart_equals_uninterrupted(tiny_data, tmp_path, reference):
     _, ref_out = reference
     cfg = write_sweep(tmp_path, tiny_data)
