@@ -131,7 +131,7 @@ class TaskConfig:
     num_kv_pairs: int = 4  # K: key-value pairs (and queries) per example
     vocab_size: int = 8192  # keys from the lower half, values from the upper half
     power_a: float = 0.01  # query gaps drawn with weight (g+1)**(power_a-1), as Zoology
-    num_train: int = 100_000
+    num_train: int = 100_000  # stored training examples, reused each epoch; 0: a new one at every draw (streamed)
     num_test: int = 3_000
     data_seed: int = 0  # the examples' seed (train.seed orders and initialises, this one generates)
     random_non_queries: bool = False  # false: filler tokens are 0 (Zoology's published figure 2)

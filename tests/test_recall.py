@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +14,14 @@ import torch.nn.functional as F
 
 import attnbench.trainer as trainer
 from attnbench.config import RunConfig
-from attnbench.errors import ConfigError
+from attnbench.errors import AttnbenchError, ConfigError
 from attnbench.model import GPT
 from attnbench.report import build_report
 from attnbench.resolve import load_config
 from attnbench.sweep.plan import ID_EXCLUDE, plan, run_id_for
 from attnbench.sweep.spec import load_sweep
-from attnbench.tasks import IGNORE_INDEX, ExampleSampler, evaluate_task
+from attnbench.tasks import IGNORE_INDEX, ExampleSampler, StreamSampler, evaluate_task
+from attnbench.tasks.mqar import MQARConfig, make_mqar, rows_in, train_examples
 from attnbench.tasks.feed import task_config
 
 TINY_TASK = {"kind": "mqar", "seq_len": 16, "num_kv_pairs": 2, "vocab_size": 32, "num_train": 64, "num_test": 16}
@@ -111,6 +113,45 @@ def test_example_sampler_is_seeded_and_covers_each_epoch():
     c = ExampleSampler(xs, xs, 5, seed=1)
     c.load_state_dict(a.state_dict())
     assert c.next_step(1)[0][0].tolist() == a.next_step(1)[0][0].tolist()
+
+
+def test_streamed_training_examples_are_the_stored_split_in_order():
+    cfg = MQARConfig(seq_len=32, num_kv_pairs=4, vocab_size=256, num_train=200, num_test=20)
+    stored = make_mqar(cfg)
+    x, y = train_examples(cfg, 57, 100)
+    assert (x == stored.train_inputs[57:157]).all() and (y == stored.train_labels[57:157]).all()
+    one = StreamSampler(replace(cfg, num_train=0), stored.test_inputs, batch_size=4)
+    steps = [one.next_step(2) for _ in range(3)]  # 3 steps x 2 micro-batches x 4 examples
+    got = torch.cat([xb for step in steps for xb, _ in step])
+    assert got.tolist() == stored.train_inputs[:24].astype(np.int64).tolist()
+    # two ranks together take what one process takes; a resumed sampler continues where it stopped
+    ranks = [StreamSampler(replace(cfg, num_train=0), stored.test_inputs, 4) for _ in range(2)]
+    for r in ranks:
+        r.load_state_dict(one.state_dict())
+    both = [ranks[r].next_step(1, world_size=2, rank=r)[0][0] for r in range(2)]
+    assert torch.cat(both).tolist() == torch.cat([xb for xb, _ in one.next_step(2)]).tolist()
+    with pytest.raises(AttnbenchError, match="stored train split"):
+        one.load_state_dict(ExampleSampler(stored.train_inputs, stored.train_labels, 4, 0).state_dict())
+
+
+def test_a_streamed_example_equal_to_a_test_example_trains_nothing():
+    cfg = MQARConfig(seq_len=4, num_kv_pairs=1, vocab_size=8, num_train=0, num_test=5)  # 12 distinct examples
+    test = make_mqar(cfg).test_inputs
+    s = StreamSampler(cfg, test, batch_size=64)
+    x, y = s.next_step(1)[0]
+    in_test = rows_in(x.numpy(), test)
+    assert in_test.any() and not in_test.all()
+    assert (y[torch.from_numpy(in_test)] == IGNORE_INDEX).all()
+    assert (y[torch.from_numpy(~in_test)] != IGNORE_INDEX).sum(1).eq(1).all()
+
+
+def test_a_run_with_streamed_examples_trains(tmp_path):
+    cfg = tiny(tmp_path, max_iters=6)
+    cfg["task"]["num_train"] = 0
+    s = trainer.train(cfg)
+    assert s["steps"] == 6 and 0.0 <= s["best_val_accuracy"] <= 1.0
+    data = next((tmp_path / "data").glob("mqar-*"))
+    assert np.load(data / "train_inputs.npy").shape[0] == 0  # nothing stored for training
 
 
 def test_early_stop_fires_and_the_summary_records_it(tmp_path, monkeypatch):
@@ -210,12 +251,14 @@ def test_recall_presets_plan():
     assert len(plan(load_sweep("sweeps/recall-full"), "/tmp/unused", load_data=False)) == 320
 
 
-def test_the_recall_preset_shows_each_training_example_once():
+@pytest.mark.parametrize("preset", ["recall", "recall-full"])
+def test_the_recall_presets_show_each_training_example_once(preset):
     """With fewer examples than its steps draw, the wider models memorise the training set (train loss near 0,
     test accuracy near 0.25) instead of learning recall: results/recall-h200-2026-12-03/README.md."""
-    for run in plan(load_sweep("sweeps/recall"), "/tmp/unused", load_data=False):
+    for run in plan(load_sweep(f"sweeps/{preset}"), "/tmp/unused", load_data=False):
         c = run.config
-        assert c["task"]["num_train"] >= c["train"]["max_iters"] * c["train"]["batch_size"], run.run_id
+        streamed = c["task"]["num_train"] == 0
+        assert streamed or c["task"]["num_train"] >= c["train"]["max_iters"] * c["train"]["batch_size"], run.run_id
 
 
 @pytest.mark.parametrize("vocab, dtype", [(8192, np.int16), (32768, np.int16), (32769, np.int32)])

@@ -1,6 +1,6 @@
 """Synthetic tasks: generated examples with labels only where the task asks a question, and their metrics."""
 
-from .feed import ExampleSampler, TaskData, evaluate_task, prepare_task, task_config
+from .feed import ExampleSampler, StreamSampler, TaskData, evaluate_task, prepare_task, task_config
 from .mqar import (
     IGNORE_INDEX,
     MQARConfig,
@@ -18,6 +18,7 @@ from .mqar import (
 
 __all__ = [
     "ExampleSampler",
+    "StreamSampler",
     "TaskData",
     "evaluate_task",
     "prepare_task",

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..config import TaskConfig
 from ..errors import AttnbenchError, ConfigError
-from .mqar import IGNORE_INDEX, MQARConfig, load_mqar, prepare_mqar
+from .mqar import IGNORE_INDEX, MQARConfig, RowSet, load_mqar, prepare_mqar, train_examples
 
 
 def task_config(task: TaskConfig) -> MQARConfig:
@@ -93,13 +93,48 @@ class ExampleSampler:
         self.drawn = int(d["drawn"])
 
 
+class StreamSampler:
+    """Training examples generated as training goes (`task.num_train = 0`): each step takes the next
+    `num_micro * world_size * batch_size` examples of the seeded train stream (mqar.train_examples), so no
+    example is seen twice and none is stored; each rank generates its own slice. An example identical to a
+    test example keeps its inputs and loses its labels (it trains nothing), so train and test stay disjoint.
+    The run's seed does not change the examples, as with a stored split it does not change the split."""
+
+    def __init__(self, cfg: MQARConfig, test_inputs: np.ndarray, batch_size: int) -> None:
+        self.cfg, self.batch_size = cfg, int(batch_size)
+        self.test = RowSet(np.asarray(test_inputs))
+        self.drawn = 0  # examples taken so far (over all ranks)
+
+    def next_step(self, num_micro: int, world_size: int = 1, rank: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's `num_micro` (x, y) micro-batches of the next optimizer step; int64 CPU [B, L]."""
+        B = self.batch_size
+        start = self.drawn + rank * num_micro * B
+        x, y = train_examples(self.cfg, start, num_micro * B)
+        y[self.test.mask(x)] = IGNORE_INDEX
+        self.drawn += num_micro * world_size * B
+        x, y = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
+        return [(x[m * B:(m + 1) * B], y[m * B:(m + 1) * B]) for m in range(num_micro)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"drawn": self.drawn, "batch_size": self.batch_size, "stream": True}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        if not d.get("stream") or int(d["batch_size"]) != self.batch_size:
+            raise AttnbenchError("cannot resume the data order: the checkpoint was drawn "
+                                 + ("with another batch_size" if d.get("stream") else "from a stored train split")
+                                 + "; resume with the same settings or start a new run")
+        self.drawn = int(d["drawn"])
+
+
 class TaskData:
     """A prepared task for one run: its train sampler and its whole test split."""
 
     def __init__(self, task: TaskConfig, data_dir: str | Path, batch_size: int, seed: int) -> None:
         self.task = task
-        data = load_mqar(prepare_task(task, data_dir))
-        self.sampler = ExampleSampler(data.train_inputs, data.train_labels, batch_size, seed)
+        cfg = task_config(task)
+        data = load_mqar(prepare_mqar(data_dir, cfg))
+        self.sampler = (StreamSampler(cfg, data.test_inputs, batch_size) if cfg.num_train == 0 else
+                        ExampleSampler(data.train_inputs, data.train_labels, batch_size, seed))
         self.test_x = torch.from_numpy(np.asarray(data.test_inputs, dtype=np.int64))
         self.test_y = torch.from_numpy(np.asarray(data.test_labels, dtype=np.int64))
         self.labels_per_row = task.num_kv_pairs  # every example labels its K queries (GPT.forward's labels_per_row)

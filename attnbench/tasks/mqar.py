@@ -67,7 +67,7 @@ class MQARConfig:
     num_kv_pairs: int = 4
     vocab_size: int = 8192
     power_a: float = 0.01
-    num_train: int = 100_000
+    num_train: int = 100_000  # 0: no stored training split; `train_examples` streams them (TaskConfig.num_train)
     num_test: int = 3_000
     seed: int = 0
     random_non_queries: bool = False
@@ -78,9 +78,12 @@ class MQARConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ConfigError(f"mqar {name} must be an integer, got {v!r}")
-        for name in ("seq_len", "num_kv_pairs", "num_train", "num_test"):
+        for name in ("seq_len", "num_kv_pairs", "num_test"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"mqar {name} must be positive, got {getattr(self, name)}; set it to 1 or more")
+        if self.num_train < 0:
+            raise ConfigError(f"mqar num_train must be 0 (training examples streamed, none stored) or positive, "
+                              f"got {self.num_train}")
         if self.seed < 0:
             raise ConfigError(f"mqar seed must be non-negative, got {self.seed}")
         if not isinstance(self.random_non_queries, bool):
@@ -181,6 +184,15 @@ def sample_examples(cfg: MQARConfig, n: int, stream: np.random.PCG64) -> tuple[n
     return inputs, labels
 
 
+def train_examples(cfg: MQARConfig, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training examples start .. start+n-1 of the train stream, without the ones before: example i takes
+    the stream's words [i*w, (i+1)*w), so the stream is advanced to start*w. They are the stored train
+    split's first examples, in order, however far the split would reach."""
+    stream = split_stream(cfg.seed, "train")
+    stream.advance(start * _width(cfg))
+    return sample_examples(cfg, n, stream)
+
+
 def _chunk(cfg: MQARConfig, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n, k, L, V = raw.shape[0], cfg.num_kv_pairs, cfg.seq_len, cfg.vocab_size
     half = V // 2
@@ -214,17 +226,29 @@ def _row_hashes(x: np.ndarray) -> np.ndarray:
     return out
 
 
+class RowSet:
+    """The rows of a reference array, hashed once, for membership tests of many candidate batches."""
+
+    def __init__(self, reference: np.ndarray) -> None:
+        self.reference = reference
+        h = _row_hashes(reference)
+        self.order = np.argsort(h, kind="stable")
+        self.sorted_h = h[self.order]
+
+    def mask(self, candidates: np.ndarray) -> np.ndarray:
+        """Boolean mask over `candidates` rows: True where the identical row occurs in the reference."""
+        cand_h = _row_hashes(candidates)
+        found = np.zeros(len(candidates), dtype=bool)
+        for i in np.flatnonzero(np.isin(cand_h, self.sorted_h)):
+            lo = np.searchsorted(self.sorted_h, cand_h[i], "left")
+            hi = np.searchsorted(self.sorted_h, cand_h[i], "right")
+            found[i] = bool((self.reference[self.order[lo:hi]] == candidates[i]).all(axis=1).any())
+        return found
+
+
 def rows_in(candidates: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Boolean mask over `candidates` rows: True where the identical row occurs in `reference`."""
-    ref_h = _row_hashes(reference)
-    order = np.argsort(ref_h, kind="stable")
-    sorted_h = ref_h[order]
-    cand_h = _row_hashes(candidates)
-    found = np.zeros(len(candidates), dtype=bool)
-    for i in np.flatnonzero(np.isin(cand_h, sorted_h)):
-        lo, hi = np.searchsorted(sorted_h, cand_h[i], "left"), np.searchsorted(sorted_h, cand_h[i], "right")
-        found[i] = bool((reference[order[lo:hi]] == candidates[i]).all(axis=1).any())
-    return found
+    return RowSet(reference).mask(candidates)
 
 
 def make_mqar(cfg: MQARConfig) -> MQARData:
