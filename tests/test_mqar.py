@@ -187,7 +187,7 @@ def test_masked_loss_ignores_unlabelled_positions():
     (dict(vocab_size=64, num_kv_pairs=32, seq_len=128), ["num_kv_pairs 32", "at most", "= 31", "at least 66"]),
     (dict(vocab_size=40000, dtype="int16"), ["vocab_size 40000", "int16", "32767", "use dtype int32"]),
     (dict(dtype="uint16"), ["dtype 'uint16'", "int16, int32, int64"]),
-    (dict(num_train=0), ["num_train must be positive"]),
+    (dict(num_train=-1), ["num_train must be 0 (training examples streamed, none stored) or positive"]),
     (dict(num_test=-3), ["num_test must be positive"]),
     (dict(num_kv_pairs=0), ["num_kv_pairs must be positive"]),
     (dict(seq_len=0), ["seq_len must be positive"]),
