@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import attnbench.trainer as trainer
 from attnbench.config import RunConfig
 from attnbench.errors import AttnbenchError, ConfigError
+from attnbench.evaluate import evaluate_path
 from attnbench.model import GPT
 from attnbench.report import build_report
 from attnbench.resolve import load_config
@@ -285,3 +286,34 @@ def test_recall_quick_preset_trains_softmax_to_high_accuracy(tmp_path):
     cfg["train"]["early_stop_accuracy"] = 0.9  # stop at the claim: the rest of the run is not needed here
     s = trainer.train(cfg)
     assert s["best_val_accuracy"] > 0.9 and s["early_stopped_at"] is not None, s
+
+
+# ---------------------------------------------------------------- recall runs at other lengths (attnbench eval)
+
+
+def test_recall_run_evaluated_at_other_lengths(tmp_path):
+    """`attnbench eval` on an MQAR run: at its training length the run's own test accuracy and loss; at other
+    lengths proportionally more pairs; a figure per run and the report's subsection."""
+    cfg = tiny(tmp_path, max_iters=10)
+    cfg["task"]["num_train"] = 0
+    s = trainer.train(cfg)
+    run = tmp_path / "run"
+    rows = {r["length"]: r for r in evaluate_path(run, [8, 16, 32, 64], checkpoint="latest", device="cpu")["run"]}
+    assert [rows[n]["num_kv_pairs"] for n in (8, 16, 32, 64)] == [1, 2, 4, 8]
+    assert all(r["status"] == "ok" and 0.0 <= r["accuracy"] <= 1.0 for r in rows.values())
+    assert rows[16]["accuracy"] == pytest.approx(s["final_val_accuracy"], abs=1e-9)
+    assert rows[16]["loss"] == pytest.approx(s["final_val_loss"], rel=1e-5)
+    assert (run / "eval" / "lengthgen.png").is_file()
+    text = build_report(run, tmp_path / "report").read_text()
+    assert "### Accuracy at other lengths" in text and (tmp_path / "report" / "recall_vs_length.png").is_file()
+    assert "(K' 8)" in text  # the table: accuracy and pairs at each length
+
+
+def test_recall_lengths_past_learned_positions_and_impossible_ones(tmp_path):
+    cfg = tiny(tmp_path, max_iters=2)
+    cfg["model"]["pos_emb"] = "learned"
+    trainer.train(cfg)
+    rows = evaluate_path(tmp_path / "run", [16, 32], checkpoint="latest", device="cpu")["run"]
+    assert [r["status"] for r in rows] == ["ok", "not_defined"] and "block_size 16" in rows[1]["reason"]
+    with pytest.raises(AttnbenchError, match=r"--lengths 17: .*17 tokens with 2 pairs.*must be even"):
+        evaluate_path(tmp_path / "run", [17], checkpoint="latest", device="cpu")

@@ -2,6 +2,7 @@
 
     windows.py    the windows of a length (every non-overlapping one of the validation split), length checks
     positions.py  per-position losses averaged in power-of-two position buckets
+    recall_lengths.py  MQAR runs at other lengths: test sets with proportionally more pairs
     run.py        finding and checking runs, one run's evaluation, its rows and figure
     cli.py        `attnbench eval`
 

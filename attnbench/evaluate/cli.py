@@ -17,8 +17,9 @@ def register_cli(subparsers: Any) -> None:
                     "(as many as the split holds; the same windows for every model): per-position losses in "
                     "power-of-two buckets and the mean loss per length, written to RUN/eval/lengthgen.jsonl with "
                     "a plot, eval/lengthgen.png. Lengths past block_size are 'not defined' for learned position "
-                    "embeddings; a window that does not fit in GPU memory gives an 'out_of_memory' row. "
-                    "docs/length-generalisation.md explains the method.")
+                    "embeddings; a window that does not fit in GPU memory gives an 'out_of_memory' row. A recall "
+                    "(MQAR) run is tested on MQAR sequences of each length with proportionally more key-value "
+                    "pairs instead (accuracy against length). docs/length-generalisation.md explains the method.")
     p.add_argument("dir", help="a run folder (attnbench train --out_dir) or a sweep folder (its --out): every "
                                "finished run is evaluated")
     p.add_argument("--lengths", default=DEFAULT_LENGTHS, help=f"window lengths in tokens (default {DEFAULT_LENGTHS})")

@@ -1,6 +1,7 @@
 """Evaluating trained runs at many lengths: which runs a folder holds, the checks made before any work,
 one run's evaluation (windows batched to a token budget, halved on CUDA out-of-memory) and its output,
-`<run>/eval/lengthgen.jsonl` (one row per length) and `<run>/eval/lengthgen.png`.
+`<run>/eval/lengthgen.jsonl` (one row per length) and `<run>/eval/lengthgen.png`. A recall (MQAR) run is
+evaluated on MQAR test sets of each length instead (recall_lengths.py): accuracy against length.
 
 Each model runs its own full forward over a whole window (model(x), no state): softmax's causal
 attention, the delta family's chunked forward, NSA's sparse path. A model with learned position
@@ -23,10 +24,12 @@ from ..data import Corpus
 from ..errors import AttnbenchError, did_you_mean
 from ..files import atomic_write_text, read_jsonl
 from ..report.lengthgen import fig_run_lengthgen
+from ..report.recall import fig_run_recall_lengths
 from ..resolve import load_config
 from ..sample import CHECKPOINTS, load_run_checkpoint
 from ..trainer import resolve_dtype
 from .positions import BucketSums
+from .recall_lengths import evaluate_recall_length, scaled_task
 from .windows import check_length, eval_windows
 
 ROWS, FIGURE = Path("eval") / "lengthgen.jsonl", Path("eval") / "lengthgen.png"
@@ -89,6 +92,11 @@ def check_runs(runs: list[Path], lengths: list[int], checkpoint: str, data_dir: 
         if checkpoint == "best" and not (run / "ckpt" / "best.json").is_file():
             raise AttnbenchError(f"{run} has no best checkpoint (no ckpt/best.json): it was trained by an attnbench "
                                  "that did not keep one; use --checkpoint latest")
+        if cfg.task.kind == "mqar":  # a recall run: MQAR test sets at each length, not the text's windows
+            for n in lengths:
+                scaled_task(cfg.task, n)
+            out.append(RunToEval(run, cfg, run_label(run, cfg.model.mixer), 0))
+            continue
         corpus = Corpus.load(cfg.data.data_dir, cfg.data.dataset, auto_prepare=False)
         for n in lengths:
             check_length(len(corpus.val), n, f"{corpus.folder} (run {run})")
@@ -142,7 +150,8 @@ def evaluate_run(run: RunToEval, lengths: list[int], checkpoint: str = "best", d
     """Evaluate one checked run at every length; writes its rows (replacing earlier rows of the same
     checkpoint and length) and its figure. Returns this evaluation's rows."""
     model, cfg, ckpt = load_run_checkpoint(run.path, checkpoint, device)
-    corpus = Corpus.load(run.cfg.data.data_dir, run.cfg.data.dataset, auto_prepare=False)
+    recall = cfg.task.kind == "mqar"
+    corpus = None if recall else Corpus.load(run.cfg.data.data_dir, run.cfg.data.dataset, auto_prepare=False)
     step = _step_of(ckpt)
     dtype = resolve_dtype(cfg, "cuda" if device.startswith("cuda") else "cpu")  # as the run was trained
     base = {"run": run.path.name, "label": run.label, "mixer": cfg.model.mixer, "pos_emb": cfg.model.pos_emb,
@@ -155,8 +164,15 @@ def evaluate_run(run: RunToEval, lengths: list[int], checkpoint: str = "best", d
         if reason is not None:
             rows.append({**row, "status": "not_defined", "reason": reason})
             continue
-        x, y = eval_windows(corpus.val, length)
         t0 = time.perf_counter()
+        if recall:
+            got = evaluate_recall_length(model, cfg.task, length, device, dtype, batch_tokens)
+            rows.append({**row, "status": "ok", "reason": None, **got, "seconds": round(time.perf_counter() - t0, 3)}
+                        if got is not None else
+                        {**row, "status": "out_of_memory", "reason": f"one example of {length} tokens does not fit "
+                                                                     "in GPU memory"})
+            continue
+        x, y = eval_windows(corpus.val, length)
         sums, batch = evaluate_length(model, x, y, device, batch_tokens, dtype)
         if sums is None:
             rows.append({**row, "status": "out_of_memory", "windows": len(x),
@@ -167,7 +183,7 @@ def evaluate_run(run: RunToEval, lengths: list[int], checkpoint: str = "best", d
                      "seconds": round(time.perf_counter() - t0, 3), "buckets": sums.rows()})
     _write_rows(run.path, rows)
     if plot:
-        fig_run_lengthgen(read_rows(run.path, checkpoint), run.path / FIGURE)
+        (fig_run_recall_lengths if recall else fig_run_lengthgen)(read_rows(run.path, checkpoint), run.path / FIGURE)
     del model
     return rows
 
@@ -235,4 +251,6 @@ def evaluate_path(path: str | Path, lengths: list[int], checkpoint: str = "best"
 
 
 def _cell(r: dict) -> str:
-    return f"{r['loss']:.4f}" if r["status"] == "ok" else r["status"].replace("_", " ")
+    if r["status"] != "ok":
+        return r["status"].replace("_", " ")
+    return f"accuracy {r['accuracy']:.3f}" if "accuracy" in r else f"{r['loss']:.4f}"

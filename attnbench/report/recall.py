@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import mixers as registry
 from ..config import ModelConfig
+from ..files import read_jsonl
 from .colors import mixer_color, mixer_key
 from .figures import _plt, _save
 from .load import RunResult
@@ -128,6 +129,97 @@ def fig_accuracy_vs_state(points: list[RecallPoint], out: Path) -> Path | None:
     return _panels(points, out, "recall_vs_state.png", "state_bytes", "decode state per sequence (bytes, all layers)")
 
 
+# ---------------------------------------------------------------- other lengths (`attnbench eval`)
+
+def length_rows(run: RunResult) -> list[dict]:
+    """The run's MQAR rows of eval/lengthgen.jsonl (one checkpoint: best when it has any, else latest)."""
+    p = run.path / "eval" / "lengthgen.jsonl"
+    rows = [r for r in read_jsonl(p) if isinstance(r, dict) and r.get("task") == "mqar"] if p.is_file() else []
+    for ck in ("best", "latest"):
+        sel = sorted((r for r in rows if r.get("checkpoint") == ck), key=lambda r: r["length"])
+        if sel:
+            return sel
+    return []
+
+
+def fig_run_recall_lengths(rows: list[dict], path: Path) -> Path | None:
+    """One run: test accuracy against test length (pairs growing with it), the training length marked."""
+    ok = [r for r in rows if r.get("status") == "ok" and "accuracy" in r]
+    if not ok:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    ax.plot([r["length"] for r in ok], [r["accuracy"] for r in ok], marker="o", color=mixer_color(ok[0]["mixer"]))
+    ax.axvline(ok[0]["block_size"], color="0.4", ls="--", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("test length L' (K' = K L' / L pairs)")
+    ax.set_ylabel("MQAR accuracy (test)")
+    ax.set_title(f"{ok[0].get('label', ok[0]['mixer'])}: accuracy against length (trained at {ok[0]['block_size']})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(fig, path)
+    return path
+
+
+def _length_points(runs: list[RunResult]) -> dict[tuple, dict[int, dict]]:
+    """(L, K, width, mixer) of each recall point (the best run over learning rates) -> {length: row}."""
+    best: dict[tuple, RunResult] = {}
+    for r in runs:
+        t = r.config["task"]
+        key = (int(t["seq_len"]), int(t["num_kv_pairs"]), int(r.config["model"]["n_embd"]), r.mixer)
+        if key not in best or (_acc(r), -r.lr) > (_acc(best[key]), -best[key].lr):
+            best[key] = r
+    out = {}
+    for key, r in best.items():
+        rows = {row["length"]: row for row in length_rows(r)}
+        if rows:
+            out[key] = rows
+    return out
+
+
+def fig_accuracy_vs_length(points: dict[tuple, dict[int, dict]], out: Path) -> Path | None:
+    panels = sorted({k[:3] for k in points})
+    if not panels:
+        return None
+    plt = _plt()
+    cols = min(3, len(panels))
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols + 0.8, 3.0 * rows_n), squeeze=False, sharey=True)
+    for ax, (L, K, d) in zip(axes.flat, panels):
+        for key in sorted((k for k in points if k[:3] == (L, K, d)), key=lambda k: mixer_key(k[3])):
+            ok = sorted((n, row["accuracy"]) for n, row in points[key].items() if row.get("status") == "ok")
+            if ok:
+                ax.plot(*zip(*ok), marker="o", ms=4, color=mixer_color(key[3]), label=key[3])
+        ax.axvline(L, color="0.4", ls="--", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"trained at L = {L}, K = {K}; width {d}", fontsize=9)
+        ax.set_xlabel("test length L'")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("MQAR accuracy (test)")
+    axes.flat[0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    path = out / "recall_vs_length.png"
+    _save(fig, path)
+    return path
+
+
+def length_table(points: dict[tuple, dict[int, dict]]) -> str:
+    lengths = sorted({n for rows in points.values() for n in rows})
+    lines = ["| L | K | width | mixer | " + " | ".join(f"L' = {n}" for n in lengths) + " |",
+             "|---:|---:|---:|---|" + "---:|" * len(lengths)]
+    for key in sorted(points, key=lambda k: (k[0], k[1], k[2], mixer_key(k[3]))):
+        cells = []
+        for n in lengths:
+            row = points[key].get(n)
+            cells.append("-" if row is None else f"{row['accuracy']:.3f} (K' {row['num_kv_pairs']})"
+                         if row.get("status") == "ok" else row["status"].replace("_", " "))
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def recall_section(runs: list[RunResult], out: Path) -> list[str]:
     """The section's markdown lines (figures written into `out`)."""
     points = recall_points(runs)
@@ -144,4 +236,12 @@ def recall_section(runs: list[RunResult], out: Path) -> list[str]:
              "One point per (mixer, width); further right is a larger state. Softmax's state grows with L."),):
         if p is not None:
             md += [f"### {title}", "", f"![{title}]({p.name})", "", cap, ""]
+    lengths = _length_points(runs)
+    fig = fig_accuracy_vs_length(lengths, out)
+    if fig is not None:
+        md += ["### Accuracy at other lengths", "",
+               "`attnbench eval` on these runs: each point's best run tested on MQAR sequences of other lengths L' "
+               "with K' = K L' / L pairs (Zoology tests its train-at-256 models at 512 and 1024); the dashed line "
+               "is the training length.", "", f"![Accuracy at other lengths]({fig.name})", "",
+               length_table(lengths), ""]
     return md
