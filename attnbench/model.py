@@ -57,6 +57,13 @@ class Cache:
     pos: int = 0
 
 
+def labelled_positions(targets: torch.Tensor, k: int) -> torch.Tensor:
+    """The k labelled positions (target not -100) of each row of targets [B, T], in position order, as a
+    [B, k] index of fixed shape: topk of the 0/1 mask, which a CUDA graph can capture where boolean
+    indexing would need the count on the host. Rows must label exactly k positions."""
+    return (targets != -100).float().topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -127,9 +134,7 @@ class GPT(nn.Module):
             cache.pos = start + T
         x = self.ln_f(x)
         if targets is not None and labels_per_row is not None:
-            # the labelled positions of each row, as a fixed-shape index (topk of the 0/1 mask: a CUDA graph
-            # can capture it, where boolean indexing would need the count on the host)
-            pos = (targets != -100).float().topk(labels_per_row, dim=1, sorted=False).indices.sort(dim=1).values
+            pos = labelled_positions(targets, labels_per_row)
             x = x.gather(1, pos.unsqueeze(-1).expand(-1, -1, x.size(-1)))
             targets = targets.gather(1, pos)
         logits = self.lm_head(x)

@@ -431,7 +431,7 @@ def _train(cfg: RunConfig, device: str, dinfo: distributed.Dist) -> dict:
             row = {"step": step, "val_loss": vl, "val_ppl": math.exp(vl), "val_bpc": corpus.bits_per_char(vl)}
         else:
             vl, a = evaluate_task(model, val_x, val_y, tc.eval_batch_size, dev, autocast, dinfo.rank,
-                                  dinfo.world_size, lambda t: distributed.all_reduce_sum(t, dinfo))
+                                  dinfo.world_size, lambda t: distributed.all_reduce_sum(t, dinfo), labels_per_row)
             acc.update(best=max(a, acc["best"] if acc["best"] is not None else a), last=a)
             row = {"step": step, "val_loss": vl, "val_accuracy": a}
         best_val, last_val = min(best_val, vl), vl

@@ -90,17 +90,28 @@ def test_head_at_labelled_positions_gives_the_same_loss_and_gradients(mixer):
         assert torch.allclose(g, h, rtol=1e-5, atol=1e-9)
 
 
+def test_evaluation_at_labelled_positions_gives_the_same_numbers():
+    torch.manual_seed(0)
+    cfg = load_config({"model": {"mixer": "softmax", "n_layer": 2, "n_head": 1, "n_embd": 16, "mlp": False,
+                                 "pos_emb": "rope"}, "task": TINY_TASK})
+    model = GPT(cfg.model)
+    data = make_mqar(MQARConfig(seq_len=16, num_kv_pairs=2, vocab_size=32, num_train=0, num_test=40))
+    x, y = (torch.from_numpy(a.astype(np.int64)) for a in (data.test_inputs, data.test_labels))
+    off = torch.autocast("cpu", enabled=False)
+    full = evaluate_task(model, x, y, batch=16, device="cpu", autocast=off)
+    assert evaluate_task(model, x, y, batch=16, device="cpu", autocast=off, labels_per_row=2) == pytest.approx(full, rel=1e-6)
+
+
 def test_task_training_steps_run_the_head_at_labelled_positions_only(tmp_path, monkeypatch):
     seen = []
     forward = GPT.forward
 
     def spy(self, idx, targets=None, cache=None, labels_per_row=None):
-        if targets is not None:
-            seen.append(labels_per_row)
+        seen.append(labels_per_row)
         return forward(self, idx, targets, cache, labels_per_row)
 
     monkeypatch.setattr(GPT, "forward", spy)
-    trainer.train(tiny(tmp_path, max_iters=2))
+    trainer.train(tiny(tmp_path, max_iters=2))  # training steps and evaluations
     assert seen and set(seen) == {TINY_TASK["num_kv_pairs"]}
 
 

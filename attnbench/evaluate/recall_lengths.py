@@ -43,7 +43,7 @@ def evaluate_recall_length(model: torch.nn.Module, task: TaskConfig, length: int
     while True:
         oom = False
         try:
-            loss, acc = evaluate_task(model, x, y, batch, device, autocast)
+            loss, acc = evaluate_task(model, x, y, batch, device, autocast, labels_per_row=cfg.num_kv_pairs)
         except torch.OutOfMemoryError:
             oom = True  # handled outside the except block, so the error does not pin the batch's tensors
         if not oom:

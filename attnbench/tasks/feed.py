@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..config import TaskConfig
 from ..errors import AttnbenchError, ConfigError
+from ..model import labelled_positions
 from .mqar import IGNORE_INDEX, MQARConfig, RowSet, load_mqar, prepare_mqar, train_examples
 
 
@@ -142,11 +143,14 @@ class TaskData:
 
 @torch.no_grad()
 def evaluate_task(model: torch.nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, batch: int, device: str,
-                  autocast, rank: int = 0, world_size: int = 1, reduce=None) -> tuple[float, float]:
+                  autocast, rank: int = 0, world_size: int = 1, reduce=None,
+                  labels_per_row: int | None = None) -> tuple[float, float]:
     """(loss, accuracy) over every test example: the loss is the mean cross-entropy over labelled positions,
     the accuracy Zoology's (per example, the fraction of its queries answered right; then the mean over
     examples). Examples are sharded over `world_size` ranks and `reduce` sums the totals over them in place;
-    the last batch is padded to the same shape (no recompilation)."""
+    the last batch is padded to the same shape (no recompilation). labels_per_row (every example labels
+    exactly that many positions, as MQAR's K queries): the head runs at those positions only, the same
+    numbers for a fraction of the work (GPT.forward)."""
     was_training = model.training
     model.eval()
     # [loss sum, labelled positions, accuracy sum, examples]
@@ -160,7 +164,11 @@ def evaluate_task(model: torch.nn.Module, x_all: torch.Tensor, y_all: torch.Tens
                 sel = torch.cat([sel, sel[:1].expand(batch - n)])
             x, y = x_all[sel].to(device, non_blocking=True), y_all[sel].to(device, non_blocking=True)
             with autocast:
-                logits, _ = model(x)
+                if labels_per_row is None:
+                    logits, _ = model(x)
+                else:
+                    logits, _ = model(x, y, labels_per_row=labels_per_row)
+                    y = y.gather(1, labelled_positions(y, labels_per_row))
             logits, y = logits[:n].float(), y[:n]
             mask = y != IGNORE_INDEX
             total[0] += F.cross_entropy(logits.transpose(1, 2), y, ignore_index=IGNORE_INDEX, reduction="sum").double()
