@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attnbench import mixers
 from attnbench.checkpoint import best_checkpoint, save_checkpoint
 from attnbench.config import ModelConfig
 from attnbench.data import Corpus, val_windows
@@ -31,10 +32,10 @@ from conftest import tiny_run_config
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _tiny_model(mixer: str, pos_emb: str, block: int = 16, dtype=torch.float32, **args) -> GPT:
+def _tiny_model(mixer: str, pos_emb: str, block: int = 16, dtype=torch.float32, n_layer: int = 2, **args) -> GPT:
     torch.manual_seed(0)
-    cfg = ModelConfig(mixer=mixer, n_layer=2, n_head=2, n_embd=32, block_size=block, vocab_size=23, dropout=0.0,
-                      pos_emb=pos_emb, mixer_args=args)
+    cfg = ModelConfig(mixer=mixer, n_layer=n_layer, n_head=2, n_embd=32, block_size=block, vocab_size=23,
+                      dropout=0.0, pos_emb=pos_emb, mixer_args=args)
     return GPT(cfg).to(dtype).eval()
 
 
@@ -69,15 +70,29 @@ def test_bucket_losses_are_the_mean_of_the_models_token_losses():
     assert sums.mean() == pytest.approx(tok.mean().item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("mixer,pos_emb,args", [
-    ("deltanet", "none", {}), ("gated_deltanet", "none", {}), ("gated_deltaproduct", "none", {}),
-    ("nsa", "none", {"block_size": 4, "block_counts": 2, "window_size": 8, "head_dim": 16}),
-    ("softmax", "rope", {}), ("softmax", "none", {}),
-])
+# small windows and blocks, so that 64 tokens run past them
+SMALL_ARGS = {"nsa": {"block_size": 4, "block_counts": 2, "window_size": 8, "head_dim": 16}, "swa": {"window": 8}}
+
+
+def _long_cases() -> list:
+    """Every registered mixer and hybrid pattern without position embeddings (a registered mixer joins
+    without an edit here), and softmax with RoPE."""
+    cases = []
+    for m in mixers.everything():
+        if mixers.is_hybrid(m):
+            args = {c: SMALL_ARGS[c] for c in mixers.components(m) if c in SMALL_ARGS}
+        else:
+            args = SMALL_ARGS.get(m, {})
+        cases.append((m, "none", args))
+    return cases + [("softmax", "rope", {})]
+
+
+@pytest.mark.parametrize("mixer,pos_emb,args", _long_cases())
 def test_long_forward_equals_token_by_token_decoding_past_the_training_length(mixer, pos_emb, args):
     """Trained at 16 (block_size), run at 64: the full forward (the path `attnbench eval` takes) and one
     decode step per token from the mixers' states give the same logits."""
-    model = _tiny_model(mixer, pos_emb, block=16, dtype=torch.float64, **args)
+    n_layer = sum(count for _, count in mixers.parse_pattern(mixer))  # one pattern's depth (2 for a plain mixer)
+    model = _tiny_model(mixer, pos_emb, block=16, dtype=torch.float64, n_layer=max(2, n_layer), **args)
     x = torch.randint(23, (2, 64), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(x)[0]
