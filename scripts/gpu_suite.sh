@@ -20,6 +20,8 @@
 #                            after $GPU_BENCH_TIMEOUT s, default 540)
 #   sweep:FILE | run:PRESET  attnbench sweep FILE / attnbench run --preset PRESET (extra options in
 #                            $SWEEP_OPTS; stop after $GPU_SWEEP_TIMEOUT s, default 570)
+#   eval:NAME                attnbench eval $ATTNBENCH_RUNS/NAME --lengths $EVAL_LENGTHS (e.g. a recall sweep
+#                            at 64,128,...,1024), then attnbench report on that folder
 # GPU_APPS_EVERY=S samples nvidia-smi's compute processes (pid, memory) every S seconds into OUTDIR/gpu_apps.csv
 # while the stages run, with each pid's command line (which processes hold a CUDA context, and how much).
 # Run folders go to $ATTNBENCH_RUNS (default $TMPDIR/attnbench-runs); two suites sharing a machine (one per
@@ -152,6 +154,12 @@ PY
       /usr/bin/time -f "wall %e s" timeout -s INT -k 20 "${GPU_SWEEP_TIMEOUT:-570}" python3 -m attnbench "${cmd[@]}" \
         ${SWEEP_OPTS:-} > "$RUNS/${cmd[0]}.log" 2>&1
       tail -40 "$RUNS/${cmd[0]}.log" | tee -a "$LOG"
+      ;;
+    eval:*)
+      dir="$RUNS/${stage#eval:}"
+      /usr/bin/time -f "eval wall %e s" python3 -m attnbench eval "$dir" --lengths "${EVAL_LENGTHS:?set EVAL_LENGTHS}" \
+          ${EVAL_OPTS:-} 2>&1 | tail -20 | tee -a "$LOG"
+      python3 -m attnbench report "$dir" 2>&1 | tail -3 | tee -a "$LOG"
       ;;
     *) echo "unknown stage $stage" | tee -a "$LOG" ;;
   esac

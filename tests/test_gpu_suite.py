@@ -74,3 +74,21 @@ def test_gpu_tests_can_run_in_several_pytest_workers(tmp_path):
         lines[workers] = next(x for x in log.read_text().splitlines() if x.startswith("-m pytest"))
     assert "-n" not in lines[""].split() and lines[""].startswith("-m pytest tests/gpu -m gpu")
     assert " -n 3 --dist loadfile" in lines["3"]
+
+
+def test_eval_stage_evaluates_a_run_folder_then_reports_it(tmp_path):
+    """eval:NAME runs `attnbench eval $ATTNBENCH_RUNS/NAME --lengths $EVAL_LENGTHS`, then `attnbench report`
+    on the same folder (a fake python3 records the command lines)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "python3"
+    fake.write_text("#!/usr/bin/env bash\necho \"$*\" >> \"$ARGS_LOG\"\n")
+    fake.chmod(0o755)
+    log, runs = tmp_path / "args.txt", tmp_path / "runs"
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "ARGS_LOG": str(log), "ATTNBENCH_RUNS": str(runs),
+           "EVAL_LENGTHS": "64,128"}
+    r = subprocess.run(["bash", "scripts/gpu_suite.sh", str(tmp_path / "out"), "eval:recall"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    calls = [x for x in log.read_text().splitlines() if x.startswith("-m attnbench")]
+    assert calls == [f"-m attnbench eval {runs}/recall --lengths 64,128", f"-m attnbench report {runs}/recall"]
