@@ -92,8 +92,12 @@ def tiny_run_config(data_dir: Path, out_dir: Path, **over) -> dict:
     }
     for k, v in over.items():
         sec, key = k.split(".", 1)
-        if key.startswith("mixer_args."):
-            cfg[sec].setdefault("mixer_args", {})[key.split(".", 1)[1]] = v
+        if key.startswith("mixer_args."):  # mixer_args.KEY, or mixer_args.MIXER.KEY (a hybrid layer's own)
+            *path, last = key.split(".")[1:]
+            table = cfg[sec].setdefault("mixer_args", {})
+            for p in path:
+                table = table.setdefault(p, {})
+            table[last] = v
         else:
             cfg.setdefault(sec, {})[key] = v
     return cfg

@@ -42,9 +42,9 @@ def test_compiled_blocks_train_like_eager(mixer, mode, tiny_data, tmp_path):
     assert diff < 2e-2, (losses[True], losses[False])
 
 
-# every mixer eager inside the graph; torch.compile'd blocks inside the graph for one mixer on SDPA and
-# one on the PyTorch delta op (Inductor kernels captured by the outer graph)
-GRAPH_CASES = [(m, False) for m in mixers.available()] + \
+# every mixer and hybrid pattern eager inside the graph; torch.compile'd blocks inside the graph for one mixer
+# on SDPA and one on the PyTorch delta op (Inductor kernels captured by the outer graph)
+GRAPH_CASES = [(m, False) for m in mixers.everything()] + \
               [(m, True) for m in ("softmax", "gated_deltanet") if m in mixers.available()]
 
 
@@ -59,7 +59,12 @@ def test_cuda_graph_step_trains_like_eager(mixer, compiled, tiny_data, tmp_path)
         over = {"model.mixer": mixer, "model.n_embd": 128, "model.n_head": 2, "train.device": "cuda",
                 "train.max_iters": 12, "train.eval_interval": 6, "train.cuda_graph": graphed,
                 "train.compile": compiled and graphed}
-        for k, v in SMALL_ARGS.get(mixer, {}).items():
+        if mixers.is_hybrid(mixer):  # the pattern once (at least 2 layers), each layer's mixer its small args
+            over["model.n_layer"] = max(2, sum(c for _, c in mixers.parse_pattern(mixer)))
+            for name in mixers.components(mixer):
+                for k, v in SMALL_ARGS.get(name, {}).items():
+                    over[f"model.mixer_args.{name}.{k}"] = v
+        for k, v in ({} if mixers.is_hybrid(mixer) else SMALL_ARGS.get(mixer, {})).items():
             over[f"model.mixer_args.{k}"] = v
         out = tmp_path / f"{graphed}"
         summaries[graphed] = attnbench.train(tiny_run_config(tiny_data, out, **over))
