@@ -66,6 +66,29 @@ def integer_dim(key: str, value: float, what: str) -> int:
     return round(value)
 
 
+def expanded_head_dims(n_embd: int, H: int, expand_k: float, expand_v: float) -> tuple[int, int]:
+    """(key, value) head dims when the key and value widths are n_embd * expand (DeltaNet, GLA), validated:
+    whole numbers, divisible by the H heads, keys within the FLA kernels' limit."""
+    dk = integer_dim("expand_k", n_embd * expand_k, f"n_embd * expand_k = {n_embd} * {expand_k}")
+    dv = integer_dim("expand_v", n_embd * expand_v, f"n_embd * expand_v = {n_embd} * {expand_v}")
+    for key, dim in (("expand_k", dk), ("expand_v", dv)):
+        if dim % H:
+            raise arg_error("num_heads", f"{H} heads do not divide n_embd * {key} = {dim}; "
+                            "choose num_heads (or model.n_head) dividing it")
+    check_key_head_dim("expand_k", dk // H)
+    return dk // H, dv // H
+
+
+def per_head_dims(n_embd: int, H: int, head_dim: int | None, expand_v: float) -> tuple[int, int]:
+    """(key, value) head dims when the key head dim is given (default n_embd // H) and values are expand_v
+    times it (Gated DeltaNet, Gated DeltaProduct, KDA), validated."""
+    hk = head_dim if head_dim is not None else n_embd // H
+    if hk < 1:
+        raise arg_error("head_dim", f"must be >= 1, got {hk} (n_embd // num_heads = {n_embd} // {H})")
+    check_key_head_dim("head_dim", hk)
+    return hk, integer_dim("expand_v", hk * expand_v, f"head_dim * expand_v = {hk} * {expand_v}")
+
+
 class ShortConv(nn.Module):
     """Depthwise causal convolution (no bias) with SiLU, weight `[D, W]` (weight[:, W-1] hits the
     current token). The decoding tail `[B, D, W-1]` holds the last W-1 raw inputs."""

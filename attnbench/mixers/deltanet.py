@@ -19,8 +19,8 @@ import torch
 
 from ..ops.delta_rule import delta_rule
 from . import register
-from ._delta_common import (DeltaArgs, DeltaMixer, DeltaState, arg_error, check_chunk_size, check_common,
-                            check_key_head_dim, chunked_delta_flops, integer_dim)
+from ._delta_common import (DeltaArgs, DeltaMixer, DeltaState, check_chunk_size, check_common, chunked_delta_flops,
+                            expanded_head_dims)
 
 
 @dataclass
@@ -38,15 +38,9 @@ class DeltaNetArgs(DeltaArgs):
         """(heads, key head dim, value head dim), validated."""
         check_common(self.num_heads, self.conv_size)
         H = self.num_heads or n_head
-        dk = integer_dim("expand_k", n_embd * self.expand_k, f"n_embd * expand_k = {n_embd} * {self.expand_k}")
-        dv = integer_dim("expand_v", n_embd * self.expand_v, f"n_embd * expand_v = {n_embd} * {self.expand_v}")
-        for key, dim in (("expand_k", dk), ("expand_v", dv)):
-            if dim % H:
-                raise arg_error("num_heads", f"{H} heads do not divide n_embd * {key} = {dim}; "
-                                "choose num_heads (or model.n_head) dividing it")
-        check_key_head_dim("expand_k", dk // H)
+        hk, hv = expanded_head_dims(n_embd, H, self.expand_k, self.expand_v)
         check_chunk_size(self.chunk_size)
-        return H, dk // H, dv // H
+        return H, hk, hv
 
 
 @register("deltanet")

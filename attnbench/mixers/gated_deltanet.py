@@ -21,8 +21,8 @@ import torch
 
 from ..ops.gated_delta_rule import gated_delta_rule
 from . import register
-from ._delta_common import (DeltaArgs, DecayGate, DeltaMixer, DeltaState, arg_error, check_chunk_size, check_common,
-                            check_key_head_dim, chunked_delta_flops, integer_dim)
+from ._delta_common import (DeltaArgs, DecayGate, DeltaMixer, DeltaState, check_chunk_size, check_common,
+                            chunked_delta_flops, per_head_dims)
 
 
 @dataclass
@@ -39,11 +39,7 @@ class GatedDeltaNetArgs(DeltaArgs):
         """(heads, key head dim, value head dim), validated."""
         check_common(self.num_heads, self.conv_size)
         H = self.num_heads or n_head
-        hk = self.head_dim if self.head_dim is not None else n_embd // H
-        if hk < 1:
-            raise arg_error("head_dim", f"must be >= 1, got {hk} (n_embd // num_heads = {n_embd} // {H})")
-        check_key_head_dim("head_dim", hk)
-        hv = integer_dim("expand_v", hk * self.expand_v, f"head_dim * expand_v = {hk} * {self.expand_v}")
+        hk, hv = per_head_dims(n_embd, H, self.head_dim, self.expand_v)
         check_chunk_size(self.chunk_size)
         return H, hk, hv
 

@@ -24,7 +24,7 @@ import torch
 from ..ops.delta_product import gated_delta_product
 from . import register
 from ._delta_common import (DeltaArgs, FLOP_CHUNK, DecayGate, DeltaMixer, DeltaState, arg_error, check_common,
-                            check_key_head_dim, chunked_delta_flops, integer_dim)
+                            chunked_delta_flops, per_head_dims)
 
 
 @dataclass
@@ -44,11 +44,7 @@ class GatedDeltaProductArgs(DeltaArgs):
         if self.num_householder < 1:
             raise arg_error("num_householder", f"must be >= 1, got {self.num_householder}")
         H = self.num_heads or n_head
-        hk = self.head_dim if self.head_dim is not None else n_embd // H
-        if hk < 1:
-            raise arg_error("head_dim", f"must be >= 1, got {hk} (n_embd // num_heads = {n_embd} // {H})")
-        check_key_head_dim("head_dim", hk)
-        hv = integer_dim("expand_v", hk * self.expand_v, f"head_dim * expand_v = {hk} * {self.expand_v}")
+        hk, hv = per_head_dims(n_embd, H, self.head_dim, self.expand_v)
         return H, hk, hv
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..ops.gla import GLA_CHUNK_SIZES, chunked_gla_flops, gla
 from . import register
-from ._delta_common import DeltaArgs, DeltaMixer, DeltaState, arg_error, check_common, check_key_head_dim, integer_dim
+from ._delta_common import DeltaArgs, DeltaMixer, DeltaState, arg_error, check_common, expanded_head_dims
 
 
 @dataclass
@@ -47,20 +47,14 @@ class GLAArgs(DeltaArgs):
         """(heads, key head dim, value head dim), validated."""
         check_common(self.num_heads, self.conv_size)
         H = self.num_heads or n_head
-        dk = integer_dim("expand_k", n_embd * self.expand_k, f"n_embd * expand_k = {n_embd} * {self.expand_k}")
-        dv = integer_dim("expand_v", n_embd * self.expand_v, f"n_embd * expand_v = {n_embd} * {self.expand_v}")
-        for key, dim in (("expand_k", dk), ("expand_v", dv)):
-            if dim % H:
-                raise arg_error("num_heads", f"{H} heads do not divide n_embd * {key} = {dim}; "
-                                "choose num_heads (or model.n_head) dividing it")
-        check_key_head_dim("expand_k", dk // H)
+        hk, hv = expanded_head_dims(n_embd, H, self.expand_k, self.expand_v)
         if self.gate_low_rank_dim < 1:
             raise arg_error("gate_low_rank_dim", f"must be >= 1, got {self.gate_low_rank_dim}")
         if not self.gate_logit_normalizer > 0:
             raise arg_error("gate_logit_normalizer", f"must be > 0, got {self.gate_logit_normalizer}")
         if self.chunk_size not in GLA_CHUNK_SIZES:
             raise arg_error("chunk_size", f"must be one of {GLA_CHUNK_SIZES}, got {self.chunk_size}")
-        return H, dk // H, dv // H
+        return H, hk, hv
 
 
 @register("gla")

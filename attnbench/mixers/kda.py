@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..ops.kda import KDA_CHUNK_SIZES, kda
 from . import register
 from ._delta_common import (DeltaArgs, DeltaMixer, DeltaState, HeadRMSNorm, arg_error, check_common,
-                            check_key_head_dim, chunked_delta_flops, integer_dim)
+                            chunked_delta_flops, per_head_dims)
 
 
 @dataclass
@@ -49,11 +49,7 @@ class KDAArgs(DeltaArgs):
         """(heads, key head dim, value head dim), validated."""
         check_common(self.num_heads, self.conv_size)
         H = self.num_heads or n_head
-        hk = self.head_dim if self.head_dim is not None else n_embd // H
-        if hk < 1:
-            raise arg_error("head_dim", f"must be >= 1, got {hk} (n_embd // num_heads = {n_embd} // {H})")
-        check_key_head_dim("head_dim", hk)
-        hv = integer_dim("expand_v", hk * self.expand_v, f"head_dim * expand_v = {hk} * {self.expand_v}")
+        hk, hv = per_head_dims(n_embd, H, self.head_dim, self.expand_v)
         if self.chunk_size not in KDA_CHUNK_SIZES:
             raise arg_error("chunk_size", f"must be one of {KDA_CHUNK_SIZES} (FLA's chunk_kda), got {self.chunk_size}")
         return H, hk, hv
