@@ -221,3 +221,53 @@ def check_state_continuation_and_decode(run, x: dict, split: int = 37, prefill: 
     o_steps = torch.cat(outs, 1)
     assert max(rel_err(o_steps[:, t], o_full[:, t]) for t in range(T)) < 1e-10
     assert rel_err(S, S_full) < 1e-10
+
+
+def check_recomputes_instead_of_storing(monkeypatch, op_module, grads) -> None:
+    """From `op_module.RECOMPUTE_FROM` tokens an op family's PyTorch path keeps only its inputs for the
+    backward: identical outputs and gradients, a fraction of the saved activations. `grads()` -> (outputs,
+    final state, {input: gradient}) of one call long enough (160 tokens) to cross a threshold of 64."""
+    def measured(threshold):
+        monkeypatch.setattr(op_module, "RECOMPUTE_FROM", threshold)
+        saved = [0]
+
+        def pack(t):
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            o, S, g = grads()
+        return o, S, g, saved[0]
+
+    o_full, S_full, g_full, stored = measured(10**9)
+    o_lean, S_lean, g_lean, lean = measured(64)
+    assert torch.equal(o_full, o_lean) and torch.equal(S_full, S_lean)
+    for name in g_full:
+        assert torch.allclose(g_full[name], g_lean[name], rtol=1e-6, atol=1e-7), name
+    assert lean * 4 < stored, (lean, stored)
+
+
+def check_cuda_decode_equals_forward(fla, ref, floor_model, B: int, D: int, tol: float, label: str,
+                                     T: int = 100, T0: int = 70) -> None:
+    """bf16 autocast on CUDA: a prefill of T0 tokens then single-token steps of the mixer `fla` equal its own
+    forward, and the float64 `ref` (same weights) within the bf16 floor that `floor_model` (the float32
+    PyTorch path under autocast) sets. Both sides round to bf16 on different paths (chunk vs recurrent op),
+    so the decoded positions are compared as a whole: one position of 2 x 256 numbers is a noisy statistic."""
+    x, _ = cuda_inputs(B, D, T, seed=2)
+    with torch.no_grad():
+        y_ref = ref(x.double())[0]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            floor = rel_err(floor_model(x)[0], y_ref)
+            y_full = fla(x)[0]
+            st = fla.init_state(B, T, "cuda", torch.bfloat16)
+            outs = [fla(x[:, :T0], st)[0]]
+            for t in range(T0, T):
+                outs.append(fla(x[:, t:t + 1], st)[0])
+    assert st.pos == T and st.recurrent.dtype == torch.float32
+    y = torch.cat(outs, 1)
+    steps = rel_err(y[:, T0:], y_full[:, T0:])
+    worst = max(rel_err(y[:, t], y_full[:, t]) for t in range(T))
+    err = rel_err(y, y_ref)
+    print(f"{label} decode: steps vs FLA forward {steps:.2e} (worst position {worst:.2e}), all vs float64 "
+          f"{err:.2e} (bf16 floor {floor:.2e})")
+    assert steps <= tol and err <= bf16_tolerance(tol, floor)

@@ -18,7 +18,7 @@ import torch
 from attnbench import GPTConfig, mixers
 from attnbench.errors import AttnbenchError
 from attnbench.ops.backend import fla_available, hopper_gated_backward_broken
-from helpers import bf16_tolerance, cuda_inputs, fwd_bwd, rel_err
+from helpers import bf16_tolerance, check_cuda_decode_equals_forward, cuda_inputs, fwd_bwd, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -98,27 +98,6 @@ def test_fla_forward_variants(name, args):
 @pytest.mark.parametrize("name", NAMES)
 def test_gpu_decode_equals_forward(name):
     """bf16 autocast on FLA: a prefill then single-token steps equal one forward (and the float64 one)."""
-    T, T0 = 100, 70
     fla = build(name, "fla")
-    ref = same_weights(fla, name, "torch", torch.float64)
-    floor_m = same_weights(fla, name, "torch", torch.float32)
-    x, _ = cuda_inputs(B, D, T, seed=2)
-    with torch.no_grad():
-        y_ref = ref(x.double())[0]
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            floor = rel_err(floor_m(x)[0], y_ref)
-            y_full = fla(x)[0]
-            st = fla.init_state(B, T, "cuda", torch.bfloat16)
-            outs = [fla(x[:, :T0], st)[0]]
-            for t in range(T0, T):
-                outs.append(fla(x[:, t:t + 1], st)[0])
-    assert st.pos == T and st.recurrent.dtype == torch.float32
-    y = torch.cat(outs, 1)
-    # both sides round to bf16 on different paths (chunk vs recurrent op): compare the decoded positions
-    # as a whole (one position of 2 x 256 numbers is a noisy statistic; the CPU bf16 analogue's worst is 7e-3)
-    steps = rel_err(y[:, T0:], y_full[:, T0:])
-    worst = max(rel_err(y[:, t], y_full[:, t]) for t in range(T))
-    err = rel_err(y, y_ref)
-    print(f"{name} decode: steps vs FLA forward {steps:.2e} (worst position {worst:.2e}), all vs float64 "
-          f"{err:.2e} (bf16 floor {floor:.2e})")
-    assert steps <= TOL and err <= bf16_tolerance(TOL, floor)
+    check_cuda_decode_equals_forward(fla, same_weights(fla, name, "torch", torch.float64),
+                                     same_weights(fla, name, "torch", torch.float32), B, D, TOL, name)

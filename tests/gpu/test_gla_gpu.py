@@ -16,7 +16,7 @@ from attnbench import GPTConfig, mixers
 from attnbench.errors import AttnbenchError
 from attnbench.ops.backend import fla_available, record_backends
 from attnbench.ops.gla import gla, gla_recurrent
-from helpers import bf16_tolerance, cuda_inputs, fwd_bwd, rel_err
+from helpers import bf16_tolerance, check_cuda_decode_equals_forward, cuda_inputs, fwd_bwd, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -156,26 +156,9 @@ def test_mixer_fla_bf16_vs_torch_float64(T):
 @pytest.mark.parametrize("args", [{}, {"use_short_conv": True}, {"use_output_gate": False}])
 def test_mixer_gpu_decode_equals_forward(args):
     """bf16 autocast on FLA: a prefill then single-token steps equal one forward (and the float64 one)."""
-    T, T0 = 100, 70
     fla = build("fla", args=args)
-    ref = same_weights(fla, "torch", torch.float64)
-    floor_m = same_weights(fla, "torch", torch.float32)
-    x, _ = cuda_inputs(B, D, T, seed=2)
-    with torch.no_grad():
-        y_ref = ref(x.double())[0]
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            floor = rel_err(floor_m(x)[0], y_ref)
-            y_full = fla(x)[0]
-            st = fla.init_state(B, T, "cuda", torch.bfloat16)
-            outs = [fla(x[:, :T0], st)[0]]
-            for t in range(T0, T):
-                outs.append(fla(x[:, t:t + 1], st)[0])
-    assert st.pos == T and st.recurrent.dtype == torch.float32
-    y = torch.cat(outs, 1)
-    steps = rel_err(y[:, T0:], y_full[:, T0:])
-    err = rel_err(y, y_ref)
-    print(f"gla {args} decode: steps vs FLA forward {steps:.2e}, all vs float64 {err:.2e} (bf16 floor {floor:.2e})")
-    assert steps <= TOL and err <= bf16_tolerance(TOL, floor)
+    check_cuda_decode_equals_forward(fla, same_weights(fla, "torch", torch.float64),
+                                     same_weights(fla, "torch", torch.float32), B, D, TOL, f"gla {args}")
 
 
 def test_mixer_decode_step_captures_in_a_cuda_graph():

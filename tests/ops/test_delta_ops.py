@@ -14,7 +14,7 @@ from attnbench.ops.delta_product import (gated_delta_product, gated_delta_produc
                                          gated_delta_product_recurrent)
 from attnbench.ops.delta_rule import delta_rule, delta_rule_chunked, delta_rule_recurrent
 from attnbench.ops.gated_delta_rule import gated_delta_rule, gated_delta_rule_chunked, gated_delta_rule_recurrent
-from helpers import rel_err
+from helpers import check_recomputes_instead_of_storing, rel_err
 
 B, H, K, V = 2, 2, 16, 12
 TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
@@ -232,30 +232,11 @@ def test_record_backends_reports_the_backend_that_ran():
 
 @pytest.mark.parametrize("family", ["dn", "gdn", "gdp"])
 def test_long_context_recomputes_instead_of_storing(family, monkeypatch):
-    """From RECOMPUTE_FROM tokens the PyTorch path keeps only its inputs for the backward (checkpointed
-    chunk matrices): identical outputs and gradients, a fraction of the saved activations."""
+    """The delta families' PyTorch path checkpoints its chunk matrices from RECOMPUTE_FROM tokens."""
     from attnbench.ops import delta_rule as dr
 
     x = make_inputs(family, 160, torch.float32)
-
-    def measured(threshold):
-        monkeypatch.setattr(dr, "RECOMPUTE_FROM", threshold)
-        saved = [0]
-
-        def pack(t):
-            saved[0] += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            o, S, grads = grads_of(family, "dispatch", x)
-        return o, S, grads, saved[0]
-
-    o_full, S_full, g_full, stored = measured(10**9)
-    o_lean, S_lean, g_lean, lean = measured(64)
-    assert torch.equal(o_full, o_lean) and torch.equal(S_full, S_lean)
-    for name in g_full:
-        assert torch.allclose(g_full[name], g_lean[name], rtol=1e-6, atol=1e-7), name
-    assert lean * 4 < stored, (lean, stored)
+    check_recomputes_instead_of_storing(monkeypatch, dr, lambda: grads_of(family, "dispatch", x))
 
 
 def test_gated_backward_check_probes_tilelang_once(monkeypatch, caplog):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from attnbench.errors import AttnbenchError
 from attnbench.ops import gla as gla_mod
 from attnbench.ops.gla import gla, gla_chunked, gla_recurrent
-from helpers import check_state_continuation_and_decode, rel_err
+from helpers import check_recomputes_instead_of_storing, check_state_continuation_and_decode, rel_err
 
 B, H, K, V = 2, 2, 16, 12
 TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
@@ -199,28 +199,8 @@ def test_record_backends_names_the_op():
 
 
 def test_long_context_recomputes_instead_of_storing(monkeypatch):
-    """From RECOMPUTE_FROM tokens the PyTorch path keeps only its inputs for the backward: identical
-    outputs and gradients, a fraction of the saved activations."""
     x = make_inputs(160, torch.float32)
-
-    def measured(threshold):
-        monkeypatch.setattr(gla_mod, "RECOMPUTE_FROM", threshold)
-        saved = [0]
-
-        def pack(t):
-            saved[0] += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            o, S, grads = grads_of("dispatch", x)
-        return o, S, grads, saved[0]
-
-    o_full, S_full, g_full, stored = measured(10**9)
-    o_lean, S_lean, g_lean, lean = measured(64)
-    assert torch.equal(o_full, o_lean) and torch.equal(S_full, S_lean)
-    for name in g_full:
-        assert torch.allclose(g_full[name], g_lean[name], rtol=1e-6, atol=1e-7), name
-    assert lean * 4 < stored, (lean, stored)
+    check_recomputes_instead_of_storing(monkeypatch, gla_mod, lambda: grads_of("dispatch", x))
 
 
 # ---------------------------------------------------------------------------------------------------
