@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from attnbench import mixers
 from attnbench.checkpoint import best_checkpoint, save_checkpoint
@@ -91,8 +90,8 @@ def _long_cases() -> list:
 def test_long_forward_equals_token_by_token_decoding_past_the_training_length(mixer, pos_emb, args):
     """Trained at 16 (block_size), run at 64: the full forward (the path `attnbench eval` takes) and one
     decode step per token from the mixers' states give the same logits."""
-    n_layer = sum(count for _, count in mixers.parse_pattern(mixer))  # one pattern's depth (2 for a plain mixer)
-    model = _tiny_model(mixer, pos_emb, block=16, dtype=torch.float64, n_layer=max(2, n_layer), **args)
+    model = _tiny_model(mixer, pos_emb, block=16, dtype=torch.float64, n_layer=max(2, mixers.pattern_length(mixer)),
+                        **args)
     x = torch.randint(23, (2, 64), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(x)[0]

@@ -74,7 +74,7 @@ def _hybrid_shape(pattern: str) -> tuple[ModelConfig, str]:
         model = read_toml(f, "mixer config")[1].get("model", {}) if f is not None else {}
         args[name] = {k: v for k, v in model.get("mixer_args", {}).items() if k not in params.SEARCHED_ARGS}
         used += [f"configs/{f.name}"] if f is not None else []
-    period = sum(count for _, count in registry.parse_pattern(pattern))  # the pattern's length in layers
+    period = registry.pattern_length(pattern)
     cfg = dataclasses.replace(base, mixer=pattern, mixer_args=args, n_layer=-(-base.n_layer // period) * period)
     return cfg, f"{pattern}: {source}" + (f" with the args of {', '.join(used)}" if used else "")
 

@@ -102,6 +102,11 @@ def components(spec: str) -> list[str]:
     return list(dict.fromkeys(name for name, _ in parse_pattern(spec)))
 
 
+def pattern_length(spec: str) -> int:
+    """Layers in one repeat of a pattern ("gated_deltanet*3+softmax": 4; a plain mixer: 1)."""
+    return sum(count for _, count in parse_pattern(spec))
+
+
 def layer_names(spec: str, n_layer: int) -> list[str]:
     """Each layer's mixer: the pattern repeated over n_layer layers; ConfigError naming the depths that
     work when n_layer is not a multiple of the pattern's length."""
@@ -167,5 +172,5 @@ def file_safe(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", str(spec).replace(" ", "").replace("*", "_x").replace("+", "-"))
 
 
-__all__ = ["Mixer", "MixerArgs", "register", "available", "get", "is_hybrid", "parse_pattern", "components",
-           "layer_names", "check_mixer_args", "layer_config", "layer_groups", "check_model", "file_safe"]
+__all__ = ["Mixer", "MixerArgs", "PATTERNS", "register", "available", "everything", "get", "is_hybrid",
+           "parse_pattern", "components", "pattern_length", "layer_names", "check_mixer_args", "layer_config", "layer_groups", "check_model", "file_safe"]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from .. import mixers as registry
 from ..config import ModelConfig
-from ..files import read_jsonl
 from .colors import mixer_color, mixer_key
 from .figures import _plt, _save
+from .lengthgen import run_rows
 from .load import RunResult
 
 BYTES_PER_ELEMENT = 4  # Zoology's state-size convention (float32)
@@ -57,16 +57,26 @@ def _acc(r: RunResult) -> float:
     return max((float(e["val_accuracy"]) for e in r.eval_rows if "val_accuracy" in e), default=0.0)
 
 
-def recall_points(runs: list[RunResult]) -> list[RecallPoint]:
-    """One point per (mixer, L, K, width): the run with the best accuracy (ties: the lower learning rate)."""
+def _groups(runs: list[RunResult]) -> dict[tuple[str, int, int, int], list[RunResult]]:
+    """The runs of each recall point (mixer, L, K, width): its learning rates."""
     groups: dict[tuple, list[RunResult]] = {}
     for r in runs:
         t = r.config["task"]
         groups.setdefault((r.mixer, int(t["seq_len"]), int(t["num_kv_pairs"]), int(r.config["model"]["n_embd"])),
                           []).append(r)
+    return groups
+
+
+def _best(rs: list[RunResult]) -> RunResult:
+    """The run with the best accuracy (ties: the lower learning rate), Zoology's rule over its grid."""
+    return max(rs, key=lambda r: (_acc(r), -r.lr))
+
+
+def recall_points(runs: list[RunResult]) -> list[RecallPoint]:
+    """One point per (mixer, L, K, width): its best run."""
     out = []
-    for (mixer, L, K, d), rs in groups.items():
-        best = max(rs, key=lambda r: (_acc(r), -r.lr))
+    for (mixer, L, K, d), rs in _groups(runs).items():
+        best = _best(rs)
         out.append(RecallPoint(mixer, L, K, d, _acc(best), best.lr, len({r.lr for r in rs}),
                                best.summary.get("n_params"), state_bytes(best.config, L),
                                int(best.summary.get("steps", 0)), best.summary.get("early_stopped_at")))
@@ -131,15 +141,6 @@ def fig_accuracy_vs_state(points: list[RecallPoint], out: Path) -> Path | None:
 
 # ---------------------------------------------------------------- other lengths (`attnbench eval`)
 
-def length_rows(run: RunResult) -> list[dict]:
-    """The run's MQAR rows of eval/lengthgen.jsonl (one checkpoint: best when it has any, else latest)."""
-    p = run.path / "eval" / "lengthgen.jsonl"
-    rows = [r for r in read_jsonl(p) if isinstance(r, dict) and r.get("task") == "mqar"] if p.is_file() else []
-    for ck in ("best", "latest"):
-        sel = sorted((r for r in rows if r.get("checkpoint") == ck), key=lambda r: r["length"])
-        if sel:
-            return sel
-    return []
 
 
 def fig_run_recall_lengths(rows: list[dict], path: Path) -> Path | None:
@@ -162,18 +163,12 @@ def fig_run_recall_lengths(rows: list[dict], path: Path) -> Path | None:
 
 
 def _length_points(runs: list[RunResult]) -> dict[tuple, dict[int, dict]]:
-    """(L, K, width, mixer) of each recall point (the best run over learning rates) -> {length: row}."""
-    best: dict[tuple, RunResult] = {}
-    for r in runs:
-        t = r.config["task"]
-        key = (int(t["seq_len"]), int(t["num_kv_pairs"]), int(r.config["model"]["n_embd"]), r.mixer)
-        if key not in best or (_acc(r), -r.lr) > (_acc(best[key]), -best[key].lr):
-            best[key] = r
+    """(L, K, width, mixer) of each recall point -> {length: its best run's `attnbench eval` row}."""
     out = {}
-    for key, r in best.items():
-        rows = {row["length"]: row for row in length_rows(r)}
+    for (mixer, L, K, d), rs in _groups(runs).items():
+        rows = {row["length"]: row for row in run_rows(_best(rs).path) if row.get("task") == "mqar"}
         if rows:
-            out[key] = rows
+            out[(L, K, d, mixer)] = rows
     return out
 
 

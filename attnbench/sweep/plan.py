@@ -164,7 +164,7 @@ def _fit_depth(tree: dict[str, Any], ov: list[tuple[str, Any]], pattern: str, no
     at a depth of 6: 8 layers, the pattern twice), so `all` and `--mixers` can add hybrids to any sweep
     without an error; [mixer_overrides.<pattern>] "model.n_layer" sets another depth. Printed once."""
     n = int(dict(ov).get("model.n_layer", tree.get("model", {}).get("n_layer", RunConfig().model.n_layer)))
-    length = sum(count for _, count in registry.parse_pattern(pattern))
+    length = registry.pattern_length(pattern)
     if n % length == 0:
         return ov
     fitted = -(-n // length) * length

@@ -60,7 +60,7 @@ def test_cuda_graph_step_trains_like_eager(mixer, compiled, tiny_data, tmp_path)
                 "train.max_iters": 12, "train.eval_interval": 6, "train.cuda_graph": graphed,
                 "train.compile": compiled and graphed}
         if mixers.is_hybrid(mixer):  # the pattern once (at least 2 layers), each layer's mixer its small args
-            over["model.n_layer"] = max(2, sum(c for _, c in mixers.parse_pattern(mixer)))
+            over["model.n_layer"] = max(2, mixers.pattern_length(mixer))
             for name in mixers.components(mixer):
                 for k, v in SMALL_ARGS.get(name, {}).items():
                     over[f"model.mixer_args.{name}.{k}"] = v
