@@ -172,8 +172,12 @@ def test_the_test_run_saves_fla_choices_where_asked(tmp_path, monkeypatch):
     saved = []
     monkeypatch.setattr(fla_configs, "save_live", lambda path: saved.append(path) or 3)
     monkeypatch.delenv("ATTNBENCH_SAVE_FLA_CONFIGS", raising=False)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     conftest.pytest_sessionfinish(None, 0)
     assert saved == []
     monkeypatch.setenv("ATTNBENCH_SAVE_FLA_CONFIGS", str(tmp_path / "g.json"))
     conftest.pytest_sessionfinish(None, 0)
     assert saved == [tmp_path / "g.json"]
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")  # each pytest-xdist worker saves its own file
+    conftest.pytest_sessionfinish(None, 0)
+    assert saved[-1] == tmp_path / "g-gw3.json"
