@@ -152,8 +152,8 @@ PY
       else cmd=(run --preset "${stage#run:}" --out "$RUNS/${stage#run:}"); fi
       # SIGINT first: the sweep stops its runs at a step boundary and still exits; then its files are packed
       /usr/bin/time -f "wall %e s" timeout -s INT -k 20 "${GPU_SWEEP_TIMEOUT:-570}" python3 -m attnbench "${cmd[@]}" \
-        ${SWEEP_OPTS:-} > "$RUNS/${cmd[0]}.log" 2>&1
-      tail -40 "$RUNS/${cmd[0]}.log" | tee -a "$LOG"
+        ${SWEEP_OPTS:-} > "$RUNS/${stage//[:\/]/-}.log" 2>&1
+      tail -40 "$RUNS/${stage//[:\/]/-}.log" | tee -a "$LOG"
       ;;
     eval:*)
       dir="$RUNS/${stage#eval:}"
