@@ -54,6 +54,25 @@ def test_bucket_edges_cover_every_position_once():
         assert covered == list(range(n))
 
 
+def test_position_curve_takes_each_bucket_from_the_shortest_windows_that_hold_it():
+    """A causal model's loss at position t is the same quantity in windows of any length > t: the report's
+    curve takes each bucket from the most numerous windows (the shortest that hold it), so the few longest
+    windows' noisy early buckets neither draw the curve nor win "lowest loss"."""
+    from attnbench.report.lengthgen import lowest_position, position_curve
+
+    def row(length, windows, losses):
+        return {"length": length, "status": "ok", "windows": windows,
+                "buckets": [{"lo": lo, "hi": hi, "loss": v, "tokens": windows * (hi - lo)}
+                            for (lo, hi), v in zip(bucket_edges(length), losses)]}
+
+    short = row(8, 100, [3.0, 2.5, 2.0, 1.8])
+    long_ = row(32, 2, [3.1, 0.5, 2.2, 1.7, 1.6, 1.9])  # position 1 of two windows: 0.5 by chance
+    curve = position_curve([long_, {"length": 64, "status": "not_defined"}, short])
+    assert [(b["lo"], b["loss"], b["length"]) for b in curve] == \
+        [(0, 3.0, 8), (1, 2.5, 8), (2, 2.0, 8), (4, 1.8, 8), (8, 1.6, 32), (16, 1.9, 32)]
+    assert lowest_position([short, long_]) == "8-15 of 32"
+
+
 def test_bucket_losses_are_the_mean_of_the_models_token_losses():
     model = _tiny_model("softmax", "rope")
     g = torch.Generator().manual_seed(1)

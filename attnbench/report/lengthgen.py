@@ -39,15 +39,32 @@ def longest_ok(rows: list[dict]) -> dict | None:
     return max(ok, key=lambda r: r["length"]) if ok else None
 
 
+def position_curve(rows: list[dict]) -> list[dict]:
+    """Loss per position bucket up to the longest evaluated window, each bucket [lo, hi) taken from the
+    shortest evaluated length L >= hi: the models are causal, so the loss at position t of a window depends
+    on its first t + 1 tokens only and is the same quantity in a window of any length >= t + 1; the shortest
+    such windows are the most numerous (tiny Shakespeare: 435 windows of 256, six of 16384, so the early
+    buckets of the longest windows alone hold six tokens each). Each bucket carries the `length` it came from."""
+    ok = sorted((r for r in rows if r.get("status") == "ok" and r.get("buckets")), key=lambda r: r["length"])
+    if not ok:
+        return []
+    out = []
+    for b in ok[-1]["buckets"]:
+        src = next(r for r in ok if r["length"] >= b["hi"] and any(x["lo"] == b["lo"] and x["hi"] == b["hi"]
+                                                                   for x in r["buckets"]))
+        out.append({**next(x for x in src["buckets"] if x["lo"] == b["lo"]), "length": src["length"]})
+    return out
+
+
 def lowest_position(rows: list[dict]) -> str:
-    """The bucket of the lowest loss on the longest evaluated window, e.g. '2048-4095 of 16384' (0-based
-    positions)."""
-    r = longest_ok(rows)
-    if r is None:
+    """The position bucket of the lowest loss on position_curve, e.g. '2048-4095 of 16384' (0-based
+    positions, out of the longest evaluated window)."""
+    curve = position_curve(rows)
+    if not curve:
         return "-"
-    b = min(r["buckets"], key=lambda b: b["loss"])
+    b = min(curve, key=lambda b: b["loss"])
     span = str(b["lo"]) if b["hi"] - b["lo"] == 1 else f"{b['lo']}-{b['hi'] - 1}"
-    return f"{span} of {r['length']}"
+    return f"{span} of {longest_ok(rows)['length']}"
 
 
 def cell(rows: list[dict], target: int) -> tuple[str, int | None]:
@@ -98,13 +115,16 @@ def lengthgen_section(res: Results, out: Path) -> list[str]:
           "non-overlapping windows of each length (the same windows for every model), one full forward per window. "
           "Cells: mean loss over every token of the windows of that length (the nearest evaluated length when "
           "not exactly the multiple, marked @); 'not defined': the model cannot represent that length. "
-          "Lowest loss at positions: the position bucket with the lowest loss in the longest evaluated window. "
+          "Loss against position and lowest loss at positions: each position bucket [lo, hi) from the shortest "
+          "evaluated windows that hold it (length >= hi; the models are causal, so a position's loss does not depend "
+          "on how far the window goes on, and shorter windows are more numerous). "
           "model.pos_emb is the model's embedding; NSA applies its own RoPE in every case. "
           "docs/length-generalisation.md says what to expect of each mixer.", "", *lines, ""]
     if fig is not None:
         md += [f"![Loss against position]({fig.name})", "",
-               "Loss per position bucket (powers of two) on the longest window each model could run; the dashed line "
-               "is the training length. Right of it the model sees more context than in training.", ""]
+               "Loss per position bucket (powers of two) up to the longest window each model could run, each bucket from "
+               "the shortest windows that hold it; the dashed line is the training length. Right of it the model sees "
+               "more context than in training.", ""]
     return md
 
 
@@ -112,18 +132,17 @@ def fig_lengthgen(data: dict[str, tuple[RunResult, list[dict]]], path: Path) -> 
     """Loss against position (log x), one curve per model, the training length(s) marked."""
     series = {}
     for label, (r, rows) in data.items():
-        best = longest_ok(rows)
-        if best is not None:
-            series[label] = (best, r.config["model"]["block_size"])
+        curve = position_curve(rows)
+        if curve:
+            series[label] = (curve, r.config["model"]["block_size"])
     if not series:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label in sorted(series, key=mixer_key):
-        row, _ = series[label]
-        b = row["buckets"]
+        b, _ = series[label]
         ax.plot([_x(x) for x in b], [x["loss"] for x in b], marker="o", ms=3, color=mixer_color(label),
-                label=f"{label} (to {row['length']})")
+                label=f"{label} (to {b[-1]['hi']})")
     for T in sorted({T for _, T in series.values()}):
         ax.axvline(T, color="0.4", ls="--", lw=1)
         ax.annotate(f"training length {T}", (T, 1), xycoords=("data", "axes fraction"), fontsize=7,
