@@ -85,6 +85,8 @@ def test_bucket_losses_are_the_mean_of_the_models_token_losses():
         want = tok[:, b["lo"]:b["hi"]].mean().item()
         assert b["loss"] == pytest.approx(want, rel=1e-5), b
         assert b["tokens"] == 5 * (b["hi"] - b["lo"])
+        per_window = tok[:, b["lo"]:b["hi"]].mean(1)  # the spread over windows, by hand
+        assert b["se"] == pytest.approx((per_window.std() / 5 ** 0.5).item(), rel=1e-4, abs=1e-9), b
     assert sums.mean() == pytest.approx(tok.mean().item(), rel=1e-5)
 
 

@@ -3,7 +3,9 @@
 Position t (0-based) is the t-th prediction of a window: the model has seen t + 1 tokens of it. Buckets
 are powers of two, [0, 1), [1, 2), [2, 4), [4, 8), ..., the last one cut at the window length, so the
 bucket [L/2, L) of a window of L tokens holds its second half. Sums are accumulated in float64 so that a
-bucket's mean is the mean of its token losses, whatever the batching.
+bucket's mean is the mean of its token losses, whatever the batching. Each bucket also carries the standard
+error of its mean over windows (the spread of the windows' own bucket means / sqrt(windows)): how far the
+value could move on other text of the same kind, which a comparison between models or positions needs.
 """
 from __future__ import annotations
 
@@ -35,14 +37,18 @@ class BucketSums:
         self.length = length
         self.edges = bucket_edges(length)
         self.index = bucket_of_positions(length)
+        self.sizes = torch.tensor([hi - lo for lo, hi in self.edges], dtype=torch.float64)
         self.sums = torch.zeros(len(self.edges), dtype=torch.float64)
         self.counts = torch.zeros(len(self.edges), dtype=torch.long)
+        self.window_sq = torch.zeros(len(self.edges), dtype=torch.float64)  # sum over windows of (bucket mean)^2
         self.windows = 0
 
     def add(self, losses: torch.Tensor) -> None:
         """losses [B, length]: the token losses of B windows."""
-        per_pos = losses.detach().double().sum(0).cpu()
-        self.sums.index_add_(0, self.index, per_pos)
+        per_window = torch.zeros(losses.shape[0], len(self.edges), dtype=torch.float64)
+        per_window.index_add_(1, self.index, losses.detach().double().cpu())
+        self.sums += per_window.sum(0)
+        self.window_sq += ((per_window / self.sizes) ** 2).sum(0)
         self.counts.index_add_(0, self.index, torch.full((self.length,), losses.shape[0], dtype=torch.long))
         self.windows += losses.shape[0]
 
@@ -53,6 +59,16 @@ class BucketSums:
     def mean(self) -> float:
         return float(self.sums.sum() / self.counts.sum())
 
+    def standard_errors(self) -> list[float | None]:
+        """Per bucket: sample standard deviation of the windows' bucket means / sqrt(windows); None with
+        fewer than two windows."""
+        n = self.windows
+        if n < 2:
+            return [None] * len(self.edges)
+        mean = self.sums / (n * self.sizes)
+        var = (self.window_sq / n - mean ** 2).clamp_min(0) * n / (n - 1)
+        return [float(v) for v in (var / n).sqrt()]
+
     def rows(self) -> list[dict]:
-        return [{"lo": lo, "hi": hi, "loss": float(s / c), "tokens": int(c)}
-                for (lo, hi), s, c in zip(self.edges, self.sums, self.counts) if c > 0]
+        return [{"lo": lo, "hi": hi, "loss": float(s / c), "tokens": int(c), "se": se}
+                for (lo, hi), s, c, se in zip(self.edges, self.sums, self.counts, self.standard_errors()) if c > 0]

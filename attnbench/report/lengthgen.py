@@ -123,9 +123,17 @@ def lengthgen_section(res: Results, out: Path) -> list[str]:
     if fig is not None:
         md += [f"![Loss against position]({fig.name})", "",
                "Loss per position bucket (powers of two) up to the longest window each model could run, each bucket from "
-               "the shortest windows that hold it; the dashed line is the training length. Right of it the model sees "
-               "more context than in training.", ""]
+               "the shortest windows that hold it; shaded: +- 2 standard errors of the bucket's mean over windows. The "
+               "dashed line is the training length; right of it the model sees more context than in training.", ""]
     return md
+
+
+def _band(ax, buckets: list[dict], color) -> None:
+    """Shade loss +- 2 standard errors over windows where the rows carry them."""
+    b = [x for x in buckets if x.get("se") is not None]
+    if b:
+        ax.fill_between([_x(x) for x in b], [x["loss"] - 2 * x["se"] for x in b],
+                        [x["loss"] + 2 * x["se"] for x in b], color=color, alpha=0.15, lw=0)
 
 
 def fig_lengthgen(data: dict[str, tuple[RunResult, list[dict]]], path: Path) -> Path | None:
@@ -143,6 +151,7 @@ def fig_lengthgen(data: dict[str, tuple[RunResult, list[dict]]], path: Path) -> 
         b, _ = series[label]
         ax.plot([_x(x) for x in b], [x["loss"] for x in b], marker="o", ms=3, color=mixer_color(label),
                 label=f"{label} (to {b[-1]['hi']})")
+        _band(ax, b, mixer_color(label))
     for T in sorted({T for _, T in series.values()}):
         ax.axvline(T, color="0.4", ls="--", lw=1)
         ax.annotate(f"training length {T}", (T, 1), xycoords=("data", "axes fraction"), fontsize=7,
@@ -166,7 +175,8 @@ def fig_run_lengthgen(rows: list[dict], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for r in sorted(ok, key=lambda r: r["length"]):
         b = r["buckets"]
-        ax.plot([_x(x) for x in b], [x["loss"] for x in b], marker="o", ms=3, label=f"windows of {r['length']}")
+        line, = ax.plot([_x(x) for x in b], [x["loss"] for x in b], marker="o", ms=3, label=f"windows of {r['length']}")
+        _band(ax, b, line.get_color())
     T = ok[0]["block_size"]
     ax.axvline(T, color="0.4", ls="--", lw=1)
     ax.set_xscale("log")
