@@ -50,9 +50,10 @@ def position_curve(rows: list[dict]) -> list[dict]:
         return []
     out = []
     for b in ok[-1]["buckets"]:
-        src = next(r for r in ok if r["length"] >= b["hi"] and any(x["lo"] == b["lo"] and x["hi"] == b["hi"]
-                                                                   for x in r["buckets"]))
-        out.append({**next(x for x in src["buckets"] if x["lo"] == b["lo"]), "length": src["length"]})
+        # the longest row holds b itself, so a source is always found
+        length, got = next((r["length"], x) for r in ok for x in r["buckets"]
+                           if (x["lo"], x["hi"]) == (b["lo"], b["hi"]))
+        out.append({**got, "length": length})
     return out
 
 
@@ -122,8 +123,8 @@ def lengthgen_section(res: Results, out: Path) -> list[str]:
           "docs/length-generalisation.md says what to expect of each mixer.", "", *lines, ""]
     if fig is not None:
         md += [f"![Loss against position]({fig.name})", "",
-               "Loss per position bucket (powers of two) up to the longest window each model could run, each bucket from "
-               "the shortest windows that hold it; shaded: +- 2 standard errors of the bucket's mean over windows. The "
+               "Loss per position bucket (powers of two) up to the longest window each model could run, each bucket "
+               "from the shortest windows that hold it; shaded: +- 2 standard errors of the bucket's mean over windows. The "
                "dashed line is the training length; right of it the model sees more context than in training.", ""]
     return md
 
