@@ -124,8 +124,9 @@ def lengthgen_section(res: Results, out: Path) -> list[str]:
     if fig is not None:
         md += [f"![Loss against position]({fig.name})", "",
                "Loss per position bucket (powers of two) up to the longest window each model could run, each bucket "
-               "from the shortest windows that hold it; shaded: +- 2 standard errors of the bucket's mean over windows. The "
-               "dashed line is the training length; right of it the model sees more context than in training.", ""]
+               "from the shortest windows that hold it; shaded: +- 2 standard errors of the bucket's mean over "
+               "windows. The dashed line is the training length; right of it the model sees more context than in "
+               "training.", ""]
     return md
 
 
