@@ -240,3 +240,5 @@ def test_lengthgen_quick_preset_end_to_end(tmp_path):
     rows = [json.loads(x) for f in (tmp_path / "res" / "runs").glob("*/eval/lengthgen.jsonl")
             for x in f.read_text().splitlines()]
     assert len(rows) == 6 * 4 and all(r["status"] == "ok" for r in rows)
+    assert all(b["se"] is not None and b["se"] >= 0 for r in rows for b in r["buckets"])
+    assert "2 standard errors" in section

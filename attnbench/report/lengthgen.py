@@ -124,10 +124,16 @@ def lengthgen_section(res: Results, out: Path) -> list[str]:
     if fig is not None:
         md += [f"![Loss against position]({fig.name})", "",
                "Loss per position bucket (powers of two) up to the longest window each model could run, each bucket "
-               "from the shortest windows that hold it; shaded: +- 2 standard errors of the bucket's mean over "
-               "windows. The dashed line is the training length; right of it the model sees more context than in "
+               "from the shortest windows that hold it" + ("; shaded: +- 2 standard errors of the bucket's mean "
+                                                           "over windows" if _has_se(data) else "") +
+               ". The dashed line is the training length; right of it the model sees more context than in "
                "training.", ""]
     return md
+
+
+def _has_se(data: dict[str, tuple[RunResult, list[dict]]]) -> bool:
+    """Whether any evaluated bucket carries a standard error (rows written before it was recorded do not)."""
+    return any(b.get("se") is not None for _, rows in data.values() for b in position_curve(rows))
 
 
 def _band(ax, buckets: list[dict], color) -> None:
