@@ -88,6 +88,7 @@ def test_bucket_losses_are_the_mean_of_the_models_token_losses():
         per_window = tok[:, b["lo"]:b["hi"]].mean(1)  # the spread over windows, by hand
         assert b["se"] == pytest.approx((per_window.std() / 5 ** 0.5).item(), rel=1e-4, abs=1e-9), b
     assert sums.mean() == pytest.approx(tok.mean().item(), rel=1e-5)
+    assert sums.mean_se() == pytest.approx((tok.mean(1).std() / 5 ** 0.5).item(), rel=1e-4)
 
 
 # small windows and blocks, so that 64 tokens run past them
@@ -241,4 +242,4 @@ def test_lengthgen_quick_preset_end_to_end(tmp_path):
             for x in f.read_text().splitlines()]
     assert len(rows) == 6 * 4 and all(r["status"] == "ok" for r in rows)
     assert all(b["se"] is not None and b["se"] >= 0 for r in rows for b in r["buckets"])
-    assert "2 standard errors" in section
+    assert "2 standard errors" in section and " ± " in section

@@ -41,6 +41,7 @@ class BucketSums:
         self.sums = torch.zeros(len(self.edges), dtype=torch.float64)
         self.counts = torch.zeros(len(self.edges), dtype=torch.long)
         self.window_sq = torch.zeros(len(self.edges), dtype=torch.float64)  # sum over windows of (bucket mean)^2
+        self.whole_sq = torch.zeros((), dtype=torch.float64)  # sum over windows of (window mean)^2
         self.windows = 0
 
     def add(self, losses: torch.Tensor) -> None:
@@ -49,6 +50,7 @@ class BucketSums:
         per_window.index_add_(1, self.index, losses.detach().double().cpu())
         self.sums += per_window.sum(0)
         self.window_sq += ((per_window / self.sizes) ** 2).sum(0)
+        self.whole_sq += ((per_window.sum(1) / self.length) ** 2).sum()
         self.counts.index_add_(0, self.index, torch.full((self.length,), losses.shape[0], dtype=torch.long))
         self.windows += losses.shape[0]
 
@@ -65,10 +67,22 @@ class BucketSums:
         n = self.windows
         if n < 2:
             return [None] * len(self.edges)
-        mean = self.sums / (n * self.sizes)
-        var = (self.window_sq / n - mean ** 2).clamp_min(0) * n / (n - 1)
-        return [float(v) for v in (var / n).sqrt()]
+        return [float(v) for v in _standard_error(self.window_sq, self.sums / (n * self.sizes), n)]
+
+    def mean_se(self) -> float | None:
+        """The standard error of mean() over windows (every window has `length` tokens); None with fewer
+        than two windows."""
+        n = self.windows
+        if n < 2:
+            return None
+        return float(_standard_error(self.whole_sq, self.sums.sum() / self.counts.sum(), n))
 
     def rows(self) -> list[dict]:
         return [{"lo": lo, "hi": hi, "loss": float(s / c), "tokens": int(c), "se": se}
                 for (lo, hi), s, c, se in zip(self.edges, self.sums, self.counts, self.standard_errors()) if c > 0]
+
+
+def _standard_error(sum_sq: torch.Tensor, mean: torch.Tensor, n: int) -> torch.Tensor:
+    """sqrt(sample variance / n) of n values from their sum of squares and mean."""
+    var = (sum_sq / n - mean ** 2).clamp_min(0) * n / (n - 1)
+    return (var / n).sqrt()

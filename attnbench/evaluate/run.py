@@ -179,7 +179,8 @@ def evaluate_run(run: RunToEval, lengths: list[int], checkpoint: str = "best", d
                          "reason": f"one window of {length} tokens does not fit in GPU memory"})
             continue
         rows.append({**row, "status": "ok", "reason": None, "windows": sums.windows, "tokens": sums.tokens,
-                     "loss": sums.mean(), "bpc": corpus.bits_per_char(sums.mean()), "batch_windows": batch,
+                     "loss": sums.mean(), "se": sums.mean_se(), "bpc": corpus.bits_per_char(sums.mean()),
+                     "batch_windows": batch,
                      "seconds": round(time.perf_counter() - t0, 3), "buckets": sums.rows()})
     _write_rows(run.path, rows)
     if plot:

@@ -75,7 +75,8 @@ def cell(rows: list[dict], target: int) -> tuple[str, int | None]:
     r = min(rows, key=lambda r: (abs(math.log(r["length"] / target)), r["length"]))
     at = "" if r["length"] == target else f" (@{r['length']})"
     if r.get("status") == "ok":
-        return f"{r['loss']:.4f}{at}", r["length"]
+        se = f" ± {r['se']:.4f}" if r.get("se") is not None else ""
+        return f"{r['loss']:.4f}{se}{at}", r["length"]
     what = "not defined" if r.get("status") == "not_defined" else str(r.get("status", "?")).replace("_", " ")
     return f"{what}{at} ({r.get('reason') or 'no reason recorded'})", r["length"]
 
@@ -115,7 +116,8 @@ def lengthgen_section(res: Results, out: Path) -> list[str]:
           f"Each model evaluated ({', '.join(sorted(map(str, ck)))} checkpoint) on the validation split in "
           "non-overlapping windows of each length (the same windows for every model), one full forward per window. "
           "Cells: mean loss over every token of the windows of that length (the nearest evaluated length when "
-          "not exactly the multiple, marked @); 'not defined': the model cannot represent that length. "
+          "not exactly the multiple, marked @), ± its standard error over windows where recorded; 'not defined': "
+          "the model cannot represent that length. "
           "Loss against position and lowest loss at positions: each position bucket [lo, hi) from the shortest "
           "evaluated windows that hold it (length >= hi; the models are causal, so a position's loss does not depend "
           "on how far the window goes on, and shorter windows are more numerous). "
