@@ -50,7 +50,8 @@ from attnbench.bench.training_step import make_optimizer, random_batch, train_st
 from attnbench.ops import fla_configs, fla_preload  # noqa: E402
 from attnbench.ops.backend import fla_available, gated_backward_route  # noqa: E402
 
-FLA_MIXERS = ("deltanet", "gated_deltanet", "gated_deltaproduct", "nsa", "mamba2", "gla", "kda", "swa")  # FLA-backed on CUDA
+# the mixers whose ops run FLA's kernels on CUDA
+FLA_MIXERS = ("deltanet", "gated_deltanet", "gated_deltaproduct", "nsa", "mamba2", "gla", "kda", "swa")
 
 
 def exercise(shape: BenchShape) -> tuple[float, float]:

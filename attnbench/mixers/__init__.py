@@ -173,4 +173,5 @@ def file_safe(spec: str) -> str:
 
 
 __all__ = ["Mixer", "MixerArgs", "PATTERNS", "register", "available", "everything", "get", "is_hybrid",
-           "parse_pattern", "components", "pattern_length", "layer_names", "check_mixer_args", "layer_config", "layer_groups", "check_model", "file_safe"]
+           "parse_pattern", "components", "pattern_length", "layer_names", "check_mixer_args", "layer_config",
+           "layer_groups", "check_model", "file_safe"]

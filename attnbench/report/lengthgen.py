@@ -98,7 +98,10 @@ def lengthgen_section(res: Results, out: Path) -> list[str]:
     data = curves(res)
     if not data:
         return []
-    fig = fig_lengthgen(data, out / FIGURE)
+    series = {label: (curve, r.config["model"]["block_size"]) for label, (r, rows) in data.items()
+              if (curve := position_curve(rows))}
+    fig = fig_lengthgen(series, out / FIGURE)
+    has_se = any(b.get("se") is not None for curve, _ in series.values() for b in curve)
     trained = sorted({r.config["model"]["block_size"] for r, _ in data.values()})
     base = trained[0]
     head = ["model", "model.pos_emb", "trained at"] + [f"{m}x ({m * base})" for m in MULTIPLES] + \
@@ -127,15 +130,10 @@ def lengthgen_section(res: Results, out: Path) -> list[str]:
         md += [f"![Loss against position]({fig.name})", "",
                "Loss per position bucket (powers of two) up to the longest window each model could run, each bucket "
                "from the shortest windows that hold it" + ("; shaded: +- 2 standard errors of the bucket's mean "
-                                                           "over windows" if _has_se(data) else "") +
+                                                           "over windows" if has_se else "") +
                ". The dashed line is the training length; right of it the model sees more context than in "
                "training.", ""]
     return md
-
-
-def _has_se(data: dict[str, tuple[RunResult, list[dict]]]) -> bool:
-    """Whether any evaluated bucket carries a standard error (rows written before it was recorded do not)."""
-    return any(b.get("se") is not None for _, rows in data.values() for b in position_curve(rows))
 
 
 def _band(ax, buckets: list[dict], color) -> None:
@@ -146,13 +144,9 @@ def _band(ax, buckets: list[dict], color) -> None:
                         [x["loss"] + 2 * x["se"] for x in b], color=color, alpha=0.15, lw=0)
 
 
-def fig_lengthgen(data: dict[str, tuple[RunResult, list[dict]]], path: Path) -> Path | None:
-    """Loss against position (log x), one curve per model, the training length(s) marked."""
-    series = {}
-    for label, (r, rows) in data.items():
-        curve = position_curve(rows)
-        if curve:
-            series[label] = (curve, r.config["model"]["block_size"])
+def fig_lengthgen(series: dict[str, tuple[list[dict], int]], path: Path) -> Path | None:
+    """Loss against position (log x), one curve per model (label -> (its position_curve, training length)),
+    the training length(s) marked."""
     if not series:
         return None
     plt = _plt()

@@ -141,8 +141,6 @@ def fig_accuracy_vs_state(points: list[RecallPoint], out: Path) -> Path | None:
 
 # ---------------------------------------------------------------- other lengths (`attnbench eval`)
 
-
-
 def fig_run_recall_lengths(rows: list[dict], path: Path) -> Path | None:
     """One run: test accuracy against test length (pairs growing with it), the training length marked."""
     ok = [r for r in rows if r.get("status") == "ok" and "accuracy" in r]
