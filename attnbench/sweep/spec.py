@@ -317,12 +317,7 @@ def _parse_eval(tree: Any, path: Path) -> EvalSpec:
 def expand_mixers(names: list[str]) -> list[str]:
     """A sweep's mixer list with `all` replaced by every registered mixer and the PATTERNS hybrids (a mixer
     added to attnbench/mixers/ joins every sweep that says `all` without an edit); each name once."""
-    out: list[str] = []
-    for name in names:
-        for m in (mixer_registry.everything() if name == "all" else [name]):
-            if m not in out:
-                out.append(m)
-    return out
+    return list(dict.fromkeys(m for name in names for m in (mixer_registry.everything() if name == "all" else [name])))
 
 
 def set_mixers(sweep: Sweep, items: list[str]) -> None:
