@@ -92,3 +92,14 @@ def test_eval_stage_evaluates_a_run_folder_then_reports_it(tmp_path):
     assert r.returncode == 0, r.stderr
     calls = [x for x in log.read_text().splitlines() if x.startswith("-m attnbench")]
     assert calls == [f"-m attnbench eval {runs}/recall --lengths 64,128", f"-m attnbench report {runs}/recall"]
+
+
+def test_each_run_stage_keeps_its_own_log(tmp_path):
+    """Two run:/sweep: stages in one call (a preset, then another as time allows) keep both logs."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    env = {**os.environ, "ATTNBENCH_RUNS": str(runs), "GPU_SWEEP_TIMEOUT": "60"}
+    r = subprocess.run(["bash", "scripts/gpu_suite.sh", str(out), "run:no_such_a", "run:no_such_b"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for name in ("no_such_a", "no_such_b"):
+        assert f"'{name}' is not a preset" in (runs / f"run-{name}.log").read_text()
