@@ -5,8 +5,10 @@ results/<what>-<hardware>-<date>/, small enough for the repository (results/READ
 
 Kept: report/report.md and its figures, bench/*.jsonl, sweep.json, and per run config.json, run.json,
 summary.json, eval/lengthgen.jsonl and metrics.jsonl. Figures are re-encoded with a 256-colour palette
-(line plots have few colours; the files shrink by about a third) and metrics.jsonl is gzipped (a 3000-step
-run logs ~90 KB of rows, ~23 KB gzipped). Left out: checkpoints, logs and anything else. The report's line
+(line plots have few colours; the files shrink by about a third); metrics.jsonl and the benchmark rows are
+gzipped (a 3000-step run logs ~90 KB of rows, ~23 KB gzipped; the eleven mixers' benchmark rows of the
+bakeoff-all preset 373 KB, 24 KB gzipped). `gunzip -r` on the folder gives back what `attnbench report`
+reads. Left out: checkpoints, logs and anything else. The report's line
 naming the folder it was built from is rewritten, since that path exists only on the machine that ran it.
 The folder's README (what, hardware, software, command, what the files show) is written by hand.
 """
@@ -61,7 +63,7 @@ def pack(sweep: Path, dest: Path) -> list[Path]:
     for png in sorted((sweep / "report").glob("*.png")):
         put(png, f"report/{png.name}", shrink_png)
     for rows in sorted((sweep / "bench").glob("*.jsonl")):
-        put(rows, f"bench/{rows.name}")
+        put(rows, f"bench/{rows.name}.gz", gzip_file)
     if (sweep / "sweep.json").is_file():
         put(sweep / "sweep.json", "sweep.json")
     for run in sorted(p for p in (sweep / "runs").glob("*") if p.is_dir()):

@@ -55,11 +55,13 @@ def test_pack_keeps_the_report_rows_and_small_files_only(tmp_path):
     pack.pack(sweep, dest)
     got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
     run = "runs/softmax-lr0.001-s1337-abc"
-    assert got == sorted(["report/report.md", "report/loss.png", "bench/softmax.jsonl", "sweep.json",
+    assert got == sorted(["report/report.md", "report/loss.png", "bench/softmax.jsonl.gz", "sweep.json",
                           f"{run}/config.json", f"{run}/run.json", f"{run}/summary.json",
                           f"{run}/eval/lengthgen.jsonl", f"{run}/metrics.jsonl.gz"])
     metrics = (dest / run / "metrics.jsonl.gz").read_bytes()
     assert gzip.decompress(metrics) == (sweep / run / "metrics.jsonl").read_bytes()
+    bench = (dest / "bench" / "softmax.jsonl.gz").read_bytes()
+    assert gzip.decompress(bench) == (sweep / "bench" / "softmax.jsonl").read_bytes()
     with Image.open(dest / "report" / "loss.png") as im:
         assert im.mode == "P"
     md = (dest / "report" / "report.md").read_text()
