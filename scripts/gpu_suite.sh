@@ -85,8 +85,10 @@ PY
       # SIGINT: pytest still finishes its run (prints what ran; saves FLA's autotuner choices where
       # ATTNBENCH_SAVE_FLA_CONFIGS names a file)
       # GPU_TESTS_WORKERS=N: N pytest-xdist processes share the GPU, one test file each at a time; on a fresh
-      # machine most of a GPU test's time is Triton compiling FLA's kernels on the CPU cores
-      par=(); [ "${GPU_TESTS_WORKERS:-1}" -gt 1 ] && par=(-n "$GPU_TESTS_WORKERS" --dist loadfile)
+      # machine most of a GPU test's time is Triton compiling FLA's kernels on the CPU cores.
+      # GPU_TESTS_DIST=load hands out single tests instead of files: for one long file of independent
+      # per-mixer cases (test_train_gpu.py), which loadfile would run on one worker only
+      par=(); [ "${GPU_TESTS_WORKERS:-1}" -gt 1 ] && par=(-n "$GPU_TESTS_WORKERS" --dist "${GPU_TESTS_DIST:-loadfile}")
       timeout -s INT -k 20 "${GPU_TESTS_TIMEOUT:-540}" python3 -m pytest $paths -m gpu -v -rs --durations=25 -p no:cacheprovider "${par[@]}" 2>&1 \
         | tee "$OUTDIR/gpu_tests.log" | tail -40
       ;;

@@ -57,23 +57,27 @@ def test_gpu_apps_sampler_records_pids_with_their_commands_and_stops(tmp_path):
 
 def test_gpu_tests_can_run_in_several_pytest_workers(tmp_path):
     """GPU_TESTS_WORKERS=N hands pytest `-n N --dist loadfile` (pytest-xdist: test files in parallel
-    processes); unset, one process (a fake python3 records the command line)."""
+    processes), GPU_TESTS_DIST=load single tests; unset, one process (a fake python3 records the command
+    line)."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
     fake = bindir / "python3"
     fake.write_text("#!/usr/bin/env bash\necho \"$*\" >> \"$ARGS_LOG\"\n")
     fake.chmod(0o755)
     lines = {}
-    for workers in ("", "3"):
+    for workers, dist in (("", ""), ("3", ""), ("4", "load")):
         log = tmp_path / f"args{workers}.txt"
         env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "ARGS_LOG": str(log),
                "ATTNBENCH_RUNS": str(tmp_path / "runs"), "GPU_TESTS_WORKERS": workers or "1"}
+        if dist:
+            env["GPU_TESTS_DIST"] = dist
         r = subprocess.run(["bash", "scripts/gpu_suite.sh", str(tmp_path / f"out{workers}"), "tests:tests/gpu"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         lines[workers] = next(x for x in log.read_text().splitlines() if x.startswith("-m pytest"))
     assert "-n" not in lines[""].split() and lines[""].startswith("-m pytest tests/gpu -m gpu")
     assert " -n 3 --dist loadfile" in lines["3"]
+    assert " -n 4 --dist load " in lines["4"] + " "
 
 
 def test_eval_stage_evaluates_a_run_folder_then_reports_it(tmp_path):
