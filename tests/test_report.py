@@ -193,10 +193,15 @@ def test_report_cli(results, tmp_path, capsys):
 
 
 def test_one_colour_per_mixer():
-    names = ["softmax", "deltanet", "gated_deltanet", "gated_deltaproduct", "nsa"]
+    """Every registered mixer and preset hybrid (the bakeoff-all preset's eleven series in one figure) has a
+    colour of its own; another name takes a stable spare colour that none of them has."""
+    from attnbench import mixers
+
+    names = mixers.everything()
     colours = [rp.mixer_color(m) for m in names]
-    assert len(set(colours)) == len(names)
+    assert len(set(colours)) == len(names) >= 11
     assert rp.mixer_color("my_new_mixer") == rp.mixer_color("my_new_mixer") not in colours
+    assert rp.mixer_color("softmax_nope") not in colours
 
 
 def test_bakeoff_table_goes_to_wandb_when_runs_logged_there(results, tmp_path, monkeypatch):

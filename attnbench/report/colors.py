@@ -11,9 +11,17 @@ MIXER_COLORS = {
     "gated_deltanet": "#2ca02c",  # green
     "gated_deltaproduct": "#d62728",  # red
     "nsa": "#9467bd",  # purple
+    "gla": "#8c564b",  # brown
+    "kda": "#e377c2",  # pink
+    "mamba2": "#17becf",  # cyan
+    "swa": "#7f7f7f",  # grey
+    "gated_deltanet*3+softmax": "#bcbd22",  # olive
+    "mamba2+swa": "#393b79",  # dark blue
 }
-# colours for mixers not listed above, picked by a hash of the name
-_SPARE = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#843c39"]
+# every registered mixer and preset hybrid has its own colour above (a test checks), because eleven series
+# in one figure left to a hash shared one; other names (new mixers, variant labels such as softmax_nope,
+# other patterns) take one of these by a hash of the name
+_SPARE = ["#637939", "#843c39", "#7b4173", "#e6550d", "#31a354", "#756bb1", "#636363", "#6baed6"]
 MIXER_ORDER = list(MIXER_COLORS)  # tables and legends list mixers in this order, then the others by name
 
 
