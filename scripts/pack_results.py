@@ -8,9 +8,8 @@ summary.json, eval/lengthgen.jsonl and metrics.jsonl. Figures are re-encoded wit
 (line plots have few colours; the files shrink by about a third); metrics.jsonl and the benchmark rows are
 gzipped (a 3000-step run logs ~90 KB of rows, ~23 KB gzipped; the eleven mixers' benchmark rows of the
 bakeoff-all preset 373 KB, 24 KB gzipped). `gunzip -r` on the folder gives back what `attnbench report`
-reads. Left out: checkpoints, logs and anything else. The report's line
-naming the folder it was built from is rewritten, since that path exists only on the machine that ran it.
-The folder's README (what, hardware, software, command, what the files show) is written by hand.
+reads. Left out: checkpoints, logs and anything else. The report's line naming the folder it was built
+from is rewritten, since that path exists only on the machine that ran it. The folder's README (what, hardware, software, command, what the files show) is written by hand.
 """
 from __future__ import annotations
 
